@@ -1,0 +1,206 @@
+"""Device specs: memory, sustained FLOP/s and the link to the next device, with presets and parsing.
+
+A pipeline puts stage ``s`` on device ``s``; the link of device ``s`` is the one to device ``s + 1``.
+Sizes and rates accept human units: ``"16GiB"``, ``"80GB"``, ``"25GB/s"``, ``"100T"`` (FLOP/s).
+Decimal prefixes (k, M, G, T, P) are powers of 1000; binary ones (Ki, Mi, Gi, Ti) powers of 1024.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from partition.errors import PlanError
+
+__all__ = ["PRESETS", "Device", "parse_devices", "parse_rate", "parse_size"]
+
+_PREFIX = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "p": 10**15,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+    "pi": 2**50,
+}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def _parse(text: str | float | int, units: tuple[str, ...], what: str) -> float:
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise PlanError(f"{what} must be non-negative, got {text}")
+        return float(text)
+    match = _NUMBER.match(text)
+    if match is None:
+        raise PlanError(f"cannot read {what} {text!r}: write a number with a unit, e.g. '16GiB'")
+    value, suffix = float(match.group(1)), match.group(2).lower()
+    for unit in units:
+        if suffix.endswith(unit):
+            prefix = suffix[: len(suffix) - len(unit)]
+            if prefix in _PREFIX:
+                return value * _PREFIX[prefix]
+    raise PlanError(
+        f"cannot read {what} {text!r}: unknown unit {match.group(2)!r}; "
+        f"use k/M/G/T (powers of 1000) or Ki/Mi/Gi (powers of 1024) before {units[0]!r}"
+    )
+
+
+def parse_size(text: str | float | int) -> int:
+    """Bytes from ``"16GiB"``, ``"80GB"``, ``"512MiB"`` or a plain number of bytes."""
+    return int(round(_parse(text, ("b", ""), "size")))
+
+
+def parse_rate(text: str | float | int) -> float:
+    """Bytes per second from ``"25GB/s"``, ``"100Gbit/s"``-free forms like ``"25GB/s"`` or a number."""
+    if isinstance(text, str):
+        text = text.replace("/s", "").replace("ps", "")
+    return _parse(text, ("b", ""), "bandwidth")
+
+
+def parse_flops(text: str | float | int) -> float:
+    """FLOP/s from ``"100T"``, ``"312TFLOPS"``, ``"1.5e12"``."""
+    if isinstance(text, str):
+        text = re.sub(r"(?i)flop(s)?(/s)?$", "", text.strip())
+    return _parse(text, ("",), "FLOP/s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Device:
+    """One pipeline device and its link to the next one."""
+
+    name: str
+    """Free-form label shown in plans, e.g. ``"h100"`` or ``"gpu3"``."""
+    memory: int
+    """Bytes of memory the stage may use."""
+    flops: float
+    """Sustained FLOP/s for this stage's kernels (what the cost model divides FLOPs by)."""
+    bandwidth: float = 25e9
+    """Bytes per second from this device to the next one."""
+    latency: float = 10e-6
+    """Seconds of fixed cost per message to the next device."""
+
+    def __post_init__(self) -> None:
+        if self.memory <= 0:
+            raise PlanError(f"device {self.name!r}: memory must be positive, got {self.memory}")
+        if self.flops <= 0:
+            raise PlanError(f"device {self.name!r}: flops must be positive, got {self.flops}")
+        if self.bandwidth <= 0:
+            raise PlanError(f"device {self.name!r}: bandwidth must be positive, got {self.bandwidth}")
+        if self.latency < 0:
+            raise PlanError(f"device {self.name!r}: latency must be >= 0, got {self.latency}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Device:
+        """A preset name (``"h100"``), optionally overridden, or explicit fields.
+
+        ``"h100"``, ``"a100-40,mem=30GiB"``, ``"mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu"``.
+        """
+        fields = [f.strip() for f in spec.split(",") if f.strip()]
+        if not fields:
+            raise PlanError("empty device spec: give a preset (h100, a100-80, cpu, ...) or mem=...,tflops=...")
+        base: Device | None = None
+        if "=" not in fields[0]:
+            key = fields.pop(0).lower()
+            if key not in PRESETS:
+                raise PlanError(f"unknown device preset {key!r}; presets: {', '.join(sorted(PRESETS))}")
+            base = PRESETS[key]
+        values: dict[str, object] = {}
+        for field in fields:
+            key, sep, value = field.partition("=")
+            key = key.strip().lower()
+            if not sep:
+                raise PlanError(f"device spec field {field!r} is not key=value")
+            if key in ("mem", "memory"):
+                values["memory"] = parse_size(value)
+            elif key == "tflops":
+                values["flops"] = float(value) * 1e12
+            elif key == "flops":
+                values["flops"] = parse_flops(value)
+            elif key in ("bw", "bandwidth"):
+                values["bandwidth"] = parse_rate(value)
+            elif key in ("lat", "latency"):
+                values["latency"] = _parse_seconds(value)
+            elif key == "name":
+                values["name"] = value.strip()
+            else:
+                raise PlanError(
+                    f"unknown device spec key {key!r} in {spec!r}; keys: mem, tflops, flops, bw, lat, name"
+                )
+        if base is not None:
+            return replace(base, **values)  # type: ignore[arg-type]
+        missing = [k for k in ("memory", "flops") if k not in values]
+        if missing:
+            raise PlanError(f"device spec {spec!r} lacks {', '.join(missing)}; e.g. mem=16GiB,tflops=100")
+        values.setdefault("name", "device")
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "memory": self.memory,
+            "flops": self.flops,
+            "bandwidth": self.bandwidth,
+            "latency": self.latency,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Device:
+        return cls(
+            name=str(data["name"]),
+            memory=int(data["memory"]),  # type: ignore[call-overload]
+            flops=float(data["flops"]),  # type: ignore[arg-type]
+            bandwidth=float(data["bandwidth"]),  # type: ignore[arg-type]
+            latency=float(data["latency"]),  # type: ignore[arg-type]
+        )
+
+
+def _parse_seconds(text: str) -> float:
+    text = text.strip().lower()
+    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("ns", 1e-9), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+# Published figures: memory as marketed (GB = 10^9 bytes), dense BF16 tensor-core peak, and
+# NVLink bandwidth one way (half the bidirectional figure). Real sustained throughput is lower
+# (40-60% MFU is typical in training); pass `tflops=` for a measured figure.
+PRESETS: dict[str, Device] = {
+    "a100-40": Device(name="a100-40", memory=40 * 10**9, flops=312e12, bandwidth=300e9, latency=5e-6),
+    "a100-80": Device(name="a100-80", memory=80 * 10**9, flops=312e12, bandwidth=300e9, latency=5e-6),
+    "h100": Device(name="h100", memory=80 * 10**9, flops=989e12, bandwidth=450e9, latency=5e-6),
+    "h200": Device(name="h200", memory=141 * 10**9, flops=989e12, bandwidth=450e9, latency=5e-6),
+    "cpu": Device(name="cpu", memory=16 * 2**30, flops=100e9, bandwidth=10e9, latency=50e-6),
+}
+PRESETS["a100"] = replace(PRESETS["a100-80"], name="a100")
+
+
+def parse_devices(specs: Sequence[str] | str, count: int | None = None) -> list[Device]:
+    """Devices from specs separated by ``;`` (or a list); one spec repeated ``count`` times.
+
+    ``parse_devices("h100", 4)`` gives four H100s; ``parse_devices("h100;h100;a100-40")`` three
+    devices in that order. With several specs, ``count`` must be omitted or equal their number.
+    """
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(";") if s.strip()]
+    devices = [Device.parse(s) for s in specs]
+    if not devices:
+        raise PlanError("no devices given")
+    if count is None:
+        return devices
+    if count < 1:
+        raise PlanError(f"device count must be at least 1, got {count}")
+    if len(devices) == 1:
+        return [replace(devices[0], name=f"{devices[0].name}:{i}") for i in range(count)]
+    if len(devices) != count:
+        raise PlanError(
+            f"{len(devices)} device specs given but --devices {count}; give one spec to repeat, "
+            f"or exactly {count} specs"
+        )
+    return devices
