@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "InputError",
     "InfeasibleError",
     "PipepartError",
     "PlanError",
@@ -34,3 +35,7 @@ class CheckpointError(PipepartError, ValueError):
 
 class StageError(PipepartError, RuntimeError):
     """A failure inside a pipeline rank, re-raised with `[rank · stage · step · action]` context."""
+
+
+class InputError(PipepartError, TypeError):
+    """Example inputs or a batch do not match what the model or the plan expects."""

@@ -1,0 +1,310 @@
+"""Tracing a model into an FX graph on the ``meta`` device, with shapes on every node.
+
+Two routes give a `torch.fx.GraphModule`:
+
+* ``"fx"``: `torch.fx` symbolic tracing — one node per leaf module or tensor operation, named by
+  the user's module paths. Options: ``leaf_modules`` (keep a submodule as one node),
+  ``concrete_args`` (fix an input to a constant, e.g. a flag that drives control flow) and
+  ``tracer_class`` (a `torch.fx.Tracer` subclass of your own).
+* ``"export"``: `torch.export.export(strict=False)` — an ATen-level graph, the route for models
+  symbolic tracing cannot handle (transformers 5). Parameters become placeholders; nodes keep the
+  user's module path in ``nn_module_stack``.
+
+``"auto"`` tries ``"fx"`` and falls back to ``"export"``. Either way every node gets
+``node.meta["val"]`` (meta tensors, or plain Python values) and ``node.meta["tensor_meta"]`` from
+running the graph on meta tensors (see `partition.meta`); no weight is ever read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import linecache
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from partition.errors import InputError, TraceError
+from partition.meta import MetaState, fetch_args, run_node, to_meta
+
+__all__ = ["TraceMethod", "TracedModel", "module_path", "propagate_shapes", "trace"]
+
+TraceMethod = Literal["auto", "fx", "export"]
+LeafSpec = str | type[nn.Module]
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(eq=False)
+class TracedModel:
+    """A model's FX graph with shapes, and how to map its nodes back to the model."""
+
+    module: fx.GraphModule
+    """The graph; every node has ``meta["val"]``."""
+    model: nn.Module
+    """The traced model (its parameters are shared, never copied)."""
+    method: Literal["fx", "export"]
+    """The route that produced the graph."""
+    input_names: tuple[str, ...]
+    """The model's forward arguments that are graph inputs, in order."""
+    param_placeholders: dict[str, str] = field(default_factory=dict)
+    """For export graphs: placeholder name → the parameter or buffer's qualified name."""
+    out_spec: Any = None
+    """For export graphs: the pytree spec that rebuilds the model's output structure."""
+    state: MetaState | None = None
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+    @property
+    def meta_state(self) -> MetaState:
+        if self.state is None:
+            self.state = MetaState(self.model)
+        return self.state
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    method: TraceMethod = "auto",
+    leaf_modules: Sequence[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    tracer_class: type[fx.Tracer] | None = None,
+) -> TracedModel:
+    """Trace ``model`` called as ``model(*example_inputs, **example_kwargs)``.
+
+    Args:
+        model: any `nn.Module`, on any device including ``meta``.
+        example_inputs: positional inputs of one micro-batch (tensors on any device; only their
+            shapes and dtypes are used).
+        example_kwargs: keyword inputs (``input_ids=...``).
+        method: ``"fx"``, ``"export"`` or ``"auto"`` (fx, falling back to export).
+        leaf_modules: submodules to keep as single nodes, by qualified name (glob patterns such as
+            ``"h.*.attn"`` allowed) or by class. fx only.
+        concrete_args: forward arguments fixed to constants during tracing. fx only.
+        tracer_class: a `torch.fx.Tracer` subclass to trace with. fx only.
+
+    Raises:
+        InputError: the inputs do not bind to ``model.forward``'s signature.
+        TraceError: the model cannot be traced; the message names the module and the source line
+            and says which option gets past it.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    bound = _bind(model, args, kwargs, concrete_args)
+    if method not in ("auto", "fx", "export"):
+        raise InputError(f"unknown trace method {method!r}; choose 'auto', 'fx' or 'export'")
+    fx_options = bool(leaf_modules) or concrete_args is not None or tracer_class is not None
+    if method == "export" and fx_options:
+        raise InputError("leaf_modules, concrete_args and tracer_class apply to method='fx' only")
+    if method == "export":
+        return _trace_export(model, args, kwargs)
+    try:
+        traced = _trace_fx(model, bound, leaf_modules, concrete_args, tracer_class)
+    except TraceError as fx_error:
+        if method == "fx" or fx_options:
+            raise
+        try:
+            return _trace_export(model, args, kwargs)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\nThe export route failed too: {export_error}") from fx_error
+    return traced
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _bind(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    concrete_args: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Bind the example inputs to ``model.forward``; a clear error names the signature."""
+    signature = inspect.signature(model.forward)
+    merged = dict(kwargs)
+    for key in concrete_args or {}:
+        merged.setdefault(key, concrete_args[key])  # type: ignore[index]
+    try:
+        bound = signature.bind(*args, **merged)
+    except TypeError as e:
+        raise InputError(
+            f"example inputs do not match {type(model).__name__}.forward{signature}: {e}. "
+            f"Got {len(args)} positional input(s) {_describe(args)} and keywords {sorted(kwargs)}"
+        ) from None
+    return dict(bound.arguments)
+
+
+def _describe(values: Sequence[Any]) -> str:
+    parts = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            parts.append(f"Tensor{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}")
+        else:
+            parts.append(type(v).__name__)
+    return "(" + ", ".join(parts) + ")"
+
+
+# --- fx route -------------------------------------------------------------------------------
+
+
+def _make_tracer(
+    model: nn.Module, leaf_modules: Sequence[LeafSpec], tracer_class: type[fx.Tracer] | None
+) -> fx.Tracer:
+    base = tracer_class or fx.Tracer
+    names = [s for s in leaf_modules if isinstance(s, str)]
+    types = tuple(s for s in leaf_modules if isinstance(s, type))
+    known = {name for name, _ in model.named_modules()}
+    for pattern in names:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
+            raise InputError(
+                f"leaf module {pattern!r} matches no submodule of {type(model).__name__}; "
+                f"module paths look like {', '.join(sorted(known - {''})[:4])}"
+            )
+
+    class _LeafTracer(base):  # type: ignore[valid-type, misc]
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            if types and isinstance(m, types):
+                return True
+            if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in names):
+                return True
+            return bool(super().is_leaf_module(m, module_qualified_name))
+
+    return _LeafTracer()
+
+
+def _trace_fx(
+    model: nn.Module,
+    bound: dict[str, Any],
+    leaf_modules: Sequence[LeafSpec],
+    concrete_args: Mapping[str, Any] | None,
+    tracer_class: type[fx.Tracer] | None,
+) -> TracedModel:
+    tracer = _make_tracer(model, leaf_modules, tracer_class)
+    try:
+        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+    except Exception as e:
+        raise _explain(model, e) from e
+    module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    inputs: dict[str, Any] = {}
+    for node in placeholders:
+        name = str(node.target).lstrip("*")
+        if name in bound:
+            inputs[node.name] = bound[name]
+        elif node.args:
+            inputs[node.name] = node.args[0]  # the default value
+        else:
+            inputs[node.name] = None
+    traced = TracedModel(
+        module=module,
+        model=model,
+        method="fx",
+        input_names=tuple(str(n.target) for n in placeholders if str(n.target) in bound),
+    )
+    propagate_shapes(traced, inputs)
+    return traced
+
+
+def _explain(model: nn.Module, error: Exception) -> TraceError:
+    """A `TraceError` naming the deepest module of ``model`` on the stack and its source line."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    where = ""
+    tb: TracebackType | None = error.__traceback__
+    for frame, lineno in traceback.walk_tb(tb):
+        if frame.f_code.co_filename.startswith(_TORCH_DIR) or not frame.f_code.co_argcount:
+            continue
+        owner = frame.f_locals.get(frame.f_code.co_varnames[0])
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            path = paths[id(owner)] or "<root>"
+            line = linecache.getline(frame.f_code.co_filename, lineno).strip()
+            where = f" in module {path!r} ({type(owner).__name__}) at {frame.f_code.co_filename}:{lineno}: `{line}`"
+    kind = type(error).__name__
+    message = str(error).strip().splitlines()[0] if str(error).strip() else kind
+    if "control flow" in message or "iterated" in message or "bool" in message.lower():
+        hint = (
+            "Python control flow or iteration depends on a tensor's value. Ways out: "
+            "keep that module as one node (leaf_modules=[...] / --leaf PATH), fix the input that "
+            "drives the branch (concrete_args={...}), or trace through torch.export "
+            "(method='export' / --trace export)"
+        )
+    else:
+        hint = (
+            "Ways out: keep that module as one node (leaf_modules=[...] / --leaf PATH), "
+            "or trace through torch.export (method='export' / --trace export)"
+        )
+    return TraceError(f"cannot trace {type(model).__name__}{where}: {kind}: {message}. {hint}")
+
+
+# --- export route ---------------------------------------------------------------------------
+
+
+def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedModel:
+    from partition.export import trace_export
+
+    return trace_export(model, args, kwargs)
+
+
+# --- shapes ---------------------------------------------------------------------------------
+
+
+def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:
+    """Run the graph on meta values and store ``meta["val"]`` / ``meta["tensor_meta"]``.
+
+    ``inputs`` maps placeholder names to example values (any device; converted to meta).
+    """
+    state = traced.meta_state
+    values: dict[str, Any] = {}
+    with torch.no_grad():
+        for node in traced.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in traced.param_placeholders:
+                    value = state.tensor(traced.param_placeholders[node.name])
+                else:
+                    value = to_meta(inputs.get(node.name))
+            elif node.op == "output":
+                continue
+            else:
+                args, kwargs = fetch_args(node, values)
+                try:
+                    value = run_node(node, args, kwargs, state)
+                except Exception as e:
+                    raise TraceError(
+                        f"shape propagation failed at node {node.name!r} ({node.format_node()}) in "
+                        f"module {module_path(node)!r}: {type(e).__name__}: {e}"
+                    ) from e
+            values[node.name] = value
+            node.meta["val"] = value
+            if isinstance(value, torch.Tensor):
+                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+
+
+def module_path(node: fx.Node) -> str:
+    """The user's module path a node belongs to (``"h.3.attn.c_attn"``), or ``""``."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(str(path))
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    return ""
+
+
+def _clean_path(path: str) -> str:
+    # export writes "L['self'].h[0].attn" style paths in some versions; keep "h.0.attn"
+    if path.startswith("L['self']"):
+        path = path[len("L['self']") :].lstrip(".")
+    return path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
