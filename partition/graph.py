@@ -9,14 +9,21 @@ model inputs come from the data loader and outputs go to the loss on the last st
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from partition.errors import PlanError
 
-__all__ = ["LinearGraph"]
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from partition.cost import CostGraph
+
+__all__ = ["ORDERS", "LinearGraph", "linearize"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -92,3 +99,103 @@ class LinearGraph:
             saved_bytes=np.asarray(saved_bytes, dtype=np.float64),
             cut_bytes=cuts,
         )
+
+
+# --- from a cost graph ----------------------------------------------------------------------
+
+ORDERS: tuple[str, ...] = ("auto", "graph", "late")
+
+
+def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
+    """The `LinearGraph` of a costed model in a topological order chosen for cheap cuts.
+
+    [Note: node order]
+    Stages are contiguous ranges of one topological order, so the order decides which cuts
+    exist. Two candidates:
+
+    * ``"graph"`` — the program order the tracer recorded;
+    * ``"late"`` — every node placed as late as its users allow (a reverse Kahn sweep preferring
+      the latest node in program order). Shape queries, ``get_attr`` and parameter placeholders
+      then sit right before the op that reads them, and a residual block's branch is not
+      interleaved with unrelated work, so fewer values are live across each cut.
+
+    ``"auto"`` keeps the candidate with the smaller total cut width (the sum over all cuts of the
+    bytes live across it); ties keep ``"graph"``. Whatever the order, a value that skips several
+    stages (a residual, a mask) is charged on every cut it crosses.
+    """
+    graph = costs.traced.graph
+    all_nodes = [n for n in graph.nodes if n.op != "output"]
+    if order not in ORDERS:
+        raise PlanError(f"unknown node order {order!r}; choose one of {', '.join(ORDERS)}")
+    local = costs.traced.param_placeholders
+    inputs = [n for n in all_nodes if n.op == "placeholder" and n.name not in local]
+    rest = [n for n in all_nodes if n not in inputs]
+    candidates = {}  # model inputs come first: the data loader feeds them to stage 0
+    if order in ("auto", "graph"):
+        candidates["graph"] = inputs + rest
+    if order in ("auto", "late"):
+        candidates["late"] = inputs + [n for n in _late_order(all_nodes) if n not in inputs]
+    best_name, best_nodes, best_cuts = "", all_nodes, np.zeros(0)
+    for name, nodes in candidates.items():
+        cuts = _cut_bytes(nodes, costs)
+        if not best_name or cuts.sum() < best_cuts.sum():
+            best_name, best_nodes, best_cuts = name, nodes, cuts
+    node_costs = [costs.nodes[n.name] for n in best_nodes]
+    if costs.profiled_flops is not None and all(c.fwd_time is not None for c in node_costs):
+        speed = costs.profiled_flops
+        forward = np.array([c.fwd_time for c in node_costs], dtype=np.float64) * speed
+        compute = forward + np.array([c.bwd_time for c in node_costs], dtype=np.float64) * speed
+    else:
+        forward = np.array([c.fwd_flops + c.elementwise_flops / 3 for c in node_costs], dtype=np.float64)
+        compute = np.array([c.flops for c in node_costs], dtype=np.float64)
+    numel = sum(c.param_numel for c in node_costs)
+    total_param_bytes = sum(c.param_bytes for c in node_costs)
+    return LinearGraph(
+        names=tuple(n.name for n in best_nodes),
+        module_paths=tuple(c.module_path for c in node_costs),
+        compute=compute,
+        forward=forward,
+        param_bytes=np.array([c.param_bytes for c in node_costs], dtype=np.float64),
+        saved_bytes=np.array([c.saved_bytes for c in node_costs], dtype=np.float64),
+        cut_bytes=best_cuts,
+        param_element_size=total_param_bytes / numel if numel else 4.0,
+        extra={"order": best_name},
+    )
+
+
+def _late_order(nodes: list[fx.Node]) -> list[fx.Node]:
+    position = {n: i for i, n in enumerate(nodes)}
+    pending = {n: sum(1 for u in n.users if u in position) for n in nodes}
+    ready = [-position[n] for n in nodes if pending[n] == 0]
+    heapq.heapify(ready)
+    reversed_order: list[fx.Node] = []
+    while ready:
+        node = nodes[-heapq.heappop(ready)]
+        reversed_order.append(node)
+        for arg in node.all_input_nodes:
+            if arg in position:
+                pending[arg] -= 1
+                if pending[arg] == 0:
+                    heapq.heappush(ready, -position[arg])
+    reversed_order.reverse()
+    return reversed_order
+
+
+def _cut_bytes(nodes: list[fx.Node], costs: CostGraph) -> FloatArray:
+    """Bytes live across each cut of ``nodes`` (length n + 1): a difference-array sweep."""
+    n = len(nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    delta = np.zeros(n + 2, dtype=np.float64)
+    local = costs.traced.param_placeholders
+    for i, node in enumerate(nodes):
+        size = costs.nodes[node.name].output_bytes
+        if not size or not node.users or node.op == "get_attr" or node.name in local:
+            continue  # parameters are read where they are used, never sent
+        last = max(position.get(u, n) for u in node.users)  # the output node counts as n
+        first = 1 if node.op == "placeholder" else i + 1  # every model input enters at stage 0
+        if last >= first:
+            delta[first] += size
+            delta[last + 1] -= size
+    cuts = np.cumsum(delta)[: n + 1]
+    cuts[0] = cuts[n] = 0.0
+    return cuts

@@ -1,0 +1,300 @@
+"""Turning a split of the linear order into one runnable `torch.fx.GraphModule` per stage.
+
+Stage ``s`` holds the nodes ``bounds[s] .. bounds[s+1]-1`` of the `LinearGraph` order. Its inputs
+are the tensors live across its first cut, its outputs those live across its last cut, both in
+producer order, so stage ``s``'s outputs are exactly stage ``s+1``'s inputs. A tensor that skips
+stages (a residual, an attention mask) passes through the stages in between. The last stage
+returns the model's own output structure.
+
+* Parameters keep their fully-qualified names: each stage module is built with
+  ``GraphModule(model, graph)``, which installs the submodules and attributes it uses under their
+  original paths, so ``stage.module.state_dict()`` keys are the whole model's keys. Parameters are
+  shared with the model, never copied — a model on ``meta`` splits without allocating.
+* A parameter read by two stages (a tied embedding and LM head) appears in both; the plan lists
+  it under ``shared_params`` and the runtime sums its gradient across the stages that hold it.
+* Python values that are not tensors (sizes, dtypes) are never sent: a stage that needs one from
+  an earlier stage gets the value shape propagation found, as a constant. They depend only on
+  shapes, which the plan fixes per micro-batch. A ``torch.device`` is recomputed from the stage's
+  first input tensor instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from partition.errors import PlanError
+from partition.graph import LinearGraph
+from partition.trace import TracedModel
+
+__all__ = ["Stage", "TensorSpec", "split"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a tensor crossing a cut (per micro-batch)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)  # type: ignore[no-any-return]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=self.torch_dtype, device="meta").element_size()
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}{list(self.shape)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+
+
+@dataclass(eq=False)
+class Stage:
+    """One pipeline stage: a runnable module and what it receives and sends."""
+
+    index: int
+    module: fx.GraphModule
+    inputs: tuple[TensorSpec, ...]
+    """What the stage's ``forward`` takes, in order (model inputs for stage 0)."""
+    outputs: tuple[TensorSpec, ...]
+    """What it returns, in order (for the last stage: the model's output tensors, flattened)."""
+    nodes: tuple[str, ...]
+    params: tuple[str, ...]
+    """Qualified names of the parameters and buffers the stage holds."""
+    is_last: bool
+
+    def __call__(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+def split(traced: TracedModel, graph: LinearGraph, bounds: Sequence[int]) -> list[Stage]:
+    """Build the stage modules for ``bounds`` (``0 = b0 < b1 < ... < bk = len(graph)``).
+
+    Raises:
+        PlanError: the bounds do not describe a contiguous split of ``graph`` into non-empty
+            stages, or ``graph`` was not made from ``traced``.
+    """
+    n = len(graph)
+    bounds = list(bounds)
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n or any(
+        a >= b for a, b in zip(bounds, bounds[1:], strict=False)
+    ):
+        raise PlanError(f"bounds {bounds} do not split {n} nodes into non-empty contiguous stages")
+    by_name = {node.name: node for node in traced.graph.nodes}
+    missing = [name for name in graph.names if name not in by_name]
+    if missing:
+        raise PlanError(f"the plan's nodes {missing[:3]} are not in this model's graph")
+    order = [by_name[name] for name in graph.names]
+    position = {node: i for i, node in enumerate(order)}
+    output_node = next(node for node in traced.graph.nodes if node.op == "output")
+    stage_of = {}
+    for s in range(len(bounds) - 1):
+        for i in range(bounds[s], bounds[s + 1]):
+            stage_of[order[i]] = s
+    local = _local_nodes(traced)
+    live = _live_tensors(order, position, local, bounds)
+    stages = []
+    for s in range(len(bounds) - 1):
+        stages.append(
+            _build_stage(
+                traced,
+                s,
+                order[bounds[s] : bounds[s + 1]],
+                live[s],
+                live[s + 1] if s + 1 < len(bounds) - 1 else None,
+                output_node,
+                stage_of,
+            )
+        )
+    return stages
+
+
+def _local_nodes(traced: TracedModel) -> set[str]:
+    """Nodes whose value every stage makes for itself: parameters and attributes."""
+    return {
+        node.name
+        for node in traced.graph.nodes
+        if node.op == "get_attr" or node.name in traced.param_placeholders
+    }
+
+
+Wire = tuple[fx.Node, tuple[int, ...]]
+"""A tensor crossing a cut: the node that made it and its index path inside the node's value."""
+
+
+def _tensor_paths(value: Any, prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    """Index paths of the tensors inside a tensor, or a (nested) tuple or list of them."""
+    if isinstance(value, torch.Tensor):
+        return [prefix]
+    if isinstance(value, (tuple, list)):
+        return [p for i, v in enumerate(value) for p in _tensor_paths(v, (*prefix, i))]
+    return []
+
+
+def _leaf(value: Any, path: tuple[int, ...]) -> torch.Tensor:
+    for i in path:
+        value = value[i]
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def _wire_name(wire: Wire) -> str:
+    node, path = wire
+    return node.name + "".join(f"_{i}" for i in path)
+
+
+def _live_tensors(
+    order: list[fx.Node], position: dict[fx.Node, int], local: set[str], bounds: list[int]
+) -> list[list[Wire]]:
+    """For each stage, the tensors produced before it and used in it or after."""
+    n = len(order)
+    last_use = {}
+    for node in order:
+        uses = [position.get(u, n) for u in node.users]
+        last_use[node] = max(uses) if uses else -1
+    # Model inputs all enter at stage 0 (they come from the data loader), whatever their position.
+    inputs = [node for node in order if node.op == "placeholder" and node.name not in local]
+    live: list[list[Wire]] = [[(node, ()) for node in inputs if _tensor_paths(node.meta.get("val"))]]
+    for start in bounds[1:-1]:
+        live.append(
+            [
+                (node, path)
+                for node in order
+                if (position[node] < start or node in inputs)
+                and last_use[node] >= start
+                and node.name not in local
+                for path in _tensor_paths(node.meta.get("val"))
+            ]
+        )
+    return live
+
+
+def _build_stage(
+    traced: TracedModel,
+    index: int,
+    nodes: list[fx.Node],
+    inputs: list[Wire],
+    outputs: list[Wire] | None,
+    output_node: fx.Node,
+    stage_of: dict[fx.Node, int],
+) -> Stage:
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    first_tensor: fx.Node | None = None
+    received: dict[fx.Node, dict[tuple[int, ...], fx.Node]] = {}
+    for wire in inputs:
+        node, path = wire
+        placeholder = graph.placeholder(_wire_name(wire))
+        placeholder.meta["val"] = _leaf(node.meta["val"], path)
+        received.setdefault(node, {})[path] = placeholder
+        first_tensor = first_tensor or placeholder
+    for node, leaves in received.items():
+        env[node] = _rebuild(node.meta["val"], leaves)
+    param_names: list[str] = []
+
+    def lookup(arg: fx.Node) -> Any:
+        if arg in env:
+            return env[arg]
+        if arg.op == "get_attr" or arg.name in traced.param_placeholders:
+            target = traced.param_placeholders.get(arg.name, str(arg.target))
+            env[arg] = graph.get_attr(target)
+            env[arg].meta = dict(arg.meta)
+            param_names.append(target)
+            return env[arg]
+        value = arg.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            raise PlanError(f"stage {index} needs tensor {arg.name!r} that no earlier stage sends")
+        if isinstance(value, torch.device):
+            if first_tensor is None:
+                raise PlanError(f"stage {index} needs the device of {arg.name!r} but has no input")
+            env[arg] = graph.call_function(getattr, (first_tensor, "device"))
+            return env[arg]
+        return value  # a shape-derived constant
+
+    for node in nodes:
+        if node.op == "placeholder" and node.name not in traced.param_placeholders:
+            if node not in env:  # a non-tensor model input (None, a constant)
+                env[node] = node.meta.get("val")
+            continue
+        if node.name in traced.param_placeholders or node.op == "get_attr":
+            lookup(node)
+            continue
+        env[node] = graph.node_copy(node, lookup)
+        if node.op == "call_module":
+            prefix = f"{node.target}."
+            param_names += [prefix + k for k in traced.meta_state.module_state(str(node.target))]
+    is_last = outputs is None
+    if is_last:
+        result = fx.node.map_arg(output_node.args[0], lookup)
+        out_nodes = [a for a in _flat_nodes(output_node.args[0])]
+        out_specs = tuple(
+            TensorSpec.of(a.name, a.meta["val"])
+            for a in out_nodes
+            if isinstance(a.meta.get("val"), torch.Tensor)
+        )
+        graph.output(result)
+    else:
+        graph.output(tuple(_select(graph, lookup(node), path) for node, path in outputs or []))
+        out_specs = tuple(_spec(wire) for wire in outputs or [])
+    module = fx.GraphModule(traced.model, graph, f"Stage{index}")
+    in_specs = tuple(_spec(wire) for wire in inputs)
+    return Stage(
+        index=index,
+        module=module,
+        inputs=in_specs,
+        outputs=out_specs,
+        nodes=tuple(node.name for node in nodes),
+        params=tuple(dict.fromkeys(param_names)),
+        is_last=is_last,
+    )
+
+
+def _flat_nodes(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: found.append(n) or n)  # type: ignore[func-returns-value]
+    return found
+
+
+def _spec(wire: Wire) -> TensorSpec:
+    return TensorSpec.of(_wire_name(wire), _leaf(wire[0].meta["val"], wire[1]))
+
+
+def _rebuild(value: Any, leaves: dict[tuple[int, ...], fx.Node], prefix: tuple[int, ...] = ()) -> Any:
+    """``value``'s structure with received placeholders at its tensors (None elsewhere)."""
+    if prefix in leaves:
+        return leaves[prefix]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rebuild(v, leaves, (*prefix, i)) for i, v in enumerate(value))
+    return value if not isinstance(value, torch.Tensor) else None
+
+
+def _select(graph: fx.Graph, value: Any, path: tuple[int, ...]) -> Any:
+    """The node for the tensor at ``path`` inside ``value`` (a node or a structure of nodes)."""
+    for i in path:
+        if isinstance(value, fx.Node):
+            value = graph.call_function(operator.getitem, (value, i))
+        else:
+            value = value[i]
+    return value
