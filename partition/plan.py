@@ -1,0 +1,318 @@
+"""The plan file: a split a person can read, diff and load again, as versioned JSON.
+
+A `Plan` records what was planned (model identity, devices, schedule, micro-batches, the memory
+model), the answer (node range of each stage, with module paths) and the numbers behind it
+(FLOPs, parameter bytes, memory breakdown against capacity, predicted time, the tensors crossing
+each cut), plus the objective value and the algorithm. Applying a plan to a model re-traces the
+model and compares the graph hash, so a plan made for another model fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partition.devices import Device
+from partition.errors import PlanError
+from partition.graph import LinearGraph
+from partition.memory import MemoryModel, canonical_schedule
+from partition.split import TensorSpec
+
+__all__ = ["SCHEMA_VERSION", "ModelInfo", "Plan", "StagePlan", "graph_hash"]
+
+SCHEMA_VERSION = 1
+
+
+def graph_hash(graph: LinearGraph, nodes_meta: list[str]) -> str:
+    """A short hash of the linear order: node names and what each computes, with shapes."""
+    digest = hashlib.sha256()
+    for name, meta in zip(graph.names, nodes_meta, strict=True):
+        digest.update(f"{name}|{meta}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """Which model a plan belongs to."""
+
+    class_name: str
+    graph_hash: str
+    num_nodes: int
+    num_parameters: int
+    param_bytes: int
+    trace_method: str
+    order: str
+    """The node order the plan's ranges refer to (see `partition.graph.linearize`)."""
+    inputs: tuple[TensorSpec, ...]
+    """One micro-batch's inputs (the runtime checks every micro-batch against these)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class_name": self.class_name,
+            "graph_hash": self.graph_hash,
+            "num_nodes": self.num_nodes,
+            "num_parameters": self.num_parameters,
+            "param_bytes": self.param_bytes,
+            "trace_method": self.trace_method,
+            "order": self.order,
+            "inputs": [t.to_dict() for t in self.inputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(
+            class_name=str(data["class_name"]),
+            graph_hash=str(data["graph_hash"]),
+            num_nodes=int(data["num_nodes"]),
+            num_parameters=int(data["num_parameters"]),
+            param_bytes=int(data["param_bytes"]),
+            trace_method=str(data["trace_method"]),
+            order=str(data["order"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """One stage of a plan: where it runs, what it holds and what it costs."""
+
+    index: int
+    device: Device
+    start: int
+    """First node index in the plan's order (inclusive)."""
+    stop: int
+    """Last node index + 1."""
+    first_node: str
+    last_node: str
+    first_module: str
+    last_module: str
+    flops: float
+    """Forward + backward FLOPs per micro-batch (FLOP-equivalents if profiled)."""
+    forward_flops: float
+    param_bytes: int
+    memory: dict[str, float]
+    """``weights``, ``gradients``, ``optimizer``, ``activations``, ``buffers`` and ``total`` bytes."""
+    capacity: int
+    compute_time: float
+    """Seconds of forward + backward compute per micro-batch on its device."""
+    comm_time: float
+    """Seconds per micro-batch sending and receiving across its cuts."""
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def time(self) -> float:
+        """The stage's term of the objective: compute + communication per micro-batch."""
+        return self.compute_time + self.comm_time
+
+    @property
+    def send_bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "device": self.device.to_dict(),
+            "nodes": {"start": self.start, "stop": self.stop, "first": self.first_node, "last": self.last_node},
+            "modules": {"first": self.first_module, "last": self.last_module},
+            "flops": self.flops,
+            "forward_flops": self.forward_flops,
+            "param_bytes": self.param_bytes,
+            "memory": dict(self.memory),
+            "capacity": self.capacity,
+            "compute_time": self.compute_time,
+            "comm_time": self.comm_time,
+            "time": self.time,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "send_bytes": self.send_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StagePlan:
+        return cls(
+            index=int(data["index"]),
+            device=Device.from_dict(data["device"]),
+            start=int(data["nodes"]["start"]),
+            stop=int(data["nodes"]["stop"]),
+            first_node=str(data["nodes"]["first"]),
+            last_node=str(data["nodes"]["last"]),
+            first_module=str(data["modules"]["first"]),
+            last_module=str(data["modules"]["last"]),
+            flops=float(data["flops"]),
+            forward_flops=float(data["forward_flops"]),
+            param_bytes=int(data["param_bytes"]),
+            memory={str(k): float(v) for k, v in data["memory"].items()},
+            capacity=int(data["capacity"]),
+            compute_time=float(data["compute_time"]),
+            comm_time=float(data["comm_time"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A pipeline plan. Save with `save`, read with `Plan.load`; see the module docstring."""
+
+    model: ModelInfo
+    schedule: str
+    microbatches: int
+    virtual: int = 1
+    memory_model: MemoryModel = field(default_factory=MemoryModel)
+    algorithm: str
+    bottleneck: float
+    """The objective: the slowest stage's seconds per micro-batch (compute + communication)."""
+    perfect_balance: float
+    """The lower bound: total compute over total device speed."""
+    step_time: float
+    """Predicted seconds per training step (all micro-batches), from the simulator."""
+    bubble: float
+    """Predicted idle fraction of the pipeline."""
+    stages: tuple[StagePlan, ...]
+    shared_params: dict[str, list[int]] = field(default_factory=dict)
+    """Parameters held by more than one stage (tied weights) → the stages; gradients are summed."""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        canonical_schedule(self.schedule)
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        expected = 0
+        for i, stage in enumerate(self.stages):
+            if stage.index != i:
+                raise PlanError(f"stage {i} has index {stage.index}")
+            if stage.start != expected or stage.stop <= stage.start:
+                raise PlanError(
+                    f"stage {i} covers nodes [{stage.start}, {stage.stop}); stages must be non-empty "
+                    f"and contiguous, starting at node {expected}"
+                )
+            expected = stage.stop
+        if expected != self.model.num_nodes:
+            raise PlanError(f"the stages cover {expected} of the model's {self.model.num_nodes} nodes")
+        if self.microbatches < 1:
+            raise PlanError(f"micro-batches must be at least 1, got {self.microbatches}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.stages) // self.virtual
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        return (0, *(s.stop for s in self.stages))
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return tuple(s.device for s in self.stages[: self.num_ranks])
+
+    @property
+    def bottleneck_stage(self) -> int:
+        return max(range(self.num_stages), key=lambda i: self.stages[i].time)
+
+    def fits(self) -> bool:
+        return all(s.memory["total"] <= s.capacity for s in self.stages)
+
+    # --- JSON ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model.to_dict(),
+            "schedule": self.schedule,
+            "microbatches": self.microbatches,
+            "virtual": self.virtual,
+            "memory_model": {
+                "optimizer": self.memory_model.optimizer,
+                "master_weights": self.memory_model.master_weights,
+            },
+            "algorithm": self.algorithm,
+            "objective": {
+                "bottleneck": self.bottleneck,
+                "bottleneck_stage": self.bottleneck_stage,
+                "perfect_balance": self.perfect_balance,
+                "balance_ratio": self.bottleneck / self.perfect_balance if self.perfect_balance else None,
+            },
+            "predicted": {"step_time": self.step_time, "bubble": self.bubble},
+            "devices": [d.to_dict() for d in self.devices],
+            "stages": [s.to_dict() for s in self.stages],
+            "shared_params": self.shared_params,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(
+                f"plan schema version {version!r} is not supported (this pipepart reads "
+                f"version {SCHEMA_VERSION}); re-create the plan with `pipepart plan`"
+            )
+        try:
+            return cls(
+                model=ModelInfo.from_dict(data["model"]),
+                schedule=str(data["schedule"]),
+                microbatches=int(data["microbatches"]),
+                virtual=int(data.get("virtual", 1)),
+                memory_model=MemoryModel(**data["memory_model"]),
+                algorithm=str(data["algorithm"]),
+                bottleneck=float(data["objective"]["bottleneck"]),
+                perfect_balance=float(data["objective"]["perfect_balance"]),
+                step_time=float(data["predicted"]["step_time"]),
+                bubble=float(data["predicted"]["bubble"]),
+                stages=tuple(StagePlan.from_dict(s) for s in data["stages"]),
+                shared_params={str(k): [int(i) for i in v] for k, v in data.get("shared_params", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"the plan file is malformed: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"the plan is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise PlanError("the plan must be a JSON object")
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.exists():
+            raise PlanError(f"no plan file at {path}; make one with `pipepart plan MODEL --out {path}`")
+        return cls.from_json(path.read_text())
+
+    def check_model(self, class_name: str, graph_hash_value: str, num_nodes: int) -> None:
+        """Raise `PlanError` unless the plan was made for this model."""
+        if graph_hash_value != self.model.graph_hash or num_nodes != self.model.num_nodes:
+            raise PlanError(
+                f"this plan was made for {self.model.class_name} (graph {self.model.graph_hash}, "
+                f"{self.model.num_nodes} nodes), but the model given is {class_name} (graph "
+                f"{graph_hash_value}, {num_nodes} nodes). Plans are tied to one model, one "
+                "micro-batch shape and one trace route: re-plan with `pipepart plan`"
+            )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,300 @@
+"""From a model to a `Plan`: trace on meta, cost every node, solve the split, predict the step.
+
+[Note: micro-batch shapes]
+The example inputs are one *full batch*; they are cut into ``microbatches`` equal chunks along
+dimension 0 and the model is traced and costed at the chunk's shape, because a pipeline runs one
+micro-batch at a time and every cost in a plan is per micro-batch. A batch that does not divide
+is an error before anything is traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from partition.cost import CostGraph, cost_model
+from partition.devices import Device
+from partition.errors import InputError, PlanError
+from partition.graph import LinearGraph, linearize
+from partition.memory import MemoryModel, canonical_schedule
+from partition.plan import ModelInfo, Plan, StagePlan, graph_hash
+from partition.solve import Solution, solve
+from partition.split import Stage, TensorSpec, split
+from partition.trace import TraceMethod, TracedModel, trace
+
+__all__ = ["Analysis", "analyze", "build_plan", "microbatch_inputs", "plan_model", "stages_for_plan"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(eq=False)
+class Analysis:
+    """A traced and costed model, ready to be split any number of ways."""
+
+    traced: TracedModel
+    costs: CostGraph
+    graph: LinearGraph
+    inputs: tuple[TensorSpec, ...]
+    """One micro-batch's tensor inputs."""
+
+    @property
+    def graph_hash(self) -> str:
+        by_name = {n.name: n for n in self.traced.graph.nodes}
+        metas = []
+        for name in self.graph.names:
+            node = by_name[name]
+            val = node.meta.get("val")
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+            metas.append(f"{node.op}|{getattr(node.target, '__name__', node.target)}|{shape}")
+        return graph_hash(self.graph, metas)
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            class_name=type(self.traced.model).__name__,
+            graph_hash=self.graph_hash,
+            num_nodes=len(self.graph),
+            num_parameters=self.costs.param_numel,
+            param_bytes=self.costs.param_bytes,
+            trace_method=self.traced.method,
+            order=str(self.graph.extra.get("order", "graph")),
+            inputs=self.inputs,
+        )
+
+
+def microbatch_inputs(
+    inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, microbatches: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The first of ``microbatches`` equal chunks (dimension 0) of a batch; see [Note: micro-batch shapes]."""
+    if microbatches < 1:
+        raise InputError(f"micro-batches must be at least 1, got {microbatches}")
+    sizes = {
+        int(t.shape[0])
+        for t in [*inputs, *(kwargs or {}).values()]
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    }
+    if len(sizes) > 1:
+        raise InputError(f"inputs disagree on the batch size (dimension 0): {sorted(sizes)}")
+    if not sizes:
+        return tuple(inputs), dict(kwargs or {})
+    batch = sizes.pop()
+    if batch % microbatches:
+        options = ", ".join(str(microbatches * i) for i in range(1, 4))
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise InputError(
+            f"batch {batch} is not divisible by {microbatches} micro-batches; use a batch of "
+            f"{options}… or micro-batches in {divisors}"
+        )
+    size = batch // microbatches
+
+    def chunk(t: Any) -> Any:
+        return t[:size] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    return tuple(tree_map(chunk, tuple(inputs))), dict(tree_map(chunk, dict(kwargs or {})))
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    microbatches: int = 1,
+    method: TraceMethod = "auto",
+    leaf_modules: Sequence[Any] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    tracer_class: Any = None,
+    order: str = "auto",
+    progress: Progress | None = None,
+) -> Analysis:
+    """Trace and cost ``model`` at micro-batch shape (the inputs are a full batch)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args, kwargs = microbatch_inputs(example_inputs, example_kwargs, microbatches)
+    if progress:
+        progress(f"tracing {type(model).__name__}")
+    traced = trace(
+        model,
+        args,
+        kwargs,
+        method=method,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        tracer_class=tracer_class,
+    )
+    if progress:
+        progress(f"costing {len(traced.graph.nodes)} nodes")
+    costs = cost_model(traced)
+    graph = linearize(costs, order)
+    specs = tuple(
+        TensorSpec.of(node.name, node.meta["val"])
+        for node in traced.graph.nodes
+        if node.op == "placeholder"
+        and node.name not in traced.param_placeholders
+        and isinstance(node.meta.get("val"), torch.Tensor)
+    )
+    return Analysis(traced=traced, costs=costs, graph=graph, inputs=specs)
+
+
+def build_plan(analysis: Analysis, solution: Solution, stages: Sequence[Stage] | None = None) -> Plan:
+    """A `Plan` from a solved split, with the simulator's predicted step time and bubble."""
+    problem, evaluation = solution.problem, solution.evaluation
+    graph = analysis.graph
+    stages = list(stages) if stages is not None else split(analysis.traced, graph, solution.bounds)
+    bounds = solution.bounds
+    stage_plans = []
+    forward = graph.forward
+    for s, stage in enumerate(stages):
+        lo, hi = bounds[s], bounds[s + 1]
+        device = problem.devices[s % len(problem.devices)]
+        parts = evaluation.stage_memory_parts[s]
+        stage_plans.append(
+            StagePlan(
+                index=s,
+                device=device,
+                start=lo,
+                stop=hi,
+                first_node=graph.names[lo],
+                last_node=graph.names[hi - 1],
+                first_module=_first_path(graph.module_paths[lo:hi]),
+                last_module=_first_path(reversed(graph.module_paths[lo:hi])),
+                flops=float(graph.compute[lo:hi].sum()),
+                forward_flops=float(forward[lo:hi].sum()),
+                param_bytes=int(graph.param_bytes[lo:hi].sum()),
+                memory={**{k: float(v) for k, v in parts.items()}, "total": float(evaluation.stage_memory[s])},
+                capacity=int(evaluation.caps[s]),
+                compute_time=float(evaluation.stage_compute_times[s]),
+                comm_time=float(evaluation.stage_comm_times[s]),
+                inputs=stage.inputs,
+                outputs=stage.outputs if not stage.is_last else (),
+            )
+        )
+    step_time, bubble = predict_step(problem.schedule, problem.virtual, problem.microbatches, stage_plans, graph)
+    holders: dict[str, list[int]] = {}
+    for stage in stages:
+        for name in stage.params:
+            holders.setdefault(_tensor_id_name(analysis, name), []).append(stage.index)
+    shared = {name: sorted(set(ids)) for name, ids in holders.items() if len(set(ids)) > 1}
+    return Plan(
+        model=analysis.model_info(),
+        schedule=problem.schedule,
+        microbatches=problem.microbatches,
+        virtual=problem.virtual,
+        memory_model=problem.memory,
+        algorithm=solution.algorithm,
+        bottleneck=float(evaluation.bottleneck),
+        perfect_balance=float(evaluation.perfect_balance),
+        step_time=step_time,
+        bubble=bubble,
+        stages=tuple(stage_plans),
+        shared_params=shared,
+    )
+
+
+def _tensor_id_name(analysis: Analysis, name: str) -> str:
+    """The first qualified name of the tensor ``name`` refers to (tied weights share one)."""
+    state = analysis.traced.meta_state
+    if not state.has(name):
+        return name
+    target = state.tensor(name)
+    for q, _ in analysis.traced.model.named_parameters(remove_duplicate=False):
+        if state.has(q) and state.tensor(q) is target:
+            return q
+    return name
+
+
+def _first_path(paths: Any) -> str:
+    for path in paths:
+        if path:
+            return str(path)
+    return ""
+
+
+def predict_step(
+    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan], graph: LinearGraph
+) -> tuple[float, float]:
+    """Simulated step time and bubble of ``schedule`` with the stages' predicted times."""
+    from pipeline.schedules import build_schedule
+    from pipeline.simulate import simulate
+
+    num_ranks = len(stages) // virtual
+    built = build_schedule(schedule, num_ranks, microbatches, virtual)
+    fwd = [s.forward_flops / s.device.flops for s in stages]
+    bwd = [max(s.compute_time - f, 0.0) for s, f in zip(stages, fwd, strict=True)]
+    comm = []
+    for s in stages[:-1]:
+        c = graph.cut_bytes[s.stop]
+        comm.append(s.device.latency + c / s.device.bandwidth if c else 0.0)
+    result = simulate(built, forward_time=fwd, backward_time=bwd, comm_time=comm)
+    return float(result.step_time), float(result.bubble_fraction)
+
+
+def plan_model(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    devices: Sequence[Device],
+    schedule: str = "1f1b",
+    microbatches: int = 8,
+    virtual: int = 1,
+    memory: MemoryModel | None = None,
+    algorithm: str = "optimal",
+    method: TraceMethod = "auto",
+    leaf_modules: Sequence[Any] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    order: str = "auto",
+    progress: Progress | None = None,
+) -> Plan:
+    """Plan ``model`` over ``devices``: the one call most users need.
+
+    Args:
+        model: the model, on any device (``meta`` for models larger than memory).
+        example_inputs: one full batch; see [Note: micro-batch shapes].
+        devices: one per pipeline rank, in pipeline order.
+        schedule: ``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device) or
+            ``zb-h1``; decides how many micro-batches each stage keeps in memory.
+        microbatches: micro-batches per step.
+        memory: what training keeps per parameter (optimizer state; default Adam, no fp32 master).
+        algorithm: ``optimal`` (the exact partitioner) or a baseline: ``uniform``, ``params``,
+            ``time``.
+
+    Raises:
+        InputError, TraceError: the inputs or the model cannot be traced.
+        InfeasibleError: no split fits; the message says what would.
+    """
+    schedule = canonical_schedule(schedule)
+    if not devices:
+        raise PlanError("no devices given")
+    analysis = analyze(
+        model,
+        example_inputs,
+        example_kwargs,
+        microbatches=microbatches,
+        method=method,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        order=order,
+        progress=progress,
+    )
+    if progress:
+        progress(f"partitioning {len(analysis.graph)} nodes over {len(devices)} devices")
+    solution = solve(
+        analysis.graph,
+        list(devices),
+        schedule=schedule,
+        microbatches=microbatches,
+        virtual=virtual,
+        memory=memory or MemoryModel(),
+        algorithm=algorithm,
+    )
+    return build_plan(analysis, solution)
+
+
+def stages_for_plan(analysis: Analysis, plan: Plan) -> list[Stage]:
+    """The stage modules of ``plan``, after checking it was made for this model."""
+    plan.check_model(type(analysis.traced.model).__name__, analysis.graph_hash, len(analysis.graph))
+    return split(analysis.traced, analysis.graph, plan.bounds)
