@@ -1,0 +1,1 @@
+"""pipepart.pipeline: schedules, simulator and runtime for training a split model across ranks."""
