@@ -161,7 +161,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
     edges: dict[tuple[str, str], int] = {}
     for node in graph.nodes:
         for user in node.users:
-            if user.op != "output" or True:
+            if user.op != "output":
                 edges[(node.name, user.name)] = tensor_bytes(values[node.name])
     return CostGraph(traced=traced, nodes=nodes, edges=edges)
 
@@ -228,11 +228,14 @@ def _cost_node(
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
         out = run_node(node, args, kwargs, traced.meta_state)
     fwd = counter.get_total_flops()
+    for index, leaf in enumerate(tree_flatten(out)[0]):
+        if isinstance(leaf, torch.Tensor):
+            producer_of[id(leaf)] = (node.name, index)
     saved_inputs: dict[tuple[str, int], int] = {}
     saved_other = 0
     for key, t in saved.items():
         size = t.numel() * t.element_size()
-        if key in param_ids or isinstance(t, torch.nn.Parameter):
+        if _is_parameter(t, param_ids):
             continue
         if key in producer_of:
             saved_inputs[producer_of[key]] = size
@@ -251,6 +254,15 @@ def _cost_node(
             )
         bwd = counter.get_total_flops()
     return fwd, bwd, saved_inputs, saved_other
+
+
+def _is_parameter(t: torch.Tensor, param_ids: dict[int, str]) -> bool:
+    """Whether ``t`` is a parameter or a view of one (``weight.t()`` saved by a linear)."""
+    while t is not None:
+        if id(t) in param_ids or isinstance(t, torch.nn.Parameter):
+            return True
+        t = t._base  # type: ignore[assignment]
+    return False
 
 
 def tree_map_leaf(value: Any) -> Any:

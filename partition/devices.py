@@ -164,7 +164,7 @@ def _parse_seconds(text: str) -> float:
     text = text.strip().lower()
     for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("ns", 1e-9), ("s", 1.0)):
         if text.endswith(unit):
-            return float(text[: -len(unit)]) * scale
+            return float(text[: -len(unit)]) / (1 / scale)
     return float(text)
 
 

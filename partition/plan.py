@@ -102,6 +102,12 @@ class StagePlan:
     """Seconds of forward + backward compute per micro-batch on its device."""
     comm_time: float
     """Seconds per micro-batch sending and receiving across its cuts."""
+    saved_bytes: float = 0.0
+    """Activation bytes one micro-batch keeps on this stage until its backward."""
+    inflight: int = 1
+    """Micro-batches of activations the schedule keeps alive here at peak."""
+    send_bytes: float = 0.0
+    """Bytes per micro-batch crossing the cut after this stage (0 for the last)."""
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
 
@@ -109,10 +115,6 @@ class StagePlan:
     def time(self) -> float:
         """The stage's term of the objective: compute + communication per micro-batch."""
         return self.compute_time + self.comm_time
-
-    @property
-    def send_bytes(self) -> int:
-        return sum(t.nbytes for t in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,8 @@ class StagePlan:
             "compute_time": self.compute_time,
             "comm_time": self.comm_time,
             "time": self.time,
+            "saved_bytes": self.saved_bytes,
+            "inflight": self.inflight,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "send_bytes": self.send_bytes,
@@ -151,6 +155,9 @@ class StagePlan:
             capacity=int(data["capacity"]),
             compute_time=float(data["compute_time"]),
             comm_time=float(data["comm_time"]),
+            saved_bytes=float(data["saved_bytes"]),
+            inflight=int(data["inflight"]),
+            send_bytes=float(data["send_bytes"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
         )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
@@ -27,7 +28,16 @@ from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
 from partition.trace import TraceMethod, TracedModel, trace
 
-__all__ = ["Analysis", "analyze", "build_plan", "microbatch_inputs", "plan_model", "stages_for_plan"]
+__all__ = [
+    "Analysis",
+    "analyze",
+    "build_plan",
+    "microbatch_inputs",
+    "plan_model",
+    "predict_step",
+    "reprice",
+    "stages_for_plan",
+]
 
 Progress = Callable[[str], None]
 
@@ -168,11 +178,14 @@ def build_plan(analysis: Analysis, solution: Solution, stages: Sequence[Stage] |
                 capacity=int(evaluation.caps[s]),
                 compute_time=float(evaluation.stage_compute_times[s]),
                 comm_time=float(evaluation.stage_comm_times[s]),
+                saved_bytes=float(graph.saved_bytes[lo:hi].sum()),
+                inflight=int(evaluation.stage_inflight[s]),
+                send_bytes=float(graph.cut_bytes[hi]),
                 inputs=stage.inputs,
                 outputs=stage.outputs if not stage.is_last else (),
             )
         )
-    step_time, bubble = predict_step(problem.schedule, problem.virtual, problem.microbatches, stage_plans, graph)
+    step_time, bubble = predict_step(problem.schedule, problem.virtual, problem.microbatches, stage_plans)
     holders: dict[str, list[int]] = {}
     for stage in stages:
         for name in stage.params:
@@ -214,7 +227,7 @@ def _first_path(paths: Any) -> str:
 
 
 def predict_step(
-    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan], graph: LinearGraph
+    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
 ) -> tuple[float, float]:
     """Simulated step time and bubble of ``schedule`` with the stages' predicted times."""
     from pipeline.schedules import build_schedule
@@ -226,10 +239,65 @@ def predict_step(
     bwd = [max(s.compute_time - f, 0.0) for s, f in zip(stages, fwd, strict=True)]
     comm = []
     for s in stages[:-1]:
-        c = graph.cut_bytes[s.stop]
+        c = s.send_bytes
         comm.append(s.device.latency + c / s.device.bandwidth if c else 0.0)
     result = simulate(built, forward_time=fwd, backward_time=bwd, comm_time=comm)
     return float(result.step_time), float(result.bubble_fraction)
+
+
+def reprice(plan: Plan, devices: Sequence[Device]) -> Plan:
+    """The same split priced on other ``devices`` (one per rank): times, capacities, prediction.
+
+    Works from the plan file alone — each stage becomes one node of a stage-level graph, which
+    the same objective (`partition.algorithms.objective.evaluate`) prices.
+    """
+    from dataclasses import replace
+
+    from partition.algorithms.objective import Problem, evaluate
+
+    if len(devices) != plan.num_ranks:
+        raise PlanError(f"the plan has {plan.num_ranks} ranks but {len(devices)} devices were given")
+    stages = plan.stages
+    element = plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4.0
+    graph = LinearGraph(
+        names=tuple(f"stage{s.index}" for s in stages),
+        module_paths=tuple(s.first_module for s in stages),
+        compute=np.array([s.flops for s in stages], dtype=np.float64),
+        forward=np.array([s.forward_flops for s in stages], dtype=np.float64),
+        param_bytes=np.array([s.param_bytes for s in stages], dtype=np.float64),
+        saved_bytes=np.array([s.saved_bytes for s in stages], dtype=np.float64),
+        cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
+        param_element_size=element,
+    )
+    problem = Problem(
+        graph=graph,
+        devices=tuple(devices),
+        schedule=plan.schedule,
+        microbatches=plan.microbatches,
+        virtual=plan.virtual,
+        memory=plan.memory_model,
+    )
+    evaluation = evaluate(problem, tuple(range(len(stages) + 1)))
+    new_stages = tuple(
+        replace(
+            stage,
+            device=problem.stage_device(s),
+            capacity=int(evaluation.caps[s]),
+            compute_time=evaluation.stage_compute_times[s],
+            comm_time=evaluation.stage_comm_times[s],
+            memory={**evaluation.stage_memory_parts[s], "total": evaluation.stage_memory[s]},
+        )
+        for s, stage in enumerate(stages)
+    )
+    step_time, bubble = predict_step(plan.schedule, plan.virtual, plan.microbatches, new_stages)
+    return replace(
+        plan,
+        stages=new_stages,
+        bottleneck=evaluation.bottleneck,
+        perfect_balance=evaluation.perfect_balance,
+        step_time=step_time,
+        bubble=bubble,
+    )
 
 
 def plan_model(

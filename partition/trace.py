@@ -21,6 +21,7 @@ import fnmatch
 import inspect
 import linecache
 import os
+import re
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_flatten
 
 from partition.errors import InputError, TraceError
 from partition.meta import MetaState, fetch_args, run_node, to_meta
@@ -192,8 +194,10 @@ def _trace_fx(
     tracer_class: type[fx.Tracer] | None,
 ) -> TracedModel:
     tracer = _make_tracer(model, leaf_modules, tracer_class)
+    concrete = _constants(model, bound)
+    concrete.update(concrete_args or {})
     try:
-        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         raise _explain(model, e) from e
     module = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -201,7 +205,10 @@ def _trace_fx(
     inputs: dict[str, Any] = {}
     for node in placeholders:
         name = str(node.target).lstrip("*")
-        if name in bound:
+        base = re.sub(r"_\d+$", "", name)
+        if name in concrete or (name not in bound and base in concrete):
+            inputs[node.name] = concrete[name if name in concrete else base]
+        elif name in bound:
             inputs[node.name] = bound[name]
         elif node.args:
             inputs[node.name] = node.args[0]  # the default value
@@ -211,10 +218,32 @@ def _trace_fx(
         module=module,
         model=model,
         method="fx",
-        input_names=tuple(str(n.target) for n in placeholders if str(n.target) in bound),
+        input_names=tuple(
+            str(n.target) for n in placeholders if str(n.target) in bound and str(n.target) not in concrete
+        ),
     )
     propagate_shapes(traced, inputs)
     return traced
+
+
+def _constants(model: nn.Module, bound: dict[str, Any]) -> dict[str, Any]:
+    """Forward arguments that are not tensors become constants of the graph.
+
+    That covers defaults the caller did not pass (``attention_mask=None``, ``use_cache=False``)
+    and Python values the caller did pass (``scale=2.0``): only tensors are graph inputs.
+    """
+    signature = inspect.signature(model.forward)
+    constants = {}
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if name in bound:
+            leaves, _ = tree_flatten(bound[name])
+            if not any(isinstance(v, torch.Tensor) for v in leaves):
+                constants[name] = bound[name]
+        elif parameter.default is not inspect.Parameter.empty:
+            constants[name] = parameter.default
+    return constants
 
 
 def _explain(model: nn.Module, error: Exception) -> TraceError:

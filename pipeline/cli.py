@@ -1,0 +1,265 @@
+"""The ``pipepart`` command: plan, show, simulate, run and bench.
+
+Every sub-command prints a table for people and, with ``--json``, one JSON object on stdout for
+scripts. Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from partition.devices import Device, parse_devices
+from partition.errors import PipepartError
+from partition.memory import OPTIMIZERS, SCHEDULE_NAMES, MemoryModel
+from partition.plan import Plan
+
+__all__ = ["main"]
+
+_EPILOG_PLAN = """examples:
+  pipepart plan gpt --size small --devices 4
+  pipepart plan gpt --size 7b --batch 8 --seq 4096 --devices 8 --device-spec h100 --microbatches 16
+  pipepart plan gpt --size 1b --device-spec "h100;h100;a100-40;a100-40" --out plan.json
+  pipepart plan mypkg.models:build --devices 2 --device-spec "mem=16GiB,tflops=100,bw=25GB/s" --json
+"""
+
+_EPILOG_SHOW = """examples:
+  pipepart show plan.json
+  pipepart show plan.json --device-spec a100-40 --json
+"""
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr while long work runs; yields a callback that updates its text."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda message: logging.getLogger("pipepart").info("%s", message)
+        return
+    with _console(stderr=True).status("starting") as status:
+        yield lambda message: status.update(message + "…")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        help="a bundled model (gpt, gpt-tied, skipnet, two-tower), hf:NAME, or package.module:callable "
+        "returning (model, inputs[, loss_fn])",
+    )
+    parser.add_argument("--size", default="", help="size of a bundled or hf model (gpt: toy, small, medium, 1b, 7b, 10b)")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step (split into micro-batches); default 8")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length for language models")
+    parser.add_argument("--trace", choices=("auto", "fx", "export"), default="auto", help="trace route (default auto)")
+    parser.add_argument("--leaf", action="append", default=[], metavar="PATH", help="keep this submodule as one node (repeatable, globs allowed)")
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, default=None, help="number of pipeline devices (default: as many as specs, else 4)")
+    parser.add_argument(
+        "--device-spec",
+        default="cpu",
+        help='a preset (h100, h200, a100-40, a100-80, cpu), "mem=16GiB,tflops=100,bw=25GB/s", '
+        "or several separated by ';' for a heterogeneous set (default cpu)",
+    )
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULE_NAMES, help="pipeline schedule (default 1f1b)")
+    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default 4)")
+    parser.add_argument("--virtual", type=int, default=1, help="stages per device for the interleaved schedule")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer state to budget for (default adam)")
+    parser.add_argument("--master-weights", action="store_true", help="budget fp32 master weights and fp32 optimizer state")
+
+
+def _devices(args: argparse.Namespace) -> list[Device]:
+    specs = [s for s in args.device_spec.split(";") if s.strip()]
+    if len(specs) > 1:
+        return parse_devices(specs, args.devices)
+    return parse_devices(specs, args.devices or 4)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _human_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def plan_table(plan: Plan, title: str | None = None) -> Any:
+    """A rich table of a plan: one row per stage, the prediction underneath."""
+    from rich.table import Table
+
+    bottleneck = plan.bottleneck or 1.0
+    table = Table(title=title or f"{plan.model.class_name} · {plan.schedule} · {plan.microbatches} micro-batches · {plan.algorithm}")
+    for column, justify in [
+        ("stage", "right"),
+        ("device", "left"),
+        ("nodes (modules)", "left"),
+        ("GFLOPs", "right"),
+        ("params", "right"),
+        ("memory / capacity", "right"),
+        ("time", "right"),
+        ("of bottleneck", "right"),
+    ]:
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    element = plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4
+    for stage in plan.stages:
+        fits = stage.memory["total"] <= stage.capacity
+        memory = f"{_human_bytes(stage.memory['total'])} / {_human_bytes(stage.capacity)}"
+        table.add_row(
+            str(stage.index),
+            stage.device.name,
+            f"{stage.start}–{stage.stop - 1} ({stage.first_module or stage.first_node} → {stage.last_module or stage.last_node})",
+            f"{stage.flops / 1e9:,.2f}",
+            f"{stage.param_bytes / element / 1e6:,.2f} M",
+            memory if fits else f"[red]{memory} ✗[/red]",
+            _human_time(stage.time),
+            f"{stage.time / bottleneck:.0%}",
+        )
+    ratio = plan.bottleneck / plan.perfect_balance if plan.perfect_balance else float("nan")
+    table.caption = (
+        f"predicted step {_human_time(plan.step_time)} · bubble {plan.bubble:.1%} · "
+        f"bottleneck stage {plan.bottleneck_stage} at {_human_time(plan.bottleneck)}/micro-batch "
+        f"({ratio:.3f}× perfect balance)" + ("" if plan.fits() else " · [red]does not fit memory[/red]")
+    )
+    return table
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    data = plan.to_dict()
+    data["bottleneck"] = plan.bottleneck
+    data["bottleneck_stage"] = plan.bottleneck_stage
+    data["step_time"] = plan.step_time
+    data["bubble"] = plan.bubble
+    data["fits"] = plan.fits()
+    return data
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from partition.planner import plan_model
+    from partition.registry import resolve
+
+    devices = _devices(args)
+    spec = resolve(args.model, size=args.size, batch=args.batch, seq=args.seq)
+    with _progress(not args.json) as progress:
+        progress(f"building {args.model} on meta")
+        with torch.device("meta"):
+            model, inputs, kwargs, _ = spec.build()
+        plan = plan_model(
+            model,
+            inputs,
+            kwargs,
+            devices=devices,
+            schedule=args.schedule,
+            microbatches=args.microbatches,
+            virtual=args.virtual,
+            memory=MemoryModel(optimizer=args.optimizer, master_weights=args.master_weights),
+            algorithm=args.algorithm,
+            method=args.trace,
+            leaf_modules=args.leaf,
+            progress=progress,
+        )
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(_plan_summary(plan)))
+    else:
+        console = _console()
+        console.print(plan_table(plan))
+        if args.out:
+            console.print(f"plan written to {args.out}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    if args.device_spec:
+        plan = _replan_devices(plan, args)
+    if args.json:
+        print(json.dumps(_plan_summary(plan)))
+    else:
+        _console().print(plan_table(plan))
+    return 0
+
+
+def _replan_devices(plan: Plan, args: argparse.Namespace) -> Plan:
+    """The same split priced on other devices (capacities and times change, nodes do not)."""
+    from partition.planner import reprice
+
+    specs = [s for s in args.device_spec.split(";") if s.strip()]
+    return reprice(plan, parse_devices(specs, None if len(specs) > 1 else plan.num_ranks))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipepart",
+        description="Split a PyTorch model into pipeline stages, predict it, and train it across ranks.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser(
+        "plan",
+        help="plan a model over devices and print the stages",
+        epilog=_EPILOG_PLAN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(plan)
+    _add_plan_arguments(plan)
+    plan.add_argument("--algorithm", default="optimal", choices=("optimal", "uniform", "params", "time"), help="partitioner (default optimal)")
+    plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    plan.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    plan.set_defaults(func=_cmd_plan)
+
+    show = sub.add_parser(
+        "show",
+        help="re-print a saved plan, optionally priced on other devices",
+        epilog=_EPILOG_SHOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("plan", help="a plan JSON file written by `pipepart plan --out`")
+    show.add_argument("--device-spec", default=None, help="price the same split on these devices")
+    show.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    show.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    show.set_defaults(func=_cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pipepart`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (PipepartError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"pipepart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pipepart {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Device specs: human sizes, presets, heterogeneous lists, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from partition.devices import PRESETS, Device, parse_devices, parse_rate, parse_size
+from partition.errors import PlanError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("16GiB", 16 * 2**30), ("80GB", 80 * 10**9), ("512MiB", 512 * 2**20), ("1.5k", 1500), (4096, 4096), ("7", 7)],
+)
+def test_sizes(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+def test_rates() -> None:
+    assert parse_rate("25GB/s") == 25e9
+    assert parse_rate("1GiB/s") == 2**30
+
+
+@pytest.mark.parametrize("bad", ["sixteen", "16XB", "-3GB", ""])
+def test_bad_sizes_say_how_to_write_one(bad: str) -> None:
+    with pytest.raises(PlanError, match="size"):
+        parse_size(bad)
+
+
+def test_presets_have_published_figures() -> None:
+    assert PRESETS["h100"].memory == 80 * 10**9 and PRESETS["h100"].flops == 989e12
+    assert PRESETS["a100-40"].memory == 40 * 10**9 and PRESETS["a100-80"].flops == 312e12
+    assert PRESETS["h200"].memory == 141 * 10**9
+    assert {"a100-40", "a100-80", "h100", "h200", "cpu"} <= set(PRESETS)
+
+
+def test_spec_strings() -> None:
+    d = Device.parse("mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu")
+    assert (d.memory, d.flops, d.bandwidth, d.latency, d.name) == (16 * 2**30, 100e12, 25e9, 5e-6, "gpu")
+    assert Device.parse("a100-40,mem=30GiB").flops == 312e12
+    assert Device.parse("a100-40,mem=30GiB").memory == 30 * 2**30
+
+
+def test_device_lists() -> None:
+    four = parse_devices("h100", 4)
+    assert [d.name for d in four] == ["h100:0", "h100:1", "h100:2", "h100:3"]
+    mixed = parse_devices("h100;a100-40;cpu")
+    assert [d.flops for d in mixed] == [989e12, 312e12, 100e9]
+    with pytest.raises(PlanError, match="3 device specs given but --devices 2"):
+        parse_devices("h100;a100-40;cpu", 2)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("tpu9", "unknown device preset"), ("mem=1GB", "lacks flops"), ("mem=1GB,tflops=1,speed=3", "unknown device spec key")],
+)
+def test_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        Device.parse(spec)
+
+
+def test_round_trip() -> None:
+    d = PRESETS["h200"]
+    assert Device.from_dict(d.to_dict()) == d
