@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from partition.errors import InputError, TraceError
 from partition.meta import MetaState, fetch_args, run_node, to_meta
@@ -65,6 +65,34 @@ class TracedModel:
     @property
     def graph(self) -> fx.Graph:
         return self.module.graph
+
+    def input_tensors(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+        """The tensors of a call ``model(*args, **kwargs)`` in the order stage 0 takes them.
+
+        Raises:
+            InputError: the call does not bind to the model's signature or lacks an input.
+        """
+        kwargs = dict(kwargs or {})
+        if self.method == "export":
+            flat, _ = tree_flatten((tuple(args), kwargs))
+            tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+            if len(tensors) != len(self.input_names):
+                raise InputError(
+                    f"{type(self.model).__name__} was traced with {len(self.input_names)} input "
+                    f"tensors {list(self.input_names)}, got {len(tensors)}"
+                )
+            return tensors
+        bound = _bind(self.model, tuple(args), kwargs, None)
+        missing = [name for name in self.input_names if not isinstance(bound.get(name), torch.Tensor)]
+        if missing:
+            raise InputError(f"{type(self.model).__name__} needs tensor inputs {missing} (traced inputs: {list(self.input_names)})")
+        return [bound[name] for name in self.input_names]
+
+    def unflatten_output(self, outputs: Any) -> Any:
+        """The model's own output structure from the last stage's outputs (export: a flat tuple)."""
+        if self.out_spec is None:
+            return outputs
+        return tree_unflatten(list(outputs), self.out_spec)
 
     @property
     def meta_state(self) -> MetaState:

@@ -1,0 +1,91 @@
+"""The ``torch.export`` trace route: an ATen-level FX graph for models symbolic tracing cannot handle.
+
+``torch.export.export(model, args, kwargs, strict=False)`` lifts parameters, buffers and constant
+tensors to placeholders. pipepart turns them back into attributes of a root module that mirrors
+the model — the same submodule objects under the same names, so parameters keep their qualified
+names and are shared, never copied — plus the lifted constants as non-persistent buffers. User
+inputs stay placeholders, outputs are the flat list of the model's output tensors and
+``TracedModel.out_spec`` rebuilds the model's own structure (a ``ModelOutput``, a dict, a tuple).
+Nodes keep the user's module path in ``nn_module_stack``, so plans still name ``h.3.attn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export.graph_signature import InputKind
+
+from partition.errors import TraceError
+from partition.trace import TracedModel, propagate_shapes
+
+__all__ = ["trace_export"]
+
+
+class ExportRoot(nn.Module):
+    """The model's children and direct tensors under their own names, plus lifted constants."""
+
+    def __init__(self, model: nn.Module, constants: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        for name, value in constants.items():
+            self.register_buffer(name, value, persistent=False)
+
+
+def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedModel:
+    """Trace ``model`` with ``torch.export.export(strict=False)``; see the module docstring."""
+    try:
+        program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first}. "
+            "Data-dependent control flow needs torch.cond or a fixed input; try method='fx' with "
+            "leaf_modules for the offending submodule"
+        ) from e
+    module: fx.GraphModule = program.graph_module
+    graph = module.graph
+    constants: dict[str, torch.Tensor] = {}
+    param_placeholders: dict[str, str] = {}
+    user_inputs: list[str] = []
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for spec, node in zip(program.graph_signature.input_specs, placeholders, strict=True):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            param_placeholders[node.name] = str(spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            name = "_pipepart_const_" + str(spec.target).replace(".", "_")
+            value = program.constants[str(spec.target)]
+            if not isinstance(value, torch.Tensor):
+                raise TraceError(f"export lifted a non-tensor constant {spec.target!r}; not supported")
+            constants[name] = value
+            param_placeholders[node.name] = name
+        elif spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(node.name)
+        else:
+            raise TraceError(f"export input {spec.arg} of kind {spec.kind.name} is not supported")
+    root = ExportRoot(model, constants)
+    out_spec = program.call_spec.out_spec
+    traced = TracedModel(
+        module=fx.GraphModule(root, graph, type(model).__name__),
+        model=root,
+        method="export",
+        input_names=tuple(user_inputs),
+        param_placeholders=param_placeholders,
+        out_spec=out_spec,
+    )
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+    if len(tensors) != len(user_inputs):
+        raise TraceError(
+            f"export kept {len(user_inputs)} user inputs but {len(tensors)} tensors were given; "
+            "pass non-tensor options as constants of the model instead"
+        )
+    propagate_shapes(traced, dict(zip(user_inputs, tensors, strict=True)))
+    return traced
