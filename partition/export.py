@@ -70,7 +70,12 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             user_inputs.append(node.name)
         else:
             raise TraceError(f"export input {spec.arg} of kind {spec.kind.name} is not supported")
+    _follow_input_device(module, set(user_inputs))
     root = ExportRoot(model, constants)
+    for node in graph.nodes:  # higher-order ops (autocast regions) keep their bodies as submodules
+        if node.op == "get_attr" and not _has_attr(root, str(node.target)):
+            body = module.get_submodule(str(node.target))
+            root.add_module(str(node.target), body)
     out_spec = program.call_spec.out_spec
     traced = TracedModel(
         module=fx.GraphModule(root, graph, type(model).__name__),
@@ -89,3 +94,40 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         )
     propagate_shapes(traced, dict(zip(user_inputs, tensors, strict=True)))
     return traced
+
+
+def _follow_input_device(module: fx.GraphModule, user_inputs: set[str]) -> None:
+    """Replace ``device=cpu`` literals export pinned into the graph by the inputs' device.
+
+    ``torch.export`` records factory ops with the device of the traced inputs. A stage runs on
+    whatever device its rank has, so each literal becomes ``x.device`` for a tensor input ``x``
+    of that graph (higher-order-op bodies included).
+    """
+    for graph_module in [module, *(m for m in module.modules() if isinstance(m, fx.GraphModule) and m is not module)]:
+        graph = graph_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        candidates = [n for n in placeholders if n.name in user_inputs] if graph_module is module else placeholders
+        source = next((n for n in candidates if isinstance(n.meta.get("val"), torch.Tensor)), None)
+        if source is None:
+            continue
+        device_node: fx.Node | None = None
+        for node in list(graph.nodes):
+            if node.op not in ("call_function", "call_method"):
+                continue
+            if not any(isinstance(v, torch.device) for v in torch.utils._pytree.tree_leaves((node.args, node.kwargs))):
+                continue
+            if device_node is None:
+                with graph.inserting_after(placeholders[-1]):
+                    device_node = graph.call_function(getattr, (source, "device"))
+            node.args = torch.utils._pytree.tree_map(lambda v: device_node if isinstance(v, torch.device) else v, node.args)
+            node.kwargs = torch.utils._pytree.tree_map(lambda v: device_node if isinstance(v, torch.device) else v, node.kwargs)
+        graph_module.recompile()
+
+
+def _has_attr(root: nn.Module, target: str) -> bool:
+    obj: Any = root
+    for atom in target.split("."):
+        if not hasattr(obj, atom):
+            return False
+        obj = getattr(obj, atom)
+    return True

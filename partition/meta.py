@@ -90,6 +90,8 @@ def run_node(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], state
     if node.op == "get_attr":
         return state.fetch_attr(str(node.target))
     if node.op == "call_function":
+        # ATen graphs pin factory ops to the traced device (arange(device=cpu)): stay on meta
+        args, kwargs = _on_meta((args, kwargs))
         return node.target(*args, **kwargs)  # type: ignore[operator]
     if node.op == "call_method":
         self_obj, *rest = args
@@ -104,6 +106,13 @@ def run_node(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], state
                 raise
             return _run_module_for_real(module, args, kwargs)
     raise ValueError(f"cannot run node {node.name} of op {node.op}")
+
+
+def _on_meta(value: Any) -> Any:
+    return tree_map(lambda x: _META if isinstance(x, torch.device) else x, value)
+
+
+_META = torch.device("meta")
 
 
 def _run_module_for_real(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

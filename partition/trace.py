@@ -42,6 +42,7 @@ __all__ = ["TraceMethod", "TracedModel", "module_path", "propagate_shapes", "tra
 TraceMethod = Literal["auto", "fx", "export"]
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OUR_DIR = os.path.dirname(__file__)
 
 
 @dataclass(eq=False)
@@ -280,7 +281,8 @@ def _explain(model: nn.Module, error: Exception) -> TraceError:
     where = ""
     tb: TracebackType | None = error.__traceback__
     for frame, lineno in traceback.walk_tb(tb):
-        if frame.f_code.co_filename.startswith(_TORCH_DIR) or not frame.f_code.co_argcount:
+        filename = frame.f_code.co_filename
+        if filename.startswith((_TORCH_DIR, _OUR_DIR)) or not frame.f_code.co_argcount:
             continue
         owner = frame.f_locals.get(frame.f_code.co_varnames[0])
         if isinstance(owner, nn.Module) and id(owner) in paths:
