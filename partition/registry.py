@@ -1,8 +1,10 @@
 """Model specs by name: the bundled examples, ``hf:NAME`` models, and ``package.module:callable``.
 
-A spec resolves to a factory returning ``(model, example_inputs)`` or
-``(model, example_inputs, loss_fn)``; `resolve` normalises both to a `ModelSpec` whose `build`
-may be called under ``torch.device("meta")``.
+A spec resolves to a factory returning ``(model, example_inputs)``,
+``(model, example_inputs, loss_fn)`` or ``(model, example_inputs, loss_fn, target)``;
+`resolve` normalises them to a `ModelSpec` whose `build` may be called under
+``torch.device("meta")``. Example inputs are a tuple of positional tensors or a dict of keyword
+tensors. Bundled and ``hf:`` models come with a synthetic target for training runs.
 """
 
 from __future__ import annotations
@@ -22,24 +24,44 @@ from partition.errors import InputError
 
 __all__ = ["BUNDLED", "ModelSpec", "resolve"]
 
-Built = tuple[nn.Module, tuple[Any, ...], dict[str, Any], Callable[..., torch.Tensor] | None]
+Built = tuple[
+    nn.Module, tuple[Any, ...], dict[str, Any], Callable[..., torch.Tensor] | None, torch.Tensor | None
+]
 
 
-def _gpt(size: str, batch: int, seq: int | None, **kw: Any) -> Any:
-    return examples.gpt(size or "toy", batch=batch, seq=seq, **kw)
+def _with_target(result: Any, target: torch.Tensor) -> Any:
+    return (*result, target)
+
+
+def _tokens(model: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    idx = inputs[0]
+    if idx.device.type == "meta":
+        return torch.empty_like(idx)
+    return torch.randint(0, model.config.vocab_size, tuple(idx.shape))
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x) if x.device.type == "meta" else torch.randn(x.shape)
+
+
+def _gpt(size: str, batch: int, seq: int | None, tie_weights: bool | None = None, **kw: Any) -> Any:
+    result = examples.gpt(size or "toy", batch=batch, seq=seq, tie_weights=tie_weights, **kw)
+    return _with_target(result, _tokens(result[0], result[1]))
 
 
 def _skipnet(size: str, batch: int, seq: int | None, **kw: Any) -> Any:
-    return examples.skipnet(batch=batch)
+    result = examples.skipnet(batch=batch, **kw)
+    return _with_target(result, _like(result[1][0]))
 
 
 def _two_tower(size: str, batch: int, seq: int | None, **kw: Any) -> Any:
-    return examples.two_tower(batch=batch)
+    result = examples.two_tower(batch=batch, **kw)
+    return _with_target(result, _like(result[1][0]))
 
 
 BUNDLED: dict[str, Callable[..., Any]] = {
     "gpt": _gpt,
-    "gpt-tied": lambda size, batch, seq, **kw: examples.gpt(size or "toy", batch=batch, seq=seq, tie_weights=True),
+    "gpt-tied": lambda size, batch, seq, **kw: _gpt(size, batch, seq, tie_weights=True, **kw),
     "skipnet": _skipnet,
     "two-tower": _two_tower,
 }
@@ -56,7 +78,7 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Built:
-        """``(model, args, kwargs, loss_fn)``; call under ``torch.device("meta")`` to skip weights."""
+        """``(model, args, kwargs, loss_fn, target)``; call under ``torch.device("meta")`` to skip weights."""
         factory = _factory(self.name)
         result = factory(size=self.size, batch=self.batch, seq=self.seq, **self.options)
         return _normalise(self.name, result)
@@ -100,13 +122,15 @@ def _factory(name: str) -> Callable[..., Any]:
 
 
 def _normalise(name: str, result: Any) -> Built:
-    if not isinstance(result, tuple) or len(result) not in (2, 3):
+    if not isinstance(result, tuple) or len(result) not in (2, 3, 4):
         raise InputError(
             f"model factory {name!r} returned {type(result).__name__}; it must return "
-            "(model, example_inputs) or (model, example_inputs, loss_fn)"
+            "(model, example_inputs), (model, example_inputs, loss_fn) or "
+            "(model, example_inputs, loss_fn, target)"
         )
     model, inputs = result[0], result[1]
-    loss_fn = result[2] if len(result) == 3 else None
+    loss_fn = result[2] if len(result) >= 3 else None
+    target = result[3] if len(result) == 4 else None
     if not isinstance(model, nn.Module):
         raise InputError(f"model factory {name!r} returned a {type(model).__name__} as the model")
     kwargs: dict[str, Any] = {}
@@ -116,4 +140,4 @@ def _normalise(name: str, result: Any) -> Built:
         args, kwargs = (), dict(inputs)
     else:
         args = tuple(inputs)
-    return model, args, kwargs, loss_fn
+    return model, args, kwargs, loss_fn, target

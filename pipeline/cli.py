@@ -162,7 +162,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     with _progress(not args.json) as progress:
         progress(f"building {args.model} on meta")
         with torch.device("meta"):
-            model, inputs, kwargs, _ = spec.build()
+            model, inputs, kwargs, _, _ = spec.build()
         plan = plan_model(
             model,
             inputs,
