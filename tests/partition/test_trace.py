@@ -59,9 +59,7 @@ def test_meta_model_traces_and_costs_without_allocating() -> None:
         """
         import resource, torch
         from partition.examples import gpt
-        from partition.planner import analyze
-from partition.split import split
-from partition.trace import trace
+        from partition.trace import trace
         from partition.cost import cost_model
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with torch.device("meta"):
