@@ -1,0 +1,108 @@
+"""The plan file: JSON round trip, validation, and refusing a plan made for another model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from partition.devices import parse_devices
+from partition.errors import InputError, PlanError
+from partition.examples import gpt, skipnet
+from partition.plan import Plan
+from partition.planner import analyze, plan_model, reprice, stages_for_plan
+
+
+def _plan(**kw: object) -> Plan:
+    model, inputs, _ = gpt("toy", batch=8)
+    options = dict(devices=parse_devices("cpu", 3), schedule="1f1b", microbatches=4)
+    options.update(kw)
+    return plan_model(model, inputs, **options)  # type: ignore[arg-type]
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    plan = _plan()
+    path = plan.save(tmp_path / "plan.json")
+    again = Plan.load(path)
+    assert again == plan
+    assert again.to_json() == plan.to_json()
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1
+    assert data["model"]["class_name"] == "GPT"
+    assert data["objective"]["bottleneck"] == plan.bottleneck
+    assert [s["nodes"]["start"] for s in data["stages"]] == list(plan.bounds[:-1])
+    assert all({"weights", "gradients", "optimizer", "activations", "buffers", "total"} <= set(s["memory"]) for s in data["stages"])
+    assert data["stages"][0]["outputs"] and data["stages"][0]["send_bytes"] > 0
+
+
+def test_plan_numbers_are_consistent() -> None:
+    plan = _plan()
+    assert plan.bottleneck == max(s.time for s in plan.stages)
+    assert plan.perfect_balance <= plan.bottleneck
+    assert 0 < plan.bubble < 1 and plan.step_time >= plan.microbatches * plan.bottleneck * 0.5
+    assert plan.model.inputs[0].shape == (2, 16)  # a micro-batch: 8 rows in 4 micro-batches
+
+
+def test_tied_weights_are_listed() -> None:
+    model, inputs, _ = gpt("toy", batch=4, tie_weights=True)
+    plan = plan_model(model, inputs, devices=parse_devices("cpu", 2), microbatches=2)
+    assert plan.shared_params == {"wte.weight": [0, 1]}
+
+
+def test_plan_for_another_model_is_refused() -> None:
+    plan = _plan()
+    model, inputs, _ = gpt("toy", batch=8, layers=3)
+    analysis = analyze(model, inputs, microbatches=4)
+    with pytest.raises(PlanError, match="this plan was made for GPT"):
+        stages_for_plan(analysis, plan)
+    model, inputs, _ = gpt("toy", batch=8)
+    assert len(stages_for_plan(analyze(model, inputs, microbatches=4), plan)) == 3
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(schema_version=99), "schema version"),
+        (lambda d: d["stages"][1]["nodes"].update(start=0), "contiguous"),
+        (lambda d: d.pop("stages"), "malformed"),
+        (lambda d: d.update(schedule="dualpipe"), "unknown schedule"),
+    ],
+)
+def test_damaged_plans_are_rejected(tmp_path: Path, edit: object, message: str) -> None:
+    data = _plan().to_dict()
+    edit(data)  # type: ignore[operator]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=message):
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="no plan file"):
+        Plan.load(tmp_path / "nope.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(tmp_path / "junk.json")
+
+
+def test_batch_must_divide_into_microbatches() -> None:
+    model, inputs, _ = skipnet(batch=7)
+    with pytest.raises(InputError, match="batch 7 is not divisible by 4 micro-batches"):
+        plan_model(model, inputs, devices=parse_devices("cpu", 2), microbatches=4)
+
+
+def test_reprice_on_the_same_devices_changes_nothing_and_slower_devices_are_slower() -> None:
+    plan = _plan()
+    same = reprice(plan, plan.devices)
+    assert same.bottleneck == pytest.approx(plan.bottleneck, rel=1e-12)
+    assert same.step_time == pytest.approx(plan.step_time, rel=1e-12)
+    slow = reprice(plan, parse_devices("mem=16GiB,tflops=0.01", 3))
+    assert slow.bottleneck > plan.bottleneck and slow.bounds == plan.bounds
+
+
+def test_meta_model_plans_at_real_size() -> None:
+    with torch.device("meta"):
+        model, inputs, _ = gpt("1b", batch=8, seq=512)
+    plan = plan_model(model, inputs, devices=parse_devices("a100-40", 4), microbatches=8)
+    assert plan.fits() and plan.model.num_parameters > 1e9
