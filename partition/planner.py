@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
 from partition.trace import TraceMethod, TracedModel, trace
 
+if TYPE_CHECKING:
+    from pipeline.simulate import SimResult
+
 __all__ = [
     "Analysis",
     "analyze",
@@ -36,6 +39,7 @@ __all__ = [
     "plan_model",
     "predict_step",
     "reprice",
+    "simulate_plan",
     "stages_for_plan",
 ]
 
@@ -226,22 +230,44 @@ def _first_path(paths: Any) -> str:
     return ""
 
 
-def predict_step(
-    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
-) -> tuple[float, float]:
-    """Simulated step time and bubble of ``schedule`` with the stages' predicted times."""
+def simulate_plan(
+    plan: Plan, *, schedule: str | None = None, microbatches: int | None = None
+) -> SimResult:
+    """The simulator run on ``plan``'s stages (its schedule and micro-batches unless overridden).
+
+    Stage times are the plan's per-micro-batch predictions: forward FLOPs over device speed for F,
+    the rest of the stage's compute for B (split in half for zero-bubble I and W), and latency +
+    bytes / bandwidth for each cut, sends overlapping compute.
+    """
+    return _simulate(
+        schedule or plan.schedule, plan.virtual, microbatches or plan.microbatches, plan.stages
+    )
+
+
+def _simulate(schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]) -> SimResult:
     from pipeline.schedules import build_schedule
     from pipeline.simulate import simulate
 
+    schedule = canonical_schedule(schedule)
+    if (schedule == "interleaved") != (virtual > 1):
+        raise PlanError(
+            f"the plan has {virtual} stage(s) per device, which schedule {schedule!r} cannot run; "
+            "re-plan with --schedule interleaved --virtual V (V >= 2) for an interleaved pipeline"
+        )
     num_ranks = len(stages) // virtual
     built = build_schedule(schedule, num_ranks, microbatches, virtual)
     fwd = [s.forward_flops / s.device.flops for s in stages]
     bwd = [max(s.compute_time - f, 0.0) for s, f in zip(stages, fwd, strict=True)]
-    comm = []
-    for s in stages[:-1]:
-        c = s.send_bytes
-        comm.append(s.device.latency + c / s.device.bandwidth if c else 0.0)
-    result = simulate(built, forward_time=fwd, backward_time=bwd, comm_time=comm)
+    comm = [s.device.latency + s.send_bytes / s.device.bandwidth if s.send_bytes else 0.0 for s in stages[:-1]]
+    activations = [s.saved_bytes for s in stages]
+    return simulate(built, forward_time=fwd, backward_time=bwd, comm_time=comm, activation_bytes=activations)
+
+
+def predict_step(
+    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
+) -> tuple[float, float]:
+    """Simulated step time and bubble of ``schedule`` with the stages' predicted times."""
+    result = _simulate(schedule, virtual, microbatches, stages)
     return float(result.step_time), float(result.bubble_fraction)
 
 

@@ -30,6 +30,12 @@ _EPILOG_PLAN = """examples:
   pipepart plan mypkg.models:build --devices 2 --device-spec "mem=16GiB,tflops=100,bw=25GB/s" --json
 """
 
+_EPILOG_SIMULATE = """examples:
+  pipepart simulate plan.json --png gantt.png
+  pipepart simulate plan.json --schedule gpipe --microbatches 32 --json
+  pipepart simulate gpt --size 7b --seq 4096 --batch 32 --device-spec h100 --devices 8 --schedule interleaved --virtual 2 --microbatches 16
+"""
+
 _EPILOG_SHOW = """examples:
   pipepart show plan.json
   pipepart show plan.json --device-spec a100-40 --json
@@ -56,29 +62,74 @@ def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
-        help="a bundled model (gpt, gpt-tied, skipnet, two-tower), hf:NAME, or package.module:callable "
+        help="a plan file (simulate only), a bundled model (gpt, gpt-tied, skipnet, two-tower), hf:NAME, or package.module:callable "
         "returning (model, inputs[, loss_fn])",
     )
-    parser.add_argument("--size", default="", help="size of a bundled or hf model (gpt: toy, small, medium, 1b, 7b, 10b)")
-    parser.add_argument("--batch", type=int, default=8, help="rows per step (split into micro-batches); default 8")
+    parser.add_argument(
+        "--size",
+        default="",
+        help="size of a bundled or hf model (gpt: toy, small, medium, 1b, 7b, 10b)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=8, help="rows per step (split into micro-batches); default 8"
+    )
     parser.add_argument("--seq", type=int, default=None, help="sequence length for language models")
-    parser.add_argument("--trace", choices=("auto", "fx", "export"), default="auto", help="trace route (default auto)")
-    parser.add_argument("--leaf", action="append", default=[], metavar="PATH", help="keep this submodule as one node (repeatable, globs allowed)")
+    parser.add_argument(
+        "--trace",
+        choices=("auto", "fx", "export"),
+        default="auto",
+        help="trace route (default auto)",
+    )
+    parser.add_argument(
+        "--leaf",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="keep this submodule as one node (repeatable, globs allowed)",
+    )
 
 
-def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=None, help="number of pipeline devices (default: as many as specs, else 4)")
+_PLAN_DEFAULTS = {"device_spec": "cpu", "schedule": "1f1b", "microbatches": 4}
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Device, schedule and memory options; ``defaults=False`` leaves unset ones ``None``."""
+    given = _PLAN_DEFAULTS if defaults else dict.fromkeys(_PLAN_DEFAULTS)
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="number of pipeline devices (default: as many as specs, else 4)",
+    )
     parser.add_argument(
         "--device-spec",
-        default="cpu",
+        default=given["device_spec"],
         help='a preset (h100, h200, a100-40, a100-80, cpu), "mem=16GiB,tflops=100,bw=25GB/s", '
         "or several separated by ';' for a heterogeneous set (default cpu)",
     )
-    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULE_NAMES, help="pipeline schedule (default 1f1b)")
-    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default 4)")
-    parser.add_argument("--virtual", type=int, default=1, help="stages per device for the interleaved schedule")
-    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer state to budget for (default adam)")
-    parser.add_argument("--master-weights", action="store_true", help="budget fp32 master weights and fp32 optimizer state")
+    parser.add_argument(
+        "--schedule",
+        default=given["schedule"],
+        choices=SCHEDULE_NAMES,
+        help="pipeline schedule (default 1f1b)",
+    )
+    parser.add_argument(
+        "--microbatches", type=int, default=given["microbatches"], help="micro-batches per step (default 4)"
+    )
+    parser.add_argument(
+        "--virtual", type=int, default=1, help="stages per device for the interleaved schedule"
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=OPTIMIZERS,
+        help="optimizer state to budget for (default adam)",
+    )
+    parser.add_argument(
+        "--master-weights",
+        action="store_true",
+        help="budget fp32 master weights and fp32 optimizer state",
+    )
 
 
 def _devices(args: argparse.Namespace) -> list[Device]:
@@ -109,7 +160,10 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     from rich.table import Table
 
     bottleneck = plan.bottleneck or 1.0
-    table = Table(title=title or f"{plan.model.class_name} · {plan.schedule} · {plan.microbatches} micro-batches · {plan.algorithm}")
+    table = Table(
+        title=title
+        or f"{plan.model.class_name} · {plan.schedule} · {plan.microbatches} micro-batches · {plan.algorithm}"
+    )
     for column, justify in [
         ("stage", "right"),
         ("device", "left"),
@@ -139,7 +193,8 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     table.caption = (
         f"predicted step {_human_time(plan.step_time)} · bubble {plan.bubble:.1%} · "
         f"bottleneck stage {plan.bottleneck_stage} at {_human_time(plan.bottleneck)}/micro-batch "
-        f"({ratio:.3f}× perfect balance)" + ("" if plan.fits() else " · [red]does not fit memory[/red]")
+        f"({ratio:.3f}× perfect balance)"
+        + ("" if plan.fits() else " · [red]does not fit memory[/red]")
     )
     return table
 
@@ -155,29 +210,7 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from partition.planner import plan_model
-    from partition.registry import resolve
-
-    devices = _devices(args)
-    spec = resolve(args.model, size=args.size, batch=args.batch, seq=args.seq)
-    with _progress(not args.json) as progress:
-        progress(f"building {args.model} on meta")
-        with torch.device("meta"):
-            model, inputs, kwargs, _, _ = spec.build()
-        plan = plan_model(
-            model,
-            inputs,
-            kwargs,
-            devices=devices,
-            schedule=args.schedule,
-            microbatches=args.microbatches,
-            virtual=args.virtual,
-            memory=MemoryModel(optimizer=args.optimizer, master_weights=args.master_weights),
-            algorithm=args.algorithm,
-            method=args.trace,
-            leaf_modules=args.leaf,
-            progress=progress,
-        )
+    plan = _make_plan(args)
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -209,6 +242,100 @@ def _replan_devices(plan: Plan, args: argparse.Namespace) -> Plan:
     return reprice(plan, parse_devices(specs, None if len(specs) > 1 else plan.num_ranks))
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from partition.planner import simulate_plan
+
+    if args.model.endswith(".json"):
+        plan = Plan.load(args.model)
+        if args.device_spec is not None:
+            plan = _replan_devices(plan, args)
+    else:
+        for key, value in _PLAN_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.algorithm = "optimal"
+        plan = _make_plan(args)
+    schedule = args.schedule or plan.schedule
+    microbatches = args.microbatches or plan.microbatches
+    result = simulate_plan(plan, schedule=schedule, microbatches=microbatches)
+    if args.png:
+        from pipeline.gantt import plot_gantt
+
+        plot_gantt(
+            result.timeline,
+            num_ranks=plan.num_ranks,
+            title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches · step {_human_time(result.step_time)}",
+            path=args.png,
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "schedule": schedule,
+                    "microbatches": microbatches,
+                    "ranks": plan.num_ranks,
+                    "step_time": result.step_time,
+                    "bubble": result.bubble_fraction,
+                    "busy_time": list(result.busy_time),
+                    "peak_activation_microbatches": list(result.peak_activation_microbatches),
+                    "peak_activation_bytes": list(result.peak_activation_bytes or ()),
+                    "bottleneck": plan.bottleneck,
+                    "png": args.png,
+                }
+            )
+        )
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)")
+    for column in ("rank", "busy", "idle", "stages", "peak activations (micro-batches)", "peak activation memory"):
+        table.add_column(column, justify="right")
+    stages_of: dict[int, list[int]] = {}
+    for stage in plan.stages:
+        stages_of.setdefault(stage.index % plan.num_ranks, []).append(stage.index)
+    for rank, busy in enumerate(result.busy_time):
+        mine = stages_of.get(rank, [])
+        table.add_row(
+            str(rank),
+            _human_time(busy),
+            f"{1 - busy / result.step_time:.1%}" if result.step_time else "–",
+            ", ".join(map(str, mine)),
+            ", ".join(str(result.peak_activation_microbatches[s]) for s in mine),
+            ", ".join(_human_bytes((result.peak_activation_bytes or [0] * plan.num_stages)[s]) for s in mine),
+        )
+    table.caption = f"step {_human_time(result.step_time)} · bubble {result.bubble_fraction:.1%}" + (
+        f" · Gantt chart written to {args.png}" if args.png else ""
+    )
+    _console().print(table)
+    return 0
+
+
+def _make_plan(args: argparse.Namespace) -> Plan:
+    from partition.planner import plan_model
+    from partition.registry import resolve
+
+    devices = _devices(args)
+    spec = resolve(args.model, size=args.size, batch=args.batch, seq=args.seq)
+    with _progress(not args.json) as progress:
+        progress(f"building {args.model} on meta")
+        with torch.device("meta"):
+            model, inputs, kwargs, _, _ = spec.build()
+        return plan_model(
+            model,
+            inputs,
+            kwargs,
+            devices=devices,
+            schedule=args.schedule,
+            microbatches=args.microbatches,
+            virtual=args.virtual,
+            memory=MemoryModel(optimizer=args.optimizer, master_weights=args.master_weights),
+            algorithm=args.algorithm,
+            method=args.trace,
+            leaf_modules=args.leaf,
+            progress=progress,
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipepart",
@@ -225,9 +352,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(plan)
     _add_plan_arguments(plan)
-    plan.add_argument("--algorithm", default="optimal", choices=("optimal", "uniform", "params", "time"), help="partitioner (default optimal)")
+    plan.add_argument(
+        "--algorithm",
+        default="optimal",
+        choices=("optimal", "uniform", "params", "time"),
+        help="partitioner (default optimal)",
+    )
     plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
-    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    plan.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
     plan.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     plan.set_defaults(func=_cmd_plan)
 
@@ -239,9 +373,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("plan", help="a plan JSON file written by `pipepart plan --out`")
     show.add_argument("--device-spec", default=None, help="price the same split on these devices")
-    show.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    show.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
     show.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     show.set_defaults(func=_cmd_show)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="predict step time, bubble and memory of a plan's schedule; draw its Gantt chart",
+        epilog=_EPILOG_SIMULATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(simulate)
+    _add_plan_arguments(simulate, defaults=False)
+    simulate.add_argument("--png", default=None, help="write the Gantt chart to this PNG")
+    simulate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    simulate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    simulate.set_defaults(func=_cmd_simulate)
     return parser
 
 

@@ -71,8 +71,27 @@ def test_errors_are_one_line_and_non_zero(capsys: pytest.CaptureFixture[str], ar
 
 
 def test_every_subcommand_has_help_with_an_example() -> None:
-    for command in ("plan", "show"):
+    for command in ("plan", "show", "simulate"):
         out = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True
         ).stdout
         assert "examples:" in out and f"pipepart {command}" in out
+
+
+def test_simulate_a_saved_plan_and_draw_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    plan = tmp_path / "p.json"
+    assert main(["plan", "gpt", "--devices", "4", "--microbatches", "8", "--out", str(plan), "--json"]) == 0
+    capsys.readouterr()
+    png = tmp_path / "gantt.png"
+    same = _json(capsys, ["simulate", str(plan), "--png", str(png), "--json"])
+    assert same["microbatches"] == 8 and same["schedule"] == "1f1b"
+    assert same["step_time"] == pytest.approx(json.loads(plan.read_text())["predicted"]["step_time"])
+    assert png.stat().st_size > 10_000
+    gpipe = _json(capsys, ["simulate", str(plan), "--schedule", "gpipe", "--json"])
+    assert gpipe["peak_activation_microbatches"] == [8, 8, 8, 8]
+    assert same["peak_activation_microbatches"] == [4, 3, 2, 1]
+
+
+def test_simulate_a_model_directly(capsys: pytest.CaptureFixture[str]) -> None:
+    data = _json(capsys, ["simulate", "gpt", "--devices", "2", "--schedule", "interleaved", "--virtual", "2", "--json"])
+    assert data["ranks"] == 2 and len(data["peak_activation_microbatches"]) == 4
