@@ -22,8 +22,12 @@ than ``min(p - s, m)`` micro-batches of activations, where GPipe holds all ``m``
 from __future__ import annotations
 
 import enum
+import functools
+import gc
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from partition.errors import PlanError
 
@@ -180,6 +184,30 @@ class Schedule:
 
 # --- builders --------------------------------------------------------------------------------
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _bulk(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with the cyclic garbage collector paused, then restore its previous state.
+
+    [Note: building large schedules] A builder allocates one ``Action`` per step: 8.4 M of them
+    for 1,024 stages × 4,096 micro-batches. None of them can form a cycle, yet CPython's
+    collector keeps re-scanning the growing heap: building took ~40 % longer with it on.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return wrapper
+
 
 def _check_sizes(name: str, num_ranks: int, m: int) -> None:
     if num_ranks < 1 or m < 1:
@@ -189,6 +217,7 @@ def _check_sizes(name: str, num_ranks: int, m: int) -> None:
         )
 
 
+@_bulk
 def gpipe(num_ranks: int, m: int) -> Schedule:
     """GPipe: every rank runs all forwards, then all backwards. Holds all ``m`` micro-batches."""
     _check_sizes("gpipe", num_ranks, m)
@@ -199,6 +228,7 @@ def gpipe(num_ranks: int, m: int) -> Schedule:
     return Schedule("gpipe", num_ranks, num_ranks, m, tuple(map(tuple, rows)))
 
 
+@_bulk
 def one_f_one_b(num_ranks: int, m: int) -> Schedule:
     """1F1B (PipeDream-flush); see [Note: 1F1B memory]. Any ``m >= 1`` (``m < p`` is all bubble)."""
     _check_sizes("1f1b", num_ranks, m)
@@ -213,6 +243,7 @@ def one_f_one_b(num_ranks: int, m: int) -> Schedule:
     return Schedule("1f1b", num_ranks, num_ranks, m, tuple(rows))
 
 
+@_bulk
 def interleaved_1f1b(num_ranks: int, m: int, virtual: int) -> Schedule:
     """Megatron's interleaved 1F1B: ``virtual`` stages per rank, stage s on rank ``s % p``.
 
@@ -258,6 +289,7 @@ def interleaved_1f1b(num_ranks: int, m: int, virtual: int) -> Schedule:
     return Schedule("interleaved", p, p * v, m, tuple(rows))
 
 
+@_bulk
 def zero_bubble_h1(num_ranks: int, m: int) -> Schedule:
     """ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): B split into I and W.
 
@@ -310,6 +342,7 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual: in
 # --- communication ---------------------------------------------------------------------------
 
 
+@_bulk
 def with_communication(schedule: Schedule) -> Schedule:
     """Insert sends and receives where a stage's neighbour lives on another rank.
 

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from partition.errors import PlanError
-from pipeline.schedules import Action, Kind, Schedule
+from pipeline.schedules import Action, Kind, Schedule, _bulk
 
 __all__ = ["SimResult", "TimelineEvent", "simulate"]
 
@@ -280,6 +280,7 @@ def _peak(stage: Ints, kind: Ints, S: int) -> Ints:
     return peak
 
 
+@_bulk
 def _timeline(trace: _Trace) -> list[TimelineEvent]:
     sched = trace.schedule
     start, end = trace.start.tolist(), trace.end.tolist()
