@@ -21,12 +21,12 @@ than ``min(p - s, m)`` micro-batches of activations, where GPipe holds all ``m``
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import gc
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from partition.errors import PlanError
@@ -63,11 +63,11 @@ class Kind(str, enum.Enum):
     RECV_B = "RB"  # stage s receives its output-gradient from stage s + 1
 
 
-COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})
+_COMPUTE = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})
 _ACTION_RE = re.compile(r"(\d+)(SF|RF|SB|RB|F|B|I|W)(\d+)")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Action:
     """One step of one rank: ``stage`` runs ``kind`` on ``microbatch``; prints as ``1F0``."""
 
@@ -95,7 +95,7 @@ class Action:
         return cls(int(match[1]), Kind(match[2]), int(match[3]))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Schedule:
     """What every rank runs, in order: ``actions[rank]`` is that rank's list.
 
@@ -156,30 +156,28 @@ class Schedule:
         )
 
     def table(self, *, mark: tuple[int, int] | None = None, steps: range | None = None) -> str:
-        """A step × rank ASCII table (rows: position in each rank's list; columns: ranks).
+        """A step × rank ASCII table: row k holds each rank's k-th action.
 
         Args:
             mark: ``(rank, step)`` of a cell to flag with ``>``.
             steps: the rows to show (default all).
         """
-        depth = max((len(row) for row in self.actions), default=0)
-        rows = steps if steps is not None else range(depth)
-        cells = [
+        depth = max(map(len, self.actions), default=0)
+        shown = [k for k in (steps if steps is not None else range(depth)) if 0 <= k < depth]
+        grid = [[f"rank {r}" for r in range(self.num_ranks)]] + [
             [
-                (">" if mark == (r, k) else " ") + (str(row[k]) if k < len(row) else "")
+                (">" if mark == (r, k) else " ") + str(row[k] if k < len(row) else "")
                 for r, row in enumerate(self.actions)
             ]
-            for k in rows
-            if 0 <= k < depth
+            for k in shown
         ]
-        heads = [f" rank {r}" for r in range(self.num_ranks)]
-        widths = [max([len(h)] + [len(c[r]) for c in cells]) for r, h in enumerate(heads)]
-        line = "step |" + "|".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))
-        out = [line, "-" * len(line)]
-        for k, row_cells in zip((k for k in rows if 0 <= k < depth), cells, strict=True):
-            body = "|".join(c.ljust(w) for c, w in zip(row_cells, widths, strict=True))
-            out.append(f"{k:>4} |{body}")
-        return "\n".join(line.rstrip() for line in out)
+        widths = [max(len(line[r]) for line in grid) for r in range(self.num_ranks)]
+        lines = [
+            f"{label:>4} | " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+            for label, line in zip(["step", *shown], grid, strict=True)
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(line.rstrip() for line in lines)
 
 
 # --- builders --------------------------------------------------------------------------------
@@ -189,11 +187,11 @@ _R = TypeVar("_R")
 
 
 def _bulk(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``fn`` with the cyclic garbage collector paused, then restore its previous state.
+    """Run ``fn`` with the cyclic garbage collector paused; see [Note: building large schedules].
 
-    [Note: building large schedules] A builder allocates one ``Action`` per step: 8.4 M of them
-    for 1,024 stages × 4,096 micro-batches. None of them can form a cycle, yet CPython's
-    collector keeps re-scanning the growing heap: building took ~40 % longer with it on.
+    [Note: building large schedules] 1,024 stages × 4,096 micro-batches are 8.4 M ``Action``
+    objects, none in a cycle; CPython's collector re-scanning the growing heap made building
+    ~40 % slower. The collector's previous state is restored on exit.
     """
 
     @functools.wraps(fn)
@@ -350,37 +348,22 @@ def with_communication(schedule: Schedule) -> Schedule:
     produced it. Sends are asynchronous; receives block until the matching send is issued.
     A schedule that already has communication actions is returned unchanged.
     """
-    flat = (a for row in schedule.actions for a in row)
-    if any(a.kind not in COMPUTE_KINDS for a in flat):
+    if any(a.kind not in _COMPUTE for row in schedule.actions for a in row):
         return schedule
-    last, rank_of = schedule.num_stages - 1, schedule.stage_to_rank
-    rows = []
+    rank_of, rows = schedule.stage_to_rank, []
     for r, row in enumerate(schedule.actions):
         out: list[Action] = []
         for a in row:
-            s, i = a.stage, a.microbatch
-            if a.kind is Kind.F:
-                if s > 0 and rank_of(s - 1) != r:
-                    out.append(Action(s, Kind.RECV_F, i))
-                out.append(a)
-                if s < last and rank_of(s + 1) != r:
-                    out.append(Action(s, Kind.SEND_F, i))
-            elif a.kind in (Kind.B, Kind.I):
-                if s < last and rank_of(s + 1) != r:
-                    out.append(Action(s, Kind.RECV_B, i))
-                out.append(a)
-                if s > 0 and rank_of(s - 1) != r:
-                    out.append(Action(s, Kind.SEND_B, i))
-            else:
-                out.append(a)
+            fwd, s, i = a.kind is Kind.F, a.stage, a.microbatch
+            src, dst = (s - 1, s + 1) if fwd else (s + 1, s - 1)  # input from, output to
+            talks = a.kind is not Kind.W
+            if talks and 0 <= src < schedule.num_stages and rank_of(src) != r:
+                out.append(Action(s, Kind.RECV_F if fwd else Kind.RECV_B, i))
+            out.append(a)
+            if talks and 0 <= dst < schedule.num_stages and rank_of(dst) != r:
+                out.append(Action(s, Kind.SEND_F if fwd else Kind.SEND_B, i))
         rows.append(tuple(out))
-    return Schedule(
-        schedule.name,
-        schedule.num_ranks,
-        schedule.num_stages,
-        schedule.num_microbatches,
-        tuple(rows),
-    )
+    return dataclasses.replace(schedule, actions=tuple(rows))
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -388,116 +371,104 @@ def with_communication(schedule: Schedule) -> Schedule:
 
 def _fail(schedule: Schedule, rank: int, step: int, message: str) -> PlanError:
     action = schedule.actions[rank][step]
-    window = schedule.table(mark=(rank, step), steps=range(max(0, step - 4), step + 5))
+    window = schedule.table(mark=(rank, step), steps=range(step - 4, step + 5))
     return PlanError(f"[rank {rank} · step {step} · {action}] {message}\n{window}")
 
 
-def _needs(
-    a: Action, schedule: Schedule, rank: int, comm: bool
-) -> list[tuple[str, int, int, bool]]:
-    """What ``a`` waits for: ``(key kind, stage, micro-batch, same_rank)`` tuples."""
-    s, i, last, rank_of = a.stage, a.microbatch, schedule.num_stages - 1, schedule.stage_to_rank
-    if a.kind is Kind.F:
-        if s == 0:
-            return []
-        if rank_of(s - 1) == rank:
-            return [("F", s - 1, i, True)]
-        return [("RF", s, i, True)] if comm else [("F", s - 1, i, False)]
-    if a.kind in (Kind.B, Kind.I):
-        needs = [("F", s, i, True)]
-        if s < last and rank_of(s + 1) == rank:
-            needs.append(("B", s + 1, i, True))
-        elif s < last:
-            needs.append(("RB", s, i, True) if comm else ("B", s + 1, i, False))
-        return needs
-    return {
-        Kind.W: [("B", s, i, True)],
-        Kind.SEND_F: [("F", s, i, True)],
-        Kind.SEND_B: [("B", s, i, True)],
-        Kind.RECV_F: [("SF", s - 1, i, False)],
-        Kind.RECV_B: [("SB", s + 1, i, False)],
-    }[a.kind]
+_Key = tuple[str, int, int]  # (code, stage, micro-batch); I is filed under "B"
+_PEER = {Kind.SEND_F: 1, Kind.RECV_B: 1, Kind.RECV_F: -1, Kind.SEND_B: -1}
+_MATCH = {Kind.SEND_F: "RF", Kind.RECV_F: "SF", Kind.SEND_B: "RB", Kind.RECV_B: "SB"}
 
 
-def _key(a: Action) -> tuple[str, int, int]:
+def _key(a: Action) -> _Key:
     return ("B" if a.kind is Kind.I else a.kind.value, a.stage, a.microbatch)
 
 
+def _needs(a: Action, schedule: Schedule, rank: int, comm: bool) -> list[tuple[_Key, bool]]:
+    """What ``a`` waits for, each with whether it must come earlier on the same rank."""
+    s, i, kind = a.stage, a.microbatch, a.kind
+    if kind in (Kind.SEND_F, Kind.SEND_B):
+        return [(("F" if kind is Kind.SEND_F else "B", s, i), True)]
+    if kind in _PEER:
+        return [((_MATCH[kind], s + _PEER[kind], i), False)]
+    if kind is Kind.W:
+        return [(("B", s, i), True)]
+    code, src = ("F", s - 1) if kind is Kind.F else ("B", s + 1)
+    needs = [] if kind is Kind.F else [(("F", s, i), True)]
+    if 0 <= src < schedule.num_stages:
+        if schedule.stage_to_rank(src) == rank:
+            needs.append(((code, src, i), True))
+        else:  # from another rank: through this rank's receive, or straight from the producer
+            needs.append((("R" + code, s, i), True) if comm else ((code, src, i), False))
+    return needs
+
+
 def _check_structure(schedule: Schedule) -> bool:
-    """Placement, one F and one B (or I then W) per (stage, mb), sends matched with receives."""
+    """Placement, one F and one B (or I and W) per (stage, mb), sends matched by receives."""
     S, m, p, rank_of = (
         schedule.num_stages,
         schedule.num_microbatches,
         schedule.num_ranks,
         schedule.stage_to_rank,
     )
-    seen: dict[tuple[str, int, int], tuple[int, int]] = {}
+    seen: dict[_Key, tuple[int, int]] = {}
     for r, row in enumerate(schedule.actions):
         for k, a in enumerate(row):
-            if not (0 <= a.stage < S and 0 <= a.microbatch < m):
+            s, peer = a.stage, a.stage + _PEER.get(a.kind, 0)
+            if not (0 <= s < S and 0 <= a.microbatch < m):
                 raise _fail(
-                    schedule, r, k, f"stage must be in 0..{S - 1} and micro-batch in 0..{m - 1}"
+                    schedule, r, k, f"stage must be in 0..{S - 1}, micro-batch in 0..{m - 1}"
                 )
-            if rank_of(a.stage) != r:
+            if rank_of(s) != r:
                 raise _fail(
-                    schedule,
-                    r,
-                    k,
-                    f"stage {a.stage} lives on rank {rank_of(a.stage)} (stage s is on rank s % {p}), "
-                    f"not rank {r}; move the action there",
+                    schedule, r, k, f"stage {s} lives on rank {s % p} (s % {p}); move it there"
                 )
-            peer = a.stage + (1 if a.kind in (Kind.SEND_F, Kind.RECV_B) else -1)
-            if a.kind not in COMPUTE_KINDS and not (0 <= peer < S and rank_of(peer) != r):
+            if a.kind in _PEER and not (0 <= peer < S and rank_of(peer) != r):
                 raise _fail(schedule, r, k, f"there is no stage {peer} on another rank to talk to")
-            key = (a.kind.value, a.stage, a.microbatch)
-            if key in seen or (a.kind in (Kind.B, Kind.I) and _key(a) in seen):
-                r0, k0 = seen.get(key, seen.get(_key(a), (r, k)))
-                raise _fail(schedule, r, k, f"duplicate: already at rank {r0} step {k0}")
-            seen[key] = seen[_key(a)] = (r, k)
+            for key in {(a.kind.value, s, a.microbatch), _key(a)}:
+                if key in seen:
+                    raise _fail(schedule, r, k, "duplicate of rank {} step {}".format(*seen[key]))
+                seen[key] = (r, k)
     for s in range(S):
         for i in range(m):
-            where = f"stage {s} micro-batch {i} (rank {rank_of(s)})"
-            for code in ("F", "B"):
+            for code, what in (("F", "forward"), ("B", "backward")):
                 if (code, s, i) not in seen:
                     raise PlanError(
-                        f"{where} has no {'forward' if code == 'F' else 'backward'}; "
-                        f"add {s}{code}{i}\n{schedule.table()}"
+                        f"stage {s} micro-batch {i} has no {what}; add {s}{code}{i} on rank {rank_of(s)}"
                     )
-            split = ("I", s, i) in seen
-            if split != (("W", s, i) in seen):
-                have, lack = ("I", "W") if split else ("W", "I")
-                r, k = seen[(have, s, i)]
+            if (("I", s, i) in seen) != (("W", s, i) in seen):
+                have, lack = ("I", "W") if ("I", s, i) in seen else ("W", "I")
                 raise _fail(
-                    schedule, r, k, f"{where} has {have} but no {lack}; I and W go in pairs"
+                    schedule, *seen[(have, s, i)], f"no {s}{lack}{i} to pair with it; add one"
                 )
-    has_comm = False
-    for (code, s, i), (r, k) in seen.items():
-        match = {"SF": ("RF", s + 1), "RF": ("SF", s - 1), "SB": ("RB", s - 1), "RB": ("SB", s + 1)}
-        if code in match:
-            has_comm = True
-            other, peer = match[code]
-            if (other, peer, i) not in seen:
-                raise _fail(schedule, r, k, f"no matching {peer}{other}{i} on rank {rank_of(peer)}")
-    return has_comm
+    comm = [
+        (Kind(c), s, i, where) for (c, s, i), where in seen.items() if c in ("SF", "RF", "SB", "RB")
+    ]
+    for kind, s, i, (r, k) in comm:
+        peer = s + _PEER[kind]
+        if (_MATCH[kind], peer, i) not in seen:
+            raise _fail(
+                schedule, r, k, f"no matching {peer}{_MATCH[kind]}{i} on rank {rank_of(peer)}"
+            )
+    return bool(comm)
 
 
 def validate(schedule: Schedule) -> None:
-    """Check a schedule statically; return None or raise pointing at the offending rank and step.
+    """Check a schedule statically; raise pointing at the offending rank and step.
 
     Checks: every action on the rank holding its stage; one F and one B (or one I and one W)
     per (stage, micro-batch); every send matched by one receive (peer, micro-batch, direction);
     and a static execution (sends never block, receives block until their send has run, each
-    rank advances while it can) that respects every dependency and finishes without deadlock.
-    A schedule without communication actions is executed as :func:`with_communication` would
-    make it.
+    rank advances while it can) that respects every dependency and ends without deadlock. A
+    schedule without communication actions runs as :func:`with_communication` would make it.
 
     Raises:
-        PlanError: naming the rank, step and action, with the surrounding rows of :meth:`Schedule.table`.
+        PlanError: naming rank, step and action, above the nearby rows of :meth:`Schedule.table`.
     """
     comm = _check_structure(schedule)
-    done: set[tuple[str, int, int]] = set()
-    waiting: dict[tuple[str, int, int], list[int]] = {}
-    blocked_on: dict[int, tuple[str, int, int]] = {}
+    done: set[_Key] = set()
+    waiting: dict[_Key, list[int]] = {}  # key -> ranks blocked until it is done
+    blocked: dict[int, _Key] = {}
     ptr = [0] * schedule.num_ranks
     ready = list(range(schedule.num_ranks))[::-1]
     while ready:
@@ -505,36 +476,32 @@ def validate(schedule: Schedule) -> None:
         row = schedule.actions[r]
         while ptr[r] < len(row):
             a = row[ptr[r]]
-            missing = None
-            for code, s, i, same in _needs(a, schedule, r, comm):
+            for (code, s, i), same_rank in _needs(a, schedule, r, comm):
                 if (code, s, i) in done:
                     continue
-                if same:
+                if same_rank:
                     raise _fail(
                         schedule,
                         r,
                         ptr[r],
-                        f"needs {s}{code}{i} before it on rank {r}, and it is not there; "
-                        f"add it or move it before step {ptr[r]}",
+                        f"needs {s}{code}{i} before it on rank {r}; add or move it",
                     )
-                missing = (code, s, i)
+                blocked[r] = (code, s, i)
+                waiting.setdefault(blocked[r], []).append(r)
                 break
-            if missing is not None:
-                waiting.setdefault(missing, []).append(r)
-                blocked_on[r] = missing
-                break
-            key = _key(a)
-            done.add(key)
-            ready.extend(waiting.pop(key, []))
-            blocked_on.pop(r, None)
-            ptr[r] += 1
+            else:
+                done.add(_key(a))
+                ready.extend(waiting.pop(_key(a), []))
+                ptr[r] += 1
+                continue
+            break
     stuck = [r for r in range(schedule.num_ranks) if ptr[r] < len(schedule.actions[r])]
     if stuck:
         why = "; ".join(
             f"rank {r} step {ptr[r]} ({schedule.actions[r][ptr[r]]}) waits for "
             f"{s}{code}{i} on rank {schedule.stage_to_rank(s)}"
             for r in stuck
-            for code, s, i in [blocked_on[r]]
+            for code, s, i in [blocked[r]]
         )
         raise _fail(schedule, stuck[0], ptr[stuck[0]], f"deadlock, no rank can advance: {why}")
 
