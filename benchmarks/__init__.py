@@ -1,0 +1,1 @@
+"""Benchmarks: each answers one question with a command, a table and a JSON result."""

@@ -1,0 +1,270 @@
+"""How fast is the exact partitioner? Solve synthetic transformer graphs of 1k-100k nodes, timed.
+
+Question: does ``solve(..., algorithm="optimal")`` split 10,000 nodes into 64 stages in under
+0.5 s, 100,000 into 64 in under 2 s (goal 1 s), and a 96-block GPT (~2,000 nodes) into 8 in
+under 0.2 s, growing near-linearly in the node count? And how long do the baselines take, and
+how far from the lower bound are their splits?
+
+Run:  python -m benchmarks.partition_speed [--quick] [--repeats N] [--out PATH]
+
+Graphs repeat a pre-norm transformer block (layer norm, QKV, attention, projection, residual,
+layer norm, MLP up, GELU, MLP down, residual, plus the views and dropouts an FX graph holds) with
+analytic FLOPs, bf16 weights, the activations autograd saves and the live bytes across every
+cut, each jittered by up to 10 %. Devices are H100-like, with memory sized so the model fits
+with about 40 % headroom under 1F1B. Each case is the median of ``--repeats`` solves (the
+largest fewer); numbers are wall-clock seconds on the machine that runs it, so compare rows of
+one run. ``--quick`` skips the 100k-node rows and runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from partition.devices import Device
+from partition.graph import LinearGraph
+from partition.memory import MemoryModel
+from partition.solve import ALGORITHMS, Solution, solve
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {(10_000, 64): 0.5, (100_000, 64): 2.0, ("gpt96", 8): 0.2}
+SIZES = (1_000, 10_000, 100_000)
+STAGES = (2, 8, 64)
+BASELINE_LIMIT = {"time": 10_000}
+"""Largest graph each baseline is timed on (torchgpipe's heuristic moves one node at a time)."""
+
+# One block: (name, kind, params / H^2, saved / (tokens H), out / (tokens H))
+_BLOCK: tuple[tuple[str, str, float, float, float], ...] = (
+    ("ln1", "norm", 0.0, 1.0, 1.0),
+    ("qkv", "linear", 3.0, 1.0, 3.0),
+    ("split", "view", 0.0, 0.0, 3.0),
+    ("q_view", "view", 0.0, 0.0, 3.0),
+    ("attn", "attention", 0.0, 4.0, 1.0),
+    ("merge", "view", 0.0, 0.0, 1.0),
+    ("proj", "linear", 1.0, 1.0, 1.0),
+    ("drop1", "dropout", 0.0, 0.5, 1.0),
+    ("add1", "add", 0.0, 0.0, 1.0),
+    ("ln2", "norm", 0.0, 1.0, 1.0),
+    ("fc1", "linear", 4.0, 1.0, 4.0),
+    ("gelu", "act", 0.0, 4.0, 4.0),
+    ("fc2", "linear", 4.0, 4.0, 1.0),
+    ("drop2", "dropout", 0.0, 0.5, 1.0),
+    ("add2", "add", 0.0, 0.0, 1.0),
+)
+
+
+def transformer(
+    nodes: int,
+    *,
+    hidden: int = 4096,
+    tokens: int = 4096,
+    seq: int = 2048,
+    vocab: int = 50_304,
+    jitter: float = 0.1,
+    seed: int = 0,
+) -> LinearGraph:
+    """A GPT-like `LinearGraph` of about ``nodes`` nodes (whole blocks, plus embedding and head).
+
+    FLOPs count forward + backward (3x the forward's 2 per multiply-add); bf16 (2-byte) tensors.
+    """
+    rng = np.random.default_rng(seed)
+    blocks = max(1, (nodes - 4) // len(_BLOCK))
+    h2, th = (
+        float(hidden) ** 2,
+        float(tokens) * hidden * 2.0,
+    )  # H^2; bytes of one (tokens, H) tensor
+    names: list[str] = ["embed", "pos"]
+    compute = [3.0 * tokens * hidden, 3.0 * tokens * hidden]
+    params = [2.0 * vocab * hidden, 2.0 * seq * hidden]
+    saved = [0.0, 0.0]
+    out = [th, th]
+    # attention: QK^T and AV, 2 * 2 * tokens * seq * H forward each way
+    attn_flops = 3.0 * 4.0 * tokens * seq * hidden
+    for b in range(blocks):
+        for name, kind, pr, sv, ob in _BLOCK:
+            names.append(f"h.{b}.{name}")
+            flops = 6.0 * tokens * h2 * pr  # 2 per multiply-add, x3 for the backward
+            if kind == "attention":
+                flops = attn_flops
+            elif kind in ("norm", "act", "dropout", "add"):
+                flops = 3.0 * 8.0 * tokens * hidden * max(ob, 1.0)
+            compute.append(flops)
+            params.append(2.0 * h2 * pr + (4.0 * hidden if kind == "norm" else 0.0))
+            saved.append(th * sv)
+            out.append(th * ob)
+    names += ["ln_f", "head"]
+    compute += [3.0 * 8.0 * tokens * hidden, 3.0 * 2.0 * tokens * hidden * vocab]
+    params += [4.0 * hidden, 0.0]  # the head is tied to the embedding
+    saved += [th, th]
+    out += [th, 2.0 * tokens * vocab]
+    n = len(names)
+    c = np.asarray(compute) * (1.0 + jitter * rng.uniform(-1, 1, n))
+    s = np.asarray(saved) * (1.0 + jitter * rng.uniform(0, 1, n))
+    o = np.asarray(out)
+    # A cut after node i carries the residual stream (one tensor) plus node i's own output when
+    # it feeds the next node inside a branch; block outputs (add2) carry just the residual.
+    cuts = np.empty(n - 1)
+    for i in range(n - 1):
+        last = names[i].rsplit(".", 1)[-1]
+        cuts[i] = th if last in ("add1", "add2", "embed", "pos") else th + o[i]
+    cuts *= 1.0 + 0.5 * jitter * rng.uniform(0, 1, n - 1)
+    return LinearGraph.from_arrays(
+        c, np.asarray(params), s, np.round(cuts), forward=c / 3.0, names=tuple(names)
+    )
+
+
+def devices_for(
+    graph: LinearGraph, k: int, microbatches: int = 8, headroom: float = 1.4
+) -> list[Device]:
+    """``k`` H100-like devices whose memory fits ``graph`` with ``headroom`` under 1F1B."""
+    kappa = MemoryModel().bytes_per_param_byte(2.0)
+    inflight = min(k, microbatches)
+    need = kappa * float(graph.param_bytes.sum()) + inflight * float(graph.saved_bytes.sum())
+    memory = int(headroom * need / k + 4 * float(graph.cut_bytes.max()))
+    memory = max(
+        memory, int(2 * (kappa * graph.param_bytes.max() + inflight * graph.saved_bytes.max()))
+    )
+    return [
+        Device(name=f"h100:{i}", memory=memory, flops=400e12, bandwidth=50e9, latency=10e-6)
+        for i in range(k)
+    ]
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _case(label: str | int, graph: LinearGraph, k: int, repeats: int) -> dict[str, Any]:
+    devices = devices_for(graph, k)
+    row: dict[str, Any] = {"graph": label, "nodes": len(graph), "stages": k}
+    for algorithm in ALGORITHMS:
+        limit = BASELINE_LIMIT.get(algorithm)
+        if limit is not None and len(graph) > limit:
+            row[algorithm] = None
+            continue
+        reps = repeats if algorithm == "optimal" else 1
+        seconds, sol = _timed(lambda a=algorithm: solve(graph, devices, algorithm=a), reps)  # type: ignore[misc]
+        assert isinstance(sol, Solution)
+        ev = sol.evaluation
+        row[algorithm] = {
+            "seconds": round(seconds, 4),
+            "balance_ratio": round(ev.balance_ratio, 5),
+            "fits": ev.fits,
+        }
+    target = TARGETS.get((label, k))
+    row["target_s"] = target
+    return row
+
+
+def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    gpt = transformer(96 * len(_BLOCK) + 4, hidden=12288, tokens=2048, seq=2048)
+    rows.append(_case("gpt96", gpt, 8, repeats))
+    for n in SIZES:
+        if quick and n > 10_000:
+            continue
+        graph = transformer(n, hidden=2048, tokens=4096)
+        for k in STAGES:
+            rows.append(_case(n, graph, k, repeats if n < 100_000 else max(1, repeats // 2)))
+    return rows
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'graph':>7} {'nodes':>7} {'k':>3} | {'optimal s':>9} {'ratio':>7} | "
+    head += " | ".join(f"{a + ' s':>8} {'ratio':>7}" for a in ALGORITHMS[1:])
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        opt = r["optimal"]
+        mark = (
+            "" if r["target_s"] is None else (" ok" if opt["seconds"] < r["target_s"] else " SLOW")
+        )
+        cells = [
+            f"{r['graph']!s:>7} {r['nodes']:>7} {r['stages']:>3} | {opt['seconds']:>9.4f} {opt['balance_ratio']:>7.4f} | "
+        ]
+        parts = []
+        for a in ALGORITHMS[1:]:
+            x = r[a]
+            if x is None:
+                parts.append(f"{'-':>8} {'-':>7}")
+            else:
+                fit = "" if x["fits"] else "*"
+                parts.append(f"{x['seconds']:>8.4f} {x['balance_ratio']:>6.3f}{fit or ' '}")
+        lines.append(cells[0] + " | ".join(parts) + mark)
+    lines.append("ratio = bottleneck / perfect balance; * = does not fit memory; - = not timed")
+    return "\n".join(lines)
+
+
+def _plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in STAGES:
+        pts = sorted(
+            (r["nodes"], r["optimal"]["seconds"])
+            for r in rows
+            if r["stages"] == k and r["graph"] != "gpt96"
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"optimal, {k} stages")
+    for a in ALGORITHMS[1:]:
+        pts = sorted(
+            (r["nodes"], r[a]["seconds"]) for r in rows if r["stages"] == 64 and r[a] is not None
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), linestyle="--", marker=".", label=f"{a}, 64 stages")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("partitioner time vs graph size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="skip 100k nodes (well under a minute)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="solves per case (median)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
+    args = parser.parse_args(argv)
+    rows = run(args.quick, max(1, args.repeats))
+    print(_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "machine": platform.platform(),
+    }
+    data = {"meta": meta, "quick": args.quick, "rows": rows}
+    (args.out / "partition_speed.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot(rows, args.out / "partition_speed.png")
+    print(f"wrote {args.out / 'partition_speed.json'} and {args.out / 'partition_speed.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""The partitioning objective: a problem, the time and memory of a stage, and a split's evaluation.
+
+[Note: objective]
+A *split* of ``n`` nodes into ``k`` stages is a tuple of bounds ``0 = b_0 < b_1 < ... < b_k = n``;
+stage ``s`` holds nodes ``[b_s, b_{s+1})`` and runs on ``stage_device(s)``. With prefix sums ``P``
+of ``compute``, ``W`` of ``param_bytes``, ``A`` of ``saved_bytes`` and ``c = cut_bytes``::
+
+    T_s(i, j) = (P_j - P_i) / flops_s  +  comm(c_i, device of stage s-1)  +  comm(c_j, device of s)
+    comm(c, d) = 0 if c == 0 else 2 * (d.latency + c / d.bandwidth)
+    M_s(i, j) = kappa * (W_j - W_i)  +  inflight_s * (A_j - A_i)  +  c_i + c_j      <=  cap_s
+
+Times are seconds per micro-batch; the activation crosses a link forward and its gradient comes
+back over the same link, hence the 2. The first stage has no link in and the last none out (cut 0
+comes from the data loader, cut ``n`` goes to the loss), but ``c_0`` and ``c_n`` still count as
+buffers if the graph gives them (`LinearGraph` makes them 0). ``kappa`` is
+`MemoryModel.bytes_per_param_byte` and ``inflight_s`` is `inflight_microbatches`; see
+[Note: stage memory] in `partition.memory`.
+
+The objective, in this order (lexicographic):
+
+1. the bottleneck ``max_s T_s`` over splits whose every stage fits its cap, smallest first;
+2. then the communication ``sum of c_{b_s}`` over the interior cuts ``0 < s < k``, least first;
+3. then the peak memory ``max_s M_s / cap_s``, least first.
+
+``perfect_balance = sum(compute) / sum over stages of flops_s`` is a lower bound of (1).
+
+Interleaved schedules: with ``v`` virtual stages per device and ``p`` devices there are ``p * v``
+stages; stage ``s`` runs on device ``s % p`` with cap ``device.memory / v``. The rule is
+conservative: a device's ``v`` chunks each fit their share, so together they fit the device, but
+a split where one chunk borrows another's headroom is not considered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
+
+from partition.devices import Device
+from partition.errors import PlanError
+from partition.graph import LinearGraph
+from partition.memory import MemoryModel, canonical_schedule, inflight_microbatches
+
+__all__ = ["Bounds", "Costs", "Evaluation", "Problem", "evaluate"]
+
+Bounds = tuple[int, ...]
+"""A split: ``num_stages + 1`` node indices, ``0 = b_0 < b_1 < ... < b_k = n``."""
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+Index = IntArray | np.int64 | int
+"""Cut positions: one or an array of them."""
+DEFAULT_MEMORY = MemoryModel()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """What to split, over which devices, under which schedule. See [Note: objective]."""
+
+    graph: LinearGraph
+    """The nodes in order with their costs."""
+    devices: tuple[Device, ...]
+    """One per pipeline rank, in pipeline order; stage ``s`` runs on ``devices[s % len(devices)]``."""
+    schedule: str
+    """``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1`` (aliases accepted, stored canonical)."""
+    microbatches: int
+    """Micro-batches per step; sets how many each stage keeps in flight."""
+    virtual: int = 1
+    """Virtual stages per device (``interleaved`` only)."""
+    memory: MemoryModel = DEFAULT_MEMORY
+    """What training keeps per parameter byte."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.graph, LinearGraph):
+            raise PlanError(f"graph must be a LinearGraph, got {type(self.graph).__name__}")
+        devices = tuple(self.devices)
+        if not devices:
+            raise PlanError("no devices given: a pipeline needs at least one device")
+        for d in devices:
+            if not isinstance(d, Device):
+                raise PlanError(f"devices must be Device objects, got {type(d).__name__}")
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int):
+            raise PlanError(f"micro-batches must be an integer, got {self.microbatches!r}")
+        if self.microbatches < 1:
+            raise PlanError(f"micro-batches must be at least 1, got {self.microbatches}")
+        if isinstance(self.virtual, bool) or not isinstance(self.virtual, int) or self.virtual < 1:
+            raise PlanError(
+                f"virtual stages per device must be a positive integer, got {self.virtual!r}"
+            )
+        if self.virtual > 1 and self.schedule != "interleaved":
+            raise PlanError(
+                f"virtual={self.virtual} needs the interleaved schedule, not {self.schedule!r}; "
+                "use schedule='interleaved' or virtual=1"
+            )
+        if not isinstance(self.memory, MemoryModel):
+            raise PlanError(f"memory must be a MemoryModel, got {type(self.memory).__name__}")
+
+    @property
+    def num_stages(self) -> int:
+        """Stages in the pipeline: ``len(devices) * virtual``."""
+        return len(self.devices) * self.virtual
+
+    def stage_device(self, stage: int) -> Device:
+        """The device stage ``stage`` runs on."""
+        return self.devices[stage % len(self.devices)]
+
+    @cached_property
+    def caps(self) -> tuple[float, ...]:
+        """Bytes each stage may use: its device's memory over ``virtual``."""
+        return tuple(self.stage_device(s).memory / self.virtual for s in range(self.num_stages))
+
+    @cached_property
+    def inflight(self) -> tuple[int, ...]:
+        """Micro-batches whose activations each stage keeps at its peak."""
+        k = self.num_stages
+        return tuple(
+            inflight_microbatches(self.schedule, s, k, self.microbatches, self.virtual)
+            for s in range(k)
+        )
+
+    @cached_property
+    def kappa(self) -> float:
+        """Bytes held per parameter byte (weights, gradients, optimizer state, master copy)."""
+        return self.memory.bytes_per_param_byte(self.graph.param_element_size)
+
+    @cached_property
+    def costs(self) -> Costs:
+        """Prefix sums and per-stage constants shared by every algorithm."""
+        return Costs(self)
+
+
+class Costs:
+    """Prefix sums and per-stage arrays of a `Problem`: the one implementation of ``T`` and ``M``."""
+
+    def __init__(self, problem: Problem) -> None:
+        g = problem.graph
+        self.n = len(g)
+        self.k = problem.num_stages
+        self.kappa = problem.kappa
+        zero = np.zeros(1)
+        self.P: FloatArray = np.concatenate([zero, np.cumsum(g.compute, dtype=np.float64)])
+        self.W: FloatArray = np.concatenate([zero, np.cumsum(g.param_bytes, dtype=np.float64)])
+        self.A: FloatArray = np.concatenate([zero, np.cumsum(g.saved_bytes, dtype=np.float64)])
+        self.c: FloatArray = np.asarray(g.cut_bytes, dtype=np.float64)
+        devices = [problem.stage_device(s) for s in range(self.k)]
+        self.flops: FloatArray = np.array([d.flops for d in devices], dtype=np.float64)
+        self.latency: FloatArray = np.array([d.latency for d in devices], dtype=np.float64)
+        self.bandwidth: FloatArray = np.array([d.bandwidth for d in devices], dtype=np.float64)
+        self.cap: FloatArray = np.array(problem.caps, dtype=np.float64)
+        self.inflight: FloatArray = np.array(problem.inflight, dtype=np.float64)
+        self._q: dict[float, FloatArray] = {}
+        self._links: dict[tuple[float, float], FloatArray] = {}
+
+    def link(self, stage: int, cut_bytes: FloatArray) -> FloatArray:
+        """Seconds to send ``cut_bytes`` from ``stage`` to the next stage and the gradient back."""
+        if stage < 0 or stage >= self.k - 1:
+            return np.zeros_like(cut_bytes)
+        t = 2.0 * (self.latency[stage] + cut_bytes / self.bandwidth[stage])
+        return np.where(cut_bytes != 0, t, 0.0)
+
+    def link_at(self, stage: int) -> FloatArray:
+        """`link` of ``stage`` at every cut, length ``n + 1`` (cached per link)."""
+        if stage < 0 or stage >= self.k - 1:
+            key = (0.0, 0.0)
+        else:
+            key = (float(self.latency[stage]), float(self.bandwidth[stage]))
+        out = self._links.get(key)
+        if out is None:
+            out = self.link(stage, self.c) if key != (0.0, 0.0) else np.zeros_like(self.c)
+            self._links[key] = out
+        return out
+
+    def q(self, inflight: float) -> FloatArray:
+        """Prefix sums of ``kappa * param_bytes + inflight * saved_bytes`` (cached)."""
+        q = self._q.get(inflight)
+        if q is None:
+            q = self.kappa * self.W + inflight * self.A
+            self._q[inflight] = q
+        return q
+
+    def compute_time(self, stage: int, i: Index, j: Index) -> FloatArray:
+        return (self.P[j] - self.P[i]) / self.flops[stage]
+
+    def comm_time(self, stage: int, i: Index, j: Index) -> FloatArray:
+        return self.link(stage - 1, self.c[i]) + self.link(stage, self.c[j])
+
+    def time(self, stage: int, i: Index, j: Index) -> FloatArray:
+        """``T_s(i, j)`` for arrays of bounds (broadcast)."""
+        return self.compute_time(stage, i, j) + self.comm_time(stage, i, j)
+
+    def memory_parts(
+        self, stage: int, i: Index, j: Index
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """``M_s(i, j)`` as (parameter state, activations, receive buffers)."""
+        params = self.kappa * (self.W[j] - self.W[i])
+        acts = self.inflight[stage] * (self.A[j] - self.A[i])
+        return params, acts, self.c[i] + self.c[j]
+
+    def memory(self, stage: int, i: Index, j: Index) -> FloatArray:
+        """``M_s(i, j)`` for arrays of bounds (broadcast)."""
+        params, acts, buffers = self.memory_parts(stage, i, j)
+        return (params + acts) + buffers
+
+    def split_times(self, bounds: Sequence[int]) -> FloatArray:
+        """``T_s`` of every stage of a split."""
+        b = np.asarray(bounds, dtype=np.int64)
+        return np.array([self.time(s, b[s], b[s + 1]) for s in range(self.k)], dtype=np.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """Every term of the objective for one split; see [Note: objective]."""
+
+    bounds: Bounds
+    stage_times: tuple[float, ...]
+    """``T_s``: compute + communication seconds per micro-batch."""
+    stage_compute_times: tuple[float, ...]
+    stage_comm_times: tuple[float, ...]
+    stage_memory: tuple[float, ...]
+    """``M_s`` in bytes; the sum of `stage_memory_parts`."""
+    stage_memory_parts: tuple[dict[str, float], ...]
+    """Per stage: ``weights``, ``gradients``, ``optimizer`` (with any master copy), ``activations``
+    (all in-flight micro-batches) and ``buffers`` (received activation and gradient) bytes."""
+    stage_inflight: tuple[int, ...]
+    caps: tuple[float, ...]
+    bottleneck: float
+    """The objective: the largest ``T_s``."""
+    fits: bool
+    """Whether every stage's memory is within its cap."""
+    comm_bytes: float
+    """Bytes per micro-batch crossing the interior cuts (the first tie-break)."""
+    peak_memory: float
+    """The largest ``M_s / cap_s`` (the second tie-break); above 1 when the split does not fit."""
+    perfect_balance: float
+    """The lower bound ``sum(compute) / sum(flops over stages)``."""
+
+    @property
+    def balance_ratio(self) -> float:
+        """``bottleneck / perfect_balance``: 1 is a perfect split."""
+        if self.perfect_balance == 0:
+            return 1.0 if self.bottleneck == 0 else float("inf")
+        return self.bottleneck / self.perfect_balance
+
+    @property
+    def key(self) -> tuple[float, float, float]:
+        """The objective as a tuple, smaller is better: (bottleneck, comm_bytes, peak_memory)."""
+        return (self.bottleneck, self.comm_bytes, self.peak_memory)
+
+
+def check_bounds(problem: Problem, bounds: Sequence[int]) -> Bounds:
+    """``bounds`` as a tuple of ints after checking it is a split of ``problem``."""
+    n, k = len(problem.graph), problem.num_stages
+    b = tuple(int(x) for x in bounds)
+    if len(b) != k + 1:
+        raise PlanError(f"a split into {k} stages needs {k + 1} bounds, got {len(b)}: {b}")
+    if b[0] != 0 or b[-1] != n:
+        raise PlanError(f"bounds must start at 0 and end at {n} (the node count), got {b}")
+    for s in range(k):
+        if b[s + 1] <= b[s]:
+            raise PlanError(f"stage {s} is empty or reversed: bounds[{s}:{s + 2}] = {b[s : s + 2]}")
+    return b
+
+
+def evaluate(problem: Problem, bounds: Sequence[int]) -> Evaluation:
+    """Every stage's time, memory and the objective of the split ``bounds``.
+
+    Raises:
+        PlanError: ``bounds`` is not a split of the problem's nodes into ``num_stages`` stages.
+    """
+    b = check_bounds(problem, bounds)
+    costs = problem.costs
+    k = problem.num_stages
+    compute, comm, memory, parts = [], [], [], []
+    mm = problem.memory
+    grads = 0.0 if mm.optimizer == "none" else 1.0
+    for s in range(k):
+        i, j = np.int64(b[s]), np.int64(b[s + 1])
+        compute.append(float(costs.compute_time(s, i, j)))
+        comm.append(float(costs.comm_time(s, i, j)))
+        params, acts, buffers = costs.memory_parts(s, i, j)
+        memory.append(float((params + acts) + buffers))
+        w = float(costs.W[j] - costs.W[i])
+        parts.append(
+            {
+                "weights": w,
+                "gradients": grads * w,
+                "optimizer": float(params) - (1.0 + grads) * w,
+                "activations": float(acts),
+                "buffers": float(buffers),
+            }
+        )
+    times = [float(costs.time(s, np.int64(b[s]), np.int64(b[s + 1]))) for s in range(k)]
+    caps = problem.caps
+    total_flops = float(costs.flops.sum())
+    return Evaluation(
+        bounds=b,
+        stage_times=tuple(times),
+        stage_compute_times=tuple(compute),
+        stage_comm_times=tuple(comm),
+        stage_memory=tuple(memory),
+        stage_memory_parts=tuple(parts),
+        stage_inflight=problem.inflight,
+        caps=caps,
+        bottleneck=max(times),
+        fits=all(m <= cap for m, cap in zip(memory, caps, strict=True)),
+        comm_bytes=float(sum(costs.c[x] for x in b[1:-1])),
+        peak_memory=max(m / cap for m, cap in zip(memory, caps, strict=True)),
+        perfect_balance=float(costs.P[-1]) / total_flops,
+    )

@@ -1,0 +1,102 @@
+"""The partitioner's front door: split a linear cost graph over devices with a named algorithm.
+
+``solve(graph, devices)`` builds a `Problem`, runs the algorithm and evaluates the split with the
+one objective every algorithm shares ([Note: objective] in `partition.algorithms.objective`).
+
+[Note: what optimal guarantees]
+For the ``optimal`` algorithm, with ``B*`` the least bottleneck over the splits that fit memory:
+
+1. the returned split fits, and its bottleneck is ``B*`` to within ``4e-12`` relative;
+2. among the splits whose bottleneck is within ``1e-12`` relative of the one found (the *ties*),
+   its communication (the sum of the interior cut widths) is the least, compared exactly in
+   float64 (cut widths are byte counts, so sums are exact below 2^53);
+3. among the ties with that communication, its peak memory ``max_s M_s / cap_s`` is the least —
+   exactly when the ties' candidate stages number at most ``EDGE_BUDGET`` (two million; in
+   practice always, since ties leave little slack), otherwise to ``1e-9`` relative;
+4. remaining ties go to the earliest cut, taken from the last stage back; the result is
+   deterministic.
+
+Baselines ignore memory: their split is returned even when `Evaluation.fits` is false.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from partition.algorithms import baselines
+from partition.algorithms.objective import DEFAULT_MEMORY, Bounds, Evaluation, Problem, evaluate
+from partition.algorithms.optimal import min_devices, optimal_split
+from partition.devices import Device
+from partition.errors import PlanError
+from partition.graph import LinearGraph
+from partition.memory import MemoryModel
+
+__all__ = ["ALGORITHMS", "Evaluation", "Problem", "Solution", "evaluate", "min_devices", "solve"]
+
+ALGORITHMS: tuple[str, ...] = ("optimal", "uniform", "params", "time")
+_RUN: dict[str, Callable[[Problem], Bounds]] = {
+    "optimal": optimal_split,
+    "uniform": baselines.uniform,
+    "params": baselines.params,
+    "time": baselines.time,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Solution:
+    """A split of a problem, the algorithm that chose it and its evaluation."""
+
+    problem: Problem
+    algorithm: str
+    """One of `ALGORITHMS`."""
+    bounds: Bounds
+    """Stage ``s`` holds nodes ``bounds[s]`` to ``bounds[s + 1] - 1``."""
+    evaluation: Evaluation
+
+
+def solve(
+    graph: LinearGraph,
+    devices: Sequence[Device],
+    *,
+    schedule: str = "1f1b",
+    microbatches: int = 8,
+    virtual: int = 1,
+    memory: MemoryModel = DEFAULT_MEMORY,
+    algorithm: str = "optimal",
+) -> Solution:
+    """Split ``graph`` into pipeline stages over ``devices``.
+
+    Args:
+        graph: the nodes in order with their costs.
+        devices: one per rank in pipeline order; with ``virtual > 1`` each holds ``virtual``
+            stages (stage ``s`` on ``devices[s % len(devices)]``).
+        schedule: ``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1``.
+        microbatches: micro-batches per step.
+        virtual: virtual stages per device (``interleaved`` only).
+        memory: what training keeps per parameter byte.
+        algorithm: one of `ALGORITHMS`; see [Note: what optimal guarantees].
+
+    Returns:
+        The split and its evaluation.
+
+    Raises:
+        PlanError: an unknown algorithm or schedule, or invalid settings.
+        InfeasibleError: (``optimal``) no split fits; the message says which node is too large
+            or the fewest devices that fit. (Any algorithm) more stages than nodes.
+    """
+    run = _RUN.get(algorithm)
+    if run is None:
+        raise PlanError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    problem = Problem(
+        graph=graph,
+        devices=tuple(devices),
+        schedule=schedule,
+        microbatches=microbatches,
+        virtual=virtual,
+        memory=memory,
+    )
+    bounds = run(problem)
+    return Solution(
+        problem=problem, algorithm=algorithm, bounds=bounds, evaluation=evaluate(problem, bounds)
+    )
