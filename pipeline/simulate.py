@@ -136,6 +136,9 @@ def simulate(
         raise PlanError(
             f"weight_time {w.tolist()} exceeds backward_time {b.tolist()}; W is part of B"
         )
+    per_mb_bytes = None
+    if activation_bytes is not None:
+        per_mb_bytes = _per(activation_bytes, S, "activation_bytes", "stage")
     durations = np.zeros((8, S))
     durations[_F], durations[_B], durations[_I], durations[_W] = f, b, b - w, w
 
@@ -161,9 +164,7 @@ def simulate(
     step = float(max(end.max(), arrival.max())) if n else 0.0
     compute = kind < _SF
     peak = _peak(stage[compute], kind[compute], S)
-    nbytes = None
-    if activation_bytes is not None:
-        nbytes = tuple((peak * _per(activation_bytes, S, "activation_bytes", "stage")).tolist())
+    nbytes = None if per_mb_bytes is None else tuple((peak * per_mb_bytes).tolist())
     return SimResult(
         step_time=step,
         bubble_fraction=1.0 - float(busy.sum()) / (p * step) if step > 0 else 0.0,
