@@ -5,13 +5,14 @@ from partition.devices import PRESETS, Device, parse_devices
 from partition.errors import InfeasibleError, InputError, PipepartError, PlanError, TraceError
 from partition.memory import MemoryModel
 from partition.plan import Plan
-from partition.planner import analyze, plan_model, reprice
+from partition.planner import Analysis, analyze, plan_model, reprice
 from partition.solve import solve
 from partition.split import Stage, split
 from partition.trace import TracedModel, trace
 
 __all__ = [
     "PRESETS",
+    "Analysis",
     "CostGraph",
     "Device",
     "InfeasibleError",

@@ -55,6 +55,29 @@ class Analysis:
     graph: LinearGraph
     inputs: tuple[TensorSpec, ...]
     """One micro-batch's tensor inputs."""
+    microbatches: int = 1
+    """The batch was traced as this many micro-batches (each cost is per micro-batch)."""
+
+    def plan(
+        self,
+        devices: Sequence[Device],
+        *,
+        schedule: str = "1f1b",
+        virtual: int = 1,
+        memory: MemoryModel | None = None,
+        algorithm: str = "optimal",
+    ) -> Plan:
+        """Solve and price a split of this model — no re-tracing, so trying many is cheap."""
+        solution = solve(
+            self.graph,
+            list(devices),
+            schedule=canonical_schedule(schedule),
+            microbatches=self.microbatches,
+            virtual=virtual,
+            memory=memory or MemoryModel(),
+            algorithm=algorithm,
+        )
+        return build_plan(self, solution)
 
     @property
     def graph_hash(self) -> str:
@@ -150,7 +173,7 @@ def analyze(
         and node.name not in traced.param_placeholders
         and isinstance(node.meta.get("val"), torch.Tensor)
     )
-    return Analysis(traced=traced, costs=costs, graph=graph, inputs=specs)
+    return Analysis(traced=traced, costs=costs, graph=graph, inputs=specs, microbatches=microbatches)
 
 
 def build_plan(analysis: Analysis, solution: Solution, stages: Sequence[Stage] | None = None) -> Plan:
@@ -376,16 +399,7 @@ def plan_model(
     )
     if progress:
         progress(f"partitioning {len(analysis.graph)} nodes over {len(devices)} devices")
-    solution = solve(
-        analysis.graph,
-        list(devices),
-        schedule=schedule,
-        microbatches=microbatches,
-        virtual=virtual,
-        memory=memory or MemoryModel(),
-        algorithm=algorithm,
-    )
-    return build_plan(analysis, solution)
+    return analysis.plan(devices, schedule=schedule, virtual=virtual, memory=memory, algorithm=algorithm)
 
 
 def stages_for_plan(analysis: Analysis, plan: Plan) -> list[Stage]:
