@@ -1,0 +1,209 @@
+"""Point-to-point transfer of the tensors crossing a stage boundary, over `torch.distributed`.
+
+[Note: boundary protocol]
+Every micro-batch sends the same tensors across a cut, so nothing is negotiated at run time: a
+`Link` fixes, from the plan's `TensorSpec`s, which tensors go from which stage to which, in which
+order, with which shape and dtype. Forward, stage ``s`` sends its outputs to ``s + 1``; backward,
+stage ``s + 1`` sends the gradient of each of its *floating-point* inputs to ``s`` (a zero tensor
+where autograd found none, so the count never varies). The receiver preallocates its buffers from
+the specs (`BufferPool`), and the sender checks each tensor against its spec before the send: a
+mismatch is a `BoundaryError` on the sender naming stage, micro-batch and tensor, instead of a
+C++ abort or a silently mis-sized buffer on the receiver.
+
+[Note: same-peer exchange]
+Two ranks may exchange activations and gradients of different cuts at once (interleaved
+schedules, or 1F1B's steady state). Messages are matched by the order the schedule fixes on both
+sides (checked statically by the runtime), and on backends with tags (gloo) each (cut, direction,
+tensor) also has its own tag, so an activation can never be taken for a gradient.
+
+Sends are asynchronous: `Transport.send` posts ``isend`` and returns; the handles are waited on
+lazily in `Transport.flush` (at the end of a step), and the tensors are kept alive until then.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from partition.errors import PlanError
+from partition.split import TensorSpec
+
+__all__ = ["BoundaryError", "BufferPool", "Link", "PeerError", "Transport", "gradient_specs"]
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["activation", "gradient"]
+_MAX_TENSORS = 1 << 12  # tensors per cut, for distinct tags
+
+
+class BoundaryError(PlanError):
+    """A tensor about to cross a stage boundary disagrees with the plan's spec for it."""
+
+
+class PeerError(ConnectionError):
+    """A send or receive failed because the peer rank died or hung up; names the peer."""
+
+
+def gradient_specs(inputs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """The gradients sent back for a stage's ``inputs``: one per floating-point input."""
+    return tuple(
+        TensorSpec(f"grad_{s.name}", s.shape, s.dtype)
+        for s in inputs
+        if s.torch_dtype.is_floating_point
+    )
+
+
+@dataclass(frozen=True)
+class Link:
+    """What ``src_stage`` sends to ``dst_stage`` for each micro-batch; see [Note: boundary protocol]."""
+
+    direction: Direction
+    src_stage: int
+    dst_stage: int
+    src_rank: int
+    dst_rank: int
+    specs: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.specs) >= _MAX_TENSORS:
+            raise PlanError(
+                f"{len(self.specs)} tensors cross one cut; at most {_MAX_TENSORS - 1} are supported"
+            )
+        object.__setattr__(
+            self, "_expected", tuple((torch.Size(s.shape), s.torch_dtype) for s in self.specs)
+        )
+
+    @property
+    def cut(self) -> int:
+        """The cut the link crosses: ``c`` is the boundary between stages ``c`` and ``c + 1``."""
+        return min(self.src_stage, self.dst_stage)
+
+    def tag(self, index: int) -> int:
+        """The message tag of tensor ``index``; see [Note: same-peer exchange]."""
+        return (self.cut * _MAX_TENSORS + index) * 2 + (self.direction == "gradient")
+
+    def check(self, tensors: Sequence[torch.Tensor], microbatch: int) -> None:
+        """Raise `BoundaryError` unless ``tensors`` match the specs (count, shape, dtype)."""
+        expected: tuple[tuple[torch.Size, torch.dtype], ...] = self._expected  # type: ignore[attr-defined]
+        if len(tensors) == len(expected) and all(
+            t.shape == shape and t.dtype == dtype
+            for t, (shape, dtype) in zip(tensors, expected, strict=True)
+        ):
+            return
+        what = "output" if self.direction == "activation" else "input gradient"
+        where = f"stage {self.src_stage} sends a wrong {what} to stage {self.dst_stage} for micro-batch {microbatch}"
+        if len(tensors) != len(expected):
+            raise BoundaryError(
+                f"{where}: {len(tensors)} tensors, the plan expects {len(expected)} "
+                f"({', '.join(s.describe() for s in self.specs)})"
+            )
+        for t, spec in zip(tensors, self.specs, strict=True):
+            if t.shape != torch.Size(spec.shape) or t.dtype != spec.torch_dtype:
+                got = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+                raise BoundaryError(
+                    f"{where}: tensor {spec.name!r} is {got}, the plan expects "
+                    f"{spec.dtype}{list(spec.shape)}; a stage must produce the shapes it was "
+                    "planned with (re-plan if the model or the micro-batch size changed)"
+                )
+
+
+class BufferPool:
+    """Receive buffers for one link, allocated from its specs and recycled per micro-batch.
+
+    A received activation stays referenced by autograd until its micro-batch's backward, so a
+    stage needs as many buffer sets as it holds micro-batches in flight; the runtime preallocates
+    the schedule's peak and the pool grows (with a debug log) if asked for more.
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec], device: torch.device, count: int = 1) -> None:
+        self.specs = tuple(specs)
+        self.device = device
+        self._free: list[list[torch.Tensor]] = [self._allocate() for _ in range(count)]
+
+    def _allocate(self) -> list[torch.Tensor]:
+        return [torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in self.specs]
+
+    def acquire(self) -> list[torch.Tensor]:
+        if not self._free:
+            log.debug("buffer pool for %s grows", [s.name for s in self.specs])
+            return self._allocate()
+        return self._free.pop()
+
+    def release(self, buffers: list[torch.Tensor]) -> None:
+        self._free.append(buffers)
+
+
+class Transport:
+    """Sends and receives `Link` payloads for one rank; see [Note: boundary protocol]."""
+
+    def __init__(
+        self,
+        rank: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.rank = rank
+        self.group = group
+        self.validate = validate
+        self._tags = dist.get_backend(group) == "gloo"
+        self._pending: list[tuple[dist.Work, Link, int, list[torch.Tensor]]] = []
+
+    def _peer(self, global_rank: int) -> int:
+        return global_rank if self.group is None else dist.get_global_rank(self.group, global_rank)
+
+    def send(self, link: Link, tensors: Sequence[torch.Tensor], microbatch: int) -> None:
+        """Validate ``tensors`` (if enabled) and post their sends; returns without waiting."""
+        if self.validate:
+            link.check(tensors, microbatch)
+        payload = [t.detach().contiguous() for t in tensors]
+        peer = self._peer(link.dst_rank)
+        try:
+            for i, t in enumerate(payload):
+                work = dist.isend(t, peer, group=self.group, tag=link.tag(i) if self._tags else 0)
+                assert work is not None
+                self._pending.append((work, link, microbatch, payload))
+        except RuntimeError as e:
+            raise self._peer_error(link, microbatch, "sending", e) from e
+
+    def recv(self, link: Link, microbatch: int, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Receive one micro-batch's tensors of ``link`` into ``buffers`` (blocking)."""
+        peer = self._peer(link.src_rank)
+        try:
+            works = [
+                dist.irecv(b, peer, group=self.group, tag=link.tag(i) if self._tags else 0)
+                for i, b in enumerate(buffers)
+            ]
+            for work in works:
+                assert work is not None
+                work.wait()
+        except RuntimeError as e:
+            raise self._peer_error(link, microbatch, "receiving", e) from e
+        return buffers
+
+    def flush(self) -> None:
+        """Wait for every posted send to complete, then drop the tensors they kept alive."""
+        pending, self._pending = self._pending, []
+        for work, link, microbatch, _ in pending:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise self._peer_error(link, microbatch, "sending", e) from e
+
+    def _peer_error(self, link: Link, microbatch: int, doing: str, error: Exception) -> PeerError:
+        peer, peer_stage = (
+            (link.dst_rank, link.dst_stage)
+            if doing == "sending"
+            else (link.src_rank, link.src_stage)
+        )
+        what = "activations" if link.direction == "activation" else "gradients"
+        return PeerError(
+            f"lost rank {peer} (stage {peer_stage}) while {doing} {what} of micro-batch {microbatch}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+            f"(rank {peer} probably failed or was killed; see its log)"
+        )

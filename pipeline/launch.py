@@ -1,0 +1,538 @@
+"""Launching a pipeline: spawn local ranks (or join ``torchrun``'s), run steps, check against one process.
+
+[Note: spawned ranks]
+`spawn_ranks` starts one process per rank (``spawn`` start method), each with
+``torch.set_num_threads(1)`` (CPU) and a process group joined through a file rendezvous in a fresh
+temporary directory: gloo on CPU, NCCL when every rank can have its own GPU. Each rank sends its
+outcome (a value, or the exception's types, message and traceback) through its own pipe. The
+parent waits on the pipes and on the processes themselves, so a rank killed by a signal is seen at
+once; with ``kill_on_failure`` the first failure kills every other rank, and a rank still running
+at ``timeout`` is killed and reported: the call never hangs. Ranks destroy their process group on
+the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import faulthandler
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from partition.errors import InputError
+from partition.plan import Plan
+from pipeline.runtime import (
+    ModelFactory,
+    Pipeline,
+    PipelineOptions,
+    build_meta_model,
+    reference_model,
+)
+
+__all__ = ["RankOutcome", "run_pipeline", "spawn_ranks"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankOutcome:
+    """How one spawned rank ended."""
+
+    rank: int
+    ok: bool
+    value: Any = None
+    """What the rank's function returned (when ``ok``)."""
+    error_types: tuple[str, ...] = ()
+    """Names of the exception's classes, most derived first (``StageValueError``, ``StageError``...)."""
+    message: str = ""
+    traceback: str = ""
+    exitcode: int | None = None
+    elapsed: float = 0.0
+    """Seconds from the start of all ranks until this one reported or exited."""
+    killed: str = ""
+    """Why the parent killed it (``"peer failed"``, ``"timeout"``), if it did."""
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"rank {self.rank}: ok in {self.elapsed:.1f} s"
+        kind = self.error_types[0] if self.error_types else f"exit code {self.exitcode}"
+        extra = f" (killed: {self.killed})" if self.killed else ""
+        return f"rank {self.rank}: {kind} after {self.elapsed:.1f} s{extra}: {self.message}"
+
+
+@dataclass
+class _Child:
+    rank: int
+    process: mp.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    child_conn: multiprocessing.connection.Connection
+    """Kept open until the end: a spawned child receives its end when it starts up."""
+    outcome: RankOutcome | None = None
+
+
+def spawn_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout: float = 600.0,
+    pg_timeout: float = 300.0,
+    backend: str | None = None,
+    kill_on_failure: bool = True,
+    log_level: int = logging.WARNING,
+    start_method: str = "spawn",
+    preload: Sequence[str] = (),
+) -> list[RankOutcome]:
+    """Run ``fn(*args)`` on ``world_size`` new processes, each a rank of a new process group.
+
+    See [Note: spawned ranks]. ``fn`` and ``args`` must be picklable (a module-level function).
+
+    Args:
+        timeout: seconds for the whole run; ranks still running then are killed.
+        pg_timeout: the process group's timeout (how long a collective or receive may wait).
+        backend: ``gloo`` or ``nccl``; default NCCL if there is a GPU per rank, else gloo.
+        kill_on_failure: kill every rank as soon as one fails (else let them end on their own,
+            which is what failure-handling tests observe).
+        start_method: ``spawn`` (a fresh interpreter per rank), or ``forkserver``, which imports
+            ``preload`` once in a server process and forks every rank from it: much faster when
+            ranks are started many times (tests), since importing torch takes seconds.
+
+    Returns:
+        One `RankOutcome` per rank, in rank order.
+    """
+    if world_size < 1:
+        raise InputError(f"need at least 1 rank, got {world_size}")
+    if backend is None:
+        backend = (
+            "nccl"
+            if torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+            else "gloo"
+        )
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "pipeline.launch", *preload])
+    with tempfile.TemporaryDirectory(prefix="pipepart-") as tmp:
+        init = Path(tmp) / "rendezvous"
+        children = []
+        for rank in range(world_size):
+            parent_conn, child_conn = ctx.Pipe(duplex=False)
+            process = ctx.Process(
+                target=_rank_main,
+                args=(
+                    fn,
+                    tuple(args),
+                    rank,
+                    world_size,
+                    str(init),
+                    backend,
+                    pg_timeout,
+                    log_level,
+                    child_conn,
+                ),
+                name=f"pipepart-rank-{rank}",
+                daemon=True,
+            )
+            children.append(_Child(rank, process, parent_conn, child_conn))
+        start = time.monotonic()
+        for child in children:
+            child.process.start()
+        _supervise(children, start, timeout, kill_on_failure)
+    outcomes = [c.outcome for c in children]
+    assert all(o is not None for o in outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+def _supervise(children: list[_Child], start: float, timeout: float, kill_on_failure: bool) -> None:
+    deadline = start + timeout
+    live = {c.rank: c for c in children}
+    while live:
+        waitables: list[Any] = []
+        for c in live.values():
+            waitables += [c.conn, c.process.sentinel]
+        ready = multiprocessing.connection.wait(
+            waitables, timeout=max(0.0, deadline - time.monotonic())
+        )
+        now = time.monotonic() - start
+        for c in list(live.values()):
+            if c.outcome is None and (
+                c.conn in ready or (c.process.sentinel in ready and c.conn.poll())
+            ):
+                try:
+                    c.outcome = pickle.loads(c.conn.recv_bytes())
+                    c.outcome.elapsed = now
+                except (EOFError, OSError):
+                    pass
+            if c.process.sentinel in ready or (c.outcome is not None and not c.process.is_alive()):
+                c.process.join()
+                if c.outcome is None:
+                    c.outcome = RankOutcome(
+                        c.rank,
+                        False,
+                        exitcode=c.process.exitcode,
+                        elapsed=now,
+                        message=f"the process died with exit code {c.process.exitcode} without reporting",
+                    )
+                c.outcome.exitcode = c.process.exitcode
+                del live[c.rank]
+        failed = any(c.outcome is not None and not c.outcome.ok for c in children)
+        if failed and kill_on_failure:
+            _kill(live, "peer failed", start)
+        if live and time.monotonic() >= deadline:
+            _kill(live, "timeout", start)
+
+
+def _kill(live: dict[int, _Child], why: str, start: float) -> None:
+    if why == "timeout":  # ask for Python stacks first (faulthandler, on the ranks' stderr)
+        for c in live.values():
+            if c.process.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(c.process.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+    for c in live.values():
+        c.process.kill()
+    for c in list(live.values()):
+        c.process.join()
+        if c.outcome is None:
+            c.outcome = RankOutcome(
+                c.rank, False, exitcode=c.process.exitcode, elapsed=time.monotonic() - start
+            )
+            c.outcome.message = f"killed by the launcher ({why})"
+        c.outcome.killed = why
+        c.outcome.exitcode = c.process.exitcode
+    live.clear()
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    rank: int,
+    world_size: int,
+    init: str,
+    backend: str,
+    pg_timeout: float,
+    log_level: int,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    """The body of one spawned rank; see [Note: spawned ranks]."""
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
+    )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    torch.set_num_threads(1)
+    outcome: RankOutcome
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{init}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
+        outcome = RankOutcome(rank, True, value=fn(*args))
+    except BaseException as e:
+        outcome = RankOutcome(
+            rank,
+            False,
+            error_types=tuple(c.__name__ for c in type(e).__mro__),
+            message=str(e),
+            traceback=traceback.format_exc(),
+        )
+    # Plain pickle copies tensors into the message (multiprocessing's own pickler would share
+    # them through file descriptors that die with this process).
+    try:
+        conn.send_bytes(pickle.dumps(outcome))
+    except Exception as e:  # an unpicklable value
+        conn.send_bytes(
+            pickle.dumps(
+                RankOutcome(
+                    rank,
+                    False,
+                    error_types=(type(e).__name__,),
+                    message=f"cannot send the result: {e}",
+                )
+            )
+        )
+    conn.close()
+    if dist.is_initialized():
+        # Peers may be gone: if tearing the group down blocks on them, exit anyway.
+        watchdog = threading.Timer(10.0, os._exit, args=(0 if outcome.ok else 1,))
+        watchdog.daemon = True
+        watchdog.start()
+        dist.destroy_process_group()
+        watchdog.cancel()
+    if not outcome.ok:
+        logging.shutdown()
+        os._exit(1)
+
+
+# --- run_pipeline -------------------------------------------------------------------------------
+
+
+def _factory(model: str | ModelFactory, size: str, batch: int, seq: int | None) -> ModelFactory:
+    if callable(model):
+        return model
+    from partition.registry import resolve
+
+    return _SpecFactory(resolve(model, size=size, batch=batch, seq=seq))
+
+
+@dataclass(frozen=True)
+class _SpecFactory:
+    """A picklable factory for a registry model spec."""
+
+    spec: Any
+
+    def __call__(self) -> Any:
+        return self.spec.build()
+
+
+def _optimizer(name: str, lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    return _OptimizerFactory(name, lr)
+
+
+@dataclass(frozen=True)
+class _OptimizerFactory:
+    name: str
+    lr: float
+
+    def __call__(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr)
+        raise InputError(f"unknown optimizer {self.name!r}; choose sgd or adamw")
+
+
+def _data(factory: ModelFactory, seed: int) -> tuple[tuple[Any, ...], Any]:
+    """A synthetic batch and target shaped like the factory's example (built on meta, so the
+    whole model is never allocated here): normal floats, integers in ``[0, vocab_size)`` when the
+    model has a ``config.vocab_size``, else in ``[0, 2)``."""
+    built = build_meta_model(factory)
+    vocab = int(getattr(getattr(built.model, "config", None), "vocab_size", 2))
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if t.dtype.is_floating_point:
+            return torch.randn(t.shape, generator=generator).to(t.dtype)
+        return torch.randint(0, vocab, t.shape, generator=generator, dtype=t.dtype)
+
+    args = tuple(make(t) for t in built.args or ())
+    kwargs = {k: make(t) for k, t in built.kwargs.items()}
+    if built.target is None:
+        raise InputError(
+            "the model factory gives no target to train against; return "
+            "(model, inputs, loss_fn, target) or use a bundled model"
+        )
+    return (*args, *kwargs.values()), make(built.target)
+
+
+def _rank_run(
+    factory: ModelFactory,
+    plan: Plan | None,
+    options: PipelineOptions,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    inputs: tuple[Any, ...],
+    target: Any,
+    collect: bool,
+) -> dict[str, Any]:
+    pipe = Pipeline(
+        factory, plan=plan, options=options, optimizer_factory=_optimizer(optimizer, lr)
+    )
+    losses, times, timelines = [], [], []
+    for _ in range(steps):
+        start = time.monotonic()
+        loss = pipe.step(inputs, target)
+        times.append(time.monotonic() - start)
+        losses.append(None if loss is None else float(loss))
+        timelines.append([(r, str(a), s, e) for r, a, s, e in pipe.timeline])
+    out: dict[str, Any] = {
+        "rank": pipe.rank,
+        "stages": list(pipe.my_stages),
+        "losses": losses,
+        "times": times,
+    }
+    out["timelines"] = timelines
+    if collect:
+        named = pipe.named_parameters()
+        out["params"] = {n: p.detach().cpu() for n, p in named.items()}
+        out["grads"] = {n: p.grad.detach().cpu() for n, p in named.items() if p.grad is not None}
+    return out
+
+
+def run_pipeline(
+    model: str | ModelFactory,
+    *,
+    ranks: int,
+    plan: Plan | str | Path | None = None,
+    schedule: str | None = None,
+    microbatches: int | None = None,
+    virtual: int | None = None,
+    steps: int = 1,
+    check: bool = False,
+    seed: int = 0,
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    timeout: float = 300.0,
+    size: str = "",
+    batch: int = 8,
+    seq: int | None = None,
+    loss_reduction: str = "mean",
+    max_grad_norm: float | None = None,
+    recompute: bool = False,
+    backend: str | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``steps`` steps on ``ranks`` local processes (or in ``torchrun``'s group).
+
+    Args:
+        model: a factory, a ``package.module:callable`` string, or a bundled name (``gpt``).
+        plan: a `Plan` or a plan file; without one, ``schedule`` and ``microbatches`` are used and
+            the partitioner splits the model.
+        check: also run the same steps on the whole model in one process and report the largest
+            absolute differences of the loss, the gradients and the parameters.
+        timeout: the process group's timeout in seconds (how long a rank waits for a peer).
+
+    Returns:
+        ``{"ranks", "schedule", "microbatches", "steps": [{"step", "time", "loss"}], "timeline"
+        (the last step's ``(rank, action, start, end)`` from every rank, seconds from its start),
+        "check": {"loss", "grads", "params", "worst"}}`` (``check`` only when asked).
+
+    Raises:
+        StageError or another error: a rank failed; the message holds its rank's report.
+    """
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    factory = _factory(model, size, batch, seq)
+    options = PipelineOptions(
+        schedule=schedule,
+        microbatches=microbatches,
+        virtual=virtual,
+        seed=seed,
+        loss_reduction=loss_reduction,  # type: ignore[arg-type]
+        max_grad_norm=max_grad_norm,
+        recompute=recompute,
+    )
+    inputs, target = _data(factory, seed + 1)
+    args = (factory, plan, options, optimizer, lr, steps, inputs, target, check)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        results = _under_torchrun(args, timeout, backend)
+        if results is None:
+            return {}
+    else:
+        outcomes = spawn_ranks(
+            _rank_run, ranks, args, timeout=timeout * 2 + 60, pg_timeout=timeout, backend=backend
+        )
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            first = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
+            report = "\n".join(o.describe() for o in outcomes)
+            raise RuntimeError(f"{report}\n--- rank {first.rank} ---\n{first.traceback}")
+        results = [o.value for o in outcomes]
+    summary = _summary(results, steps)
+    if check:
+        summary["check"] = _check(results, factory, options, optimizer, lr, steps, inputs, target)
+    return summary
+
+
+def _under_torchrun(
+    args: tuple[Any, ...], timeout: float, backend: str | None
+) -> list[dict[str, Any]] | None:
+    """Join ``torchrun``'s process group, run, and gather the results on rank 0 (None elsewhere)."""
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    result = _rank_run(*args)
+    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
+    dist.gather_object(result, gathered if dist.get_rank() == 0 else None, dst=0)
+    return gathered if dist.get_rank() == 0 else None
+
+
+def _summary(results: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    by_step = []
+    for k in range(steps):
+        losses = [r["losses"][k] for r in results if r["losses"][k] is not None]
+        by_step.append(
+            {
+                "step": k,
+                "time": max(r["times"][k] for r in results),
+                "loss": losses[0] if losses else None,
+            }
+        )
+    events = [e for r in results for e in r["timelines"][-1]]
+    t0 = min((e[2] for e in events), default=0.0)
+    return {
+        "ranks": len(results),
+        "stages": {r["rank"]: r["stages"] for r in results},
+        "steps": by_step,
+        "timeline": [(r, a, s - t0, e - t0) for r, a, s, e in events],
+    }
+
+
+def _check(
+    results: list[dict[str, Any]],
+    factory: ModelFactory,
+    options: PipelineOptions,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    inputs: tuple[Any, ...],
+    target: Any,
+) -> dict[str, Any]:
+    """Run the same steps on the whole model in this process; the largest absolute differences."""
+    built = reference_model(factory, seed=options.seed)
+    model, loss_fn = built.model, built.loss_fn
+    assert loss_fn is not None
+    opt = _optimizer(optimizer, lr)(list(model.parameters()))
+    ref_losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*inputs), target)
+        loss.backward()
+        if options.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        opt.step()
+        ref_losses.append(float(loss))
+    pipe_losses = [
+        next(r["losses"][k] for r in results if r["losses"][k] is not None) for k in range(steps)
+    ]
+    worst: dict[str, tuple[float, str]] = {"grads": (0.0, ""), "params": (0.0, "")}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for r in results:
+        for what in ("grads", "params"):
+            for name, t in r[what].items():
+                ref = named[name].grad if what == "grads" else named[name]
+                assert ref is not None
+                diff = float((t.double() - ref.detach().double()).abs().max()) if t.numel() else 0.0
+                if diff >= worst[what][0]:
+                    worst[what] = (diff, name)
+    return {
+        "loss": max(abs(a - b) for a, b in zip(pipe_losses, ref_losses, strict=True)),
+        "grads": worst["grads"][0],
+        "params": worst["params"][0],
+        "worst": {"grads": worst["grads"][1], "params": worst["params"][1]},
+        "reference_losses": ref_losses,
+    }
