@@ -1,0 +1,412 @@
+"""The partitioner: optimal equals brute force, beats the baselines, and explains infeasibility."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import partition.algorithms.optimal as optimal_module
+from partition.algorithms import baselines
+from partition.algorithms.objective import Problem, evaluate
+from partition.algorithms.optimal import memory_fits
+from partition.devices import Device
+from partition.errors import InfeasibleError, PlanError
+from partition.graph import LinearGraph
+from partition.memory import MemoryModel
+from partition.solve import ALGORITHMS, Solution, min_devices, solve
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+TIES = 1e-12  # splits within this relative bottleneck count as tied (float noise)
+FAST = settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+# --- references -----------------------------------------------------------------------------
+
+
+def brute_force(problem: Problem) -> tuple[float, float, float] | None:
+    """(bottleneck, comm bytes, peak memory) of the best split, enumerating every split."""
+    n, k = len(problem.graph), problem.num_stages
+    combos = list(itertools.combinations(range(1, n), k - 1))
+    cuts = np.array(combos, dtype=np.int64).reshape(len(combos), k - 1)
+    bounds = np.hstack([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), n)])
+    costs = problem.costs
+    times = np.stack([costs.time(s, bounds[:, s], bounds[:, s + 1]) for s in range(k)], axis=1)
+    mem = np.stack([costs.memory(s, bounds[:, s], bounds[:, s + 1]) for s in range(k)], axis=1)
+    fits = np.all(mem <= costs.cap, axis=1)
+    if not fits.any():
+        return None
+    bottleneck = times.max(axis=1)[fits]
+    comm = np.array([sum(costs.c[x] for x in b[1:-1]) for b in bounds[fits]])
+    peak = (mem / costs.cap).max(axis=1)[fits]
+    best = bottleneck.min()
+    tied = bottleneck <= best * (1 + TIES)
+    least = comm[tied].min()
+    return float(best), float(least), float(peak[tied & (comm == least)].min())
+
+
+def dp_bottleneck(problem: Problem) -> float:
+    """The least bottleneck by the O(k n^2) dynamic programme (inf if nothing fits)."""
+    costs = problem.costs
+    n, k = costs.n, costs.k
+    best = np.full(n + 1, math.inf)
+    best[0] = 0.0
+    for s in range(k):
+        nxt = np.full(n + 1, math.inf)
+        for j in range(1, n + 1):
+            if s == k - 1 and j != n:
+                continue
+            i = np.arange(j)
+            jj = np.full(j, j)
+            ok = np.isfinite(best[:j]) & (costs.memory(s, i, jj) <= costs.cap[s])
+            if ok.any():
+                nxt[j] = np.maximum(best[:j], costs.time(s, i, jj))[ok].min()
+        best = nxt
+    return float(best[n])
+
+
+# --- random problems ------------------------------------------------------------------------
+
+
+@st.composite
+def problems(draw: st.DrawFn, max_nodes: int = 10, max_stages: int = 4) -> Problem:
+    """Heterogeneous devices, every schedule, integer-valued (many exact ties) or real costs."""
+    schedule = draw(st.sampled_from(SCHEDULES))
+    virtual = draw(st.integers(1, 2)) if schedule == "interleaved" else 1
+    count = draw(st.integers(1, max(1, max_stages // virtual)))
+    stages = min(count * virtual, max_nodes)
+    n = draw(st.integers(stages, max_nodes) | st.integers(1, max_nodes))  # mostly enough nodes
+    if draw(st.booleans()):
+        value = st.integers(0, 160).map(lambda x: x / 16)  # exact in binary: exact ties
+    else:
+        value = st.floats(0, 10, allow_subnormal=False)
+
+    def values(size: int, scale: float, zeros: float) -> list[float]:
+        out = [draw(value) * scale for _ in range(size)]
+        return [0.0 if draw(st.floats(0, 1)) < zeros else x for x in out]
+
+    graph = LinearGraph.from_arrays(
+        values(n, 1.0, 0.1), values(n, 10.0, 0.2), values(n, 5.0, 0.2), values(n - 1, 4.0, 0.2)
+    )
+    devices = tuple(
+        Device(
+            name=f"d{d}",
+            memory=draw(st.integers(30, 2500)),
+            flops=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])),
+            bandwidth=draw(st.sampled_from([1.0, 10.0, 100.0])),
+            latency=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        )
+        for d in range(count)
+    )
+    return Problem(
+        graph=graph,
+        devices=devices,
+        schedule=schedule,
+        microbatches=draw(st.integers(1, 6)),
+        virtual=virtual,
+        memory=MemoryModel(optimizer=draw(st.sampled_from(["none", "sgd", "adam"]))),
+    )
+
+
+def _check_against_brute_force(problem: Problem) -> None:
+    if problem.num_stages > len(problem.graph):
+        with pytest.raises(InfeasibleError, match="at least one node"):
+            solve_problem(problem)
+        return
+    want = brute_force(problem)
+    if want is None:
+        with pytest.raises(InfeasibleError):
+            solve_problem(problem)
+        return
+    bounds = solve_problem(problem)
+    ev = evaluate(problem, bounds)
+    assert ev.fits
+    assert all(b < c for b, c in itertools.pairwise(bounds)), "a stage is empty"
+    assert ev.bottleneck == pytest.approx(want[0], rel=1e-9, abs=0)
+    assert ev.comm_bytes == want[1], "not the least communication among the ties"
+    assert ev.peak_memory == pytest.approx(want[2], rel=1e-9, abs=0)
+    assert solve_problem(problem) == bounds, "not deterministic"
+
+
+def solve_problem(problem: Problem) -> tuple[int, ...]:
+    return solve(
+        problem.graph,
+        problem.devices,
+        schedule=problem.schedule,
+        microbatches=problem.microbatches,
+        virtual=problem.virtual,
+        memory=problem.memory,
+    ).bounds
+
+
+# --- optimal against the references ---------------------------------------------------------
+
+
+@FAST
+@given(problems())
+def test_optimal_equals_brute_force(problem: Problem) -> None:
+    _check_against_brute_force(problem)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(problems())
+def test_optimal_equals_brute_force_when_ties_are_bisected(problem: Problem) -> None:
+    # With no budget the peak-memory tie-break takes its other route: least communication by
+    # range minima, then bisection of the peak memory.
+    old = optimal_module.EDGE_BUDGET
+    optimal_module.EDGE_BUDGET = -(10**9)
+    try:
+        _check_against_brute_force(problem)
+    finally:
+        optimal_module.EDGE_BUDGET = old
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(problems(max_nodes=60, max_stages=8))
+def test_optimal_equals_dynamic_programme_on_larger_graphs(problem: Problem) -> None:
+    if problem.num_stages > len(problem.graph):
+        return
+    want = dp_bottleneck(problem)
+    if math.isinf(want):
+        with pytest.raises(InfeasibleError):
+            solve_problem(problem)
+        return
+    ev = evaluate(problem, solve_problem(problem))
+    assert ev.fits
+    assert ev.bottleneck == pytest.approx(want, rel=1e-9, abs=0)
+
+
+def test_memory_tight_heterogeneous_cases_equal_brute_force() -> None:
+    # Caps drawn just around what the model needs, where most splits fail memory.
+    rng = np.random.default_rng(0)
+    solved = 0
+    for _ in range(150):
+        n, count = int(rng.integers(4, 11)), int(rng.integers(2, 5))
+        graph = LinearGraph.from_arrays(
+            rng.uniform(0, 10, n),
+            rng.uniform(0, 100, n),
+            rng.uniform(0, 40, n),
+            rng.uniform(0, 60, n - 1),
+        )
+        need = 4 * graph.param_bytes.sum() + 4 * graph.saved_bytes.sum()
+        devices = tuple(
+            Device(
+                name=f"d{d}",
+                memory=int(need / count * rng.uniform(0.7, 1.4)),
+                flops=float(rng.uniform(0.3, 3)),
+                bandwidth=float(rng.uniform(1, 50)),
+                latency=float(rng.uniform(0, 0.5)),
+            )
+            for d in range(count)
+        )
+        schedule = str(rng.choice(SCHEDULES))
+        problem = Problem(graph=graph, devices=devices, schedule=schedule, microbatches=4)
+        _check_against_brute_force(problem)
+        solved += brute_force(problem) is not None
+    assert solved > 30  # the family exercises both outcomes
+
+
+def test_a_wide_cut_makes_the_valid_starts_a_non_interval() -> None:
+    # Cut 2 carries a huge tensor: a stage may start at 1 or 3 but not at 2, although 2 lies
+    # between them. A sliding window over starts would take the interval [1, 3] and accept 2.
+    graph = LinearGraph.from_arrays([1.0] * 6, [0.0] * 6, [0.0] * 6, [1.0, 500.0, 1.0, 1.0, 1.0])
+    devices = (
+        Device(name="a", memory=10**6, flops=1.0, bandwidth=10.0, latency=0.0),
+        Device(name="b", memory=10**6, flops=1.0, bandwidth=10.0, latency=0.0),
+    )
+    problem = Problem(graph=graph, devices=devices, schedule="1f1b", microbatches=1)
+    _check_against_brute_force(problem)
+    assert solve(graph, devices).bounds[1] != 2
+    # The same through memory: cut 2's receive buffer alone overflows the second device.
+    small = (devices[0], replace(devices[1], memory=400))
+    _check_against_brute_force(Problem(graph=graph, devices=small, schedule="1f1b", microbatches=1))
+
+
+def test_ties_go_to_less_communication_then_less_memory() -> None:
+    # Node 0 alone sets the bottleneck (5); nodes 1-4 can be split at cut 2, 3 or 4 with the
+    # same bottleneck. Links are free (latency 0, bandwidth huge), so only the tie-breaks decide.
+    free = Device(name="d", memory=1000, flops=1.0, bandwidth=1e30, latency=0.0)
+    none = MemoryModel(optimizer="none")
+    widths = LinearGraph.from_arrays([5.0, 1, 1, 1, 1], [0.0] * 5, [0.0] * 5, [1.0, 3.0, 2.0, 3.0])
+    sol = solve(widths, [free] * 3, microbatches=1, memory=none)
+    assert sol.evaluation.bottleneck == 5.0
+    assert sol.bounds == (0, 1, 3, 5)  # cut 3 is the narrowest
+    # Equal widths: the peak memory ratio decides. Stage 2 (20 bytes) holds node 4's 9 bytes of
+    # weights, its 1-byte buffer and 3 bytes per saved node before it: ending stage 1 at cut 4
+    # gives ratios 11/100 and 10/20, the least peak; the earliest cut (2) would give 16/20.
+    even = LinearGraph.from_arrays(
+        [5.0, 1, 1, 1, 1], [0.0, 0, 0, 0, 9], [0.0, 3, 3, 3, 0], [1.0, 1.0, 1.0, 1.0]
+    )
+    caps = [free, replace(free, memory=100), replace(free, memory=20)]
+    sol = solve(even, caps, microbatches=1, memory=none)
+    assert sol.bounds == (0, 1, 4, 5)
+    assert sol.evaluation.peak_memory == pytest.approx(0.5)
+    _check_against_brute_force(sol.problem)
+
+
+# --- optimal against the baselines ----------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(problems(max_nodes=30, max_stages=6))
+def test_optimal_is_never_worse_than_a_baseline_that_fits(problem: Problem) -> None:
+    if problem.num_stages > len(problem.graph):
+        return
+    try:
+        best = evaluate(problem, optimal_module.optimal_split(problem))
+    except InfeasibleError:
+        best = None
+    for name in ("uniform", "params", "time"):
+        ev = evaluate(problem, getattr(baselines, name)(problem))
+        if ev.fits:
+            assert best is not None, f"{name} fits but optimal says nothing does"
+            assert best.bottleneck <= ev.bottleneck * (1 + 1e-9), name
+
+
+# --- infeasibility --------------------------------------------------------------------------
+
+
+def _homogeneous(memory: int, count: int) -> list[Device]:
+    return [Device(name="gpu", memory=memory, flops=1e12, bandwidth=1e10, latency=1e-6)] * count
+
+
+def test_a_node_too_large_for_every_device_is_named() -> None:
+    params = [1e6] * 8
+    params[5] = 5e9  # x4 for Adam: 20 GB, against 16 GB devices
+    graph = LinearGraph.from_arrays([1e9] * 8, params, [1e6] * 8, [1e6] * 7)
+    graph = replace(graph, module_paths=tuple(f"layers.{i}.mlp" for i in range(8)))
+    with pytest.raises(InfeasibleError) as err:
+        solve(graph, _homogeneous(16 * 10**9, 4))
+    message = str(err.value)
+    assert "'n5'" in message and "layers.5.mlp" in message
+    assert "20 GB" in message and "16 GB" in message
+    problem = Problem(
+        graph=graph, devices=tuple(_homogeneous(16 * 10**9, 4)), schedule="1f1b", microbatches=8
+    )
+    assert min_devices(problem) is None
+
+
+def test_too_few_devices_says_the_fewest_that_fit() -> None:
+    # 40 nodes of 1 GB of weights (4 GB with Adam) and 0.5 GB of activations, 1F1B, 8 micro-batches.
+    graph = LinearGraph.from_arrays([1e9] * 40, [1e9] * 40, [5e8] * 40, [1e7] * 39)
+    devices = _homogeneous(40 * 10**9, 4)
+    with pytest.raises(InfeasibleError) as err:
+        solve(graph, devices, microbatches=8)
+    problem = Problem(graph=graph, devices=tuple(devices), schedule="1f1b", microbatches=8)
+    m = min_devices(problem)
+    assert m is not None and m > 4
+    assert f"fewest devices that fit is {m}" in str(err.value)
+    assert memory_fits(replace(problem, devices=tuple(_homogeneous(40 * 10**9, m))))
+    assert not memory_fits(replace(problem, devices=tuple(_homogeneous(40 * 10**9, m - 1))))
+    solve(graph, _homogeneous(40 * 10**9, m), microbatches=8)  # and it solves
+
+
+def test_min_devices_extends_a_heterogeneous_set_with_its_last_device() -> None:
+    graph = LinearGraph.from_arrays([1.0] * 20, [1e9] * 20, [0.0] * 20, [0.0] * 19)
+    big = Device(name="big", memory=30 * 10**9, flops=1.0)
+    small = Device(name="small", memory=10 * 10**9, flops=1.0)
+    problem = Problem(graph=graph, devices=(big, small), schedule="1f1b", microbatches=1)
+    m = min_devices(problem)  # 80 GB: 28 on the big one (7 nodes), then 8 per small (2 nodes)
+    assert m == 8
+    with pytest.raises(InfeasibleError, match="then copies of the last, 'small'"):
+        solve(graph, [big, small], microbatches=1)
+
+
+def test_more_stages_than_nodes_is_infeasible_for_every_algorithm() -> None:
+    graph = LinearGraph.from_arrays([1.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 2)
+    for algorithm in ALGORITHMS:
+        with pytest.raises(InfeasibleError, match=r"at most 3 devices|only 3 nodes"):
+            solve(graph, _homogeneous(10**9, 4), algorithm=algorithm)
+
+
+# --- the front door and the objective -------------------------------------------------------
+
+
+def test_unknown_algorithm_lists_the_choices() -> None:
+    graph = LinearGraph.from_arrays([1.0], [0.0], [0.0], [])
+    with pytest.raises(PlanError, match="optimal, uniform, params, time"):
+        solve(graph, _homogeneous(10**9, 1), algorithm="greedy")
+
+
+def test_problem_validates_its_settings() -> None:
+    graph = LinearGraph.from_arrays([1.0, 1.0], [0.0] * 2, [0.0] * 2, [0.0])
+    devices = tuple(_homogeneous(10**9, 2))
+    with pytest.raises(PlanError, match="needs the interleaved schedule"):
+        Problem(graph=graph, devices=devices, schedule="1f1b", microbatches=2, virtual=2)
+    with pytest.raises(PlanError, match="at least 1"):
+        Problem(graph=graph, devices=devices, schedule="1f1b", microbatches=0)
+    with pytest.raises(PlanError, match="no devices"):
+        Problem(graph=graph, devices=(), schedule="1f1b", microbatches=1)
+    with pytest.raises(PlanError, match="unknown schedule"):
+        Problem(graph=graph, devices=devices, schedule="pipedream-2bw", microbatches=1)
+    assert (
+        Problem(graph=graph, devices=devices, schedule="zero-bubble", microbatches=1).schedule
+        == "zb-h1"
+    )
+
+
+def test_evaluate_follows_the_formulas() -> None:
+    # Two stages on two devices; every term worked out by hand.
+    graph = LinearGraph.from_arrays([4.0, 2.0, 6.0], [10.0, 0.0, 20.0], [1.0, 2.0, 3.0], [7.0, 0.0])
+    a = Device(name="a", memory=1000, flops=2.0, bandwidth=7.0, latency=0.5)
+    b = Device(name="b", memory=500, flops=3.0, bandwidth=1.0, latency=0.25)
+    problem = Problem(
+        graph=graph,
+        devices=(a, b),
+        schedule="gpipe",
+        microbatches=3,
+        memory=MemoryModel(optimizer="sgd"),
+    )
+    ev = evaluate(problem, (0, 1, 3))
+    comm = 2 * (0.5 + 7.0 / 7.0)  # cut 1 over a's link, there and back
+    assert ev.stage_compute_times == (2.0, 8.0 / 3.0)
+    assert ev.stage_comm_times == (comm, comm)
+    assert ev.bottleneck == pytest.approx(8.0 / 3.0 + comm)
+    # kappa = 2 (weights + gradients, SGD), 3 micro-batches in flight (GPipe), buffers c_i + c_j
+    assert ev.stage_memory == (2 * 10 + 3 * 1 + 7, 2 * 20 + 3 * 5 + 7)
+    assert ev.stage_memory_parts[1] == {
+        "weights": 20.0,
+        "gradients": 20.0,
+        "optimizer": 0.0,
+        "activations": 15.0,
+        "buffers": 7.0,
+    }
+    assert ev.comm_bytes == 7.0
+    assert ev.fits and ev.peak_memory == pytest.approx(62 / 500)
+    assert ev.perfect_balance == pytest.approx(12.0 / 5.0)
+    assert ev.balance_ratio == pytest.approx(ev.bottleneck / 2.4)
+    with pytest.raises(PlanError, match="empty"):
+        evaluate(problem, (0, 3, 3))
+
+
+def test_interleaved_stages_cycle_the_devices_with_a_share_of_memory() -> None:
+    graph = LinearGraph.from_arrays([1.0] * 8, [0.0] * 8, [0.0] * 8, [0.0] * 7)
+    devices = (Device(name="a", memory=600, flops=1.0), Device(name="b", memory=900, flops=2.0))
+    problem = Problem(
+        graph=graph, devices=devices, schedule="interleaved", microbatches=4, virtual=3
+    )
+    assert problem.num_stages == 6
+    assert [problem.stage_device(s).name for s in range(6)] == ["a", "b"] * 3
+    assert problem.caps == (200.0, 300.0) * 3
+    sol = solve(graph, devices, schedule="interleaved", microbatches=4, virtual=3)
+    assert len(sol.bounds) == 7 and sol.evaluation.fits
+
+
+def test_solution_of_a_large_graph_is_sane() -> None:
+    from benchmarks.partition_speed import devices_for, transformer
+
+    graph = transformer(3000, hidden=1024, tokens=2048)
+    sol = solve(graph, devices_for(graph, 16))
+    assert isinstance(sol, Solution) and sol.algorithm == "optimal"
+    ev = sol.evaluation
+    assert ev.fits and 1.0 <= ev.balance_ratio < 1.1
+    for name in ("uniform", "params", "time"):
+        other = solve(graph, devices_for(graph, 16), algorithm=name).evaluation
+        assert ev.bottleneck <= other.bottleneck * (1 + 1e-9)
