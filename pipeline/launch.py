@@ -124,7 +124,7 @@ def spawn_ranks(
             if torch.cuda.is_available() and torch.cuda.device_count() >= world_size
             else "gloo"
         )
-    ctx = mp.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(["torch", "pipeline.launch", *preload])
     with tempfile.TemporaryDirectory(prefix="pipepart-") as tmp:

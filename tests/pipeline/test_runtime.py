@@ -1,0 +1,256 @@
+"""The runtime against the same model in one process: loss, every gradient, parameters after steps.
+
+R1 (parity) and R2 (loss reduction × micro-batches) of shared/design/reliability-tests.md: for
+every schedule × ranks ∈ {2, 3, 4} × (the bundled GPT, a skip connection across stages, tied
+weights), one spawn per world size runs every case on the same ranks; the parent runs the
+reference. fp32 models are held to 1e-5, fp64 models to 1e-10.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import run_ranks
+
+from partition import examples
+from partition.planner import analyze
+from pipeline.runtime import Pipeline, PipelineOptions, build_meta_model, reference_model
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
+
+# --- models (module level: the ranks import them) ----------------------------------------------
+
+
+def gpt_model(batch: int, tied: bool = False, dtype: str = "float32") -> Any:
+    model, inputs, loss_fn = examples.gpt("toy", batch=batch, tie_weights=tied)
+    return model.to(getattr(torch, dtype)), inputs, loss_fn
+
+
+def _mse_sum(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, target, reduction="sum")
+
+
+def skipnet_model(batch: int, reduction: str = "mean") -> Any:
+    model, (x,), _ = examples.skipnet(batch=batch)
+    return model.double(), (x.double(),), F.mse_loss if reduction == "mean" else _mse_sum
+
+
+def big_gpt_model(batch: int) -> Any:
+    """~300 MB of fp32 weights: wide and with a large vocabulary, shallow enough for CPU."""
+    config = examples.GPTConfig(vocab_size=32768, block_size=16, n_layer=8, n_head=8, n_embd=512)
+    return examples.gpt(config, batch=batch, seq=8)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One pipeline run: a model, a schedule and the numbers to run it with."""
+
+    model: str  # gpt | gpt-tied | skipnet | skipnet-sum
+    schedule: str
+    world: int
+    microbatches: int
+    virtual: int = 1
+    optimizer: str = "sgd"
+    max_grad_norm: float | None = None
+    recompute: bool = False
+    steps: int = 3
+
+    @property
+    def reduction(self) -> str:
+        return "sum" if self.model.endswith("-sum") else "mean"
+
+    @property
+    def fp64(self) -> bool:
+        return self.model != "gpt"
+
+    @property
+    def batch(self) -> int:
+        return 2 * self.microbatches
+
+    def factory(self) -> Any:
+        if self.model.startswith("skipnet"):
+            return functools.partial(skipnet_model, self.batch, self.reduction)
+        return functools.partial(
+            gpt_model, self.batch, self.model == "gpt-tied", "float64" if self.fp64 else "float32"
+        )
+
+    def options(self, num_nodes: int) -> PipelineOptions:
+        k = self.world * self.virtual
+        return PipelineOptions(
+            schedule=self.schedule,
+            microbatches=self.microbatches,
+            virtual=self.virtual,
+            bounds=tuple(round(i * num_nodes / k) for i in range(k + 1)),
+            loss_reduction=self.reduction,  # type: ignore[arg-type]
+            max_grad_norm=self.max_grad_norm,
+            recompute=self.recompute,
+        )
+
+    def optimizer_factory(self) -> Any:
+        if self.optimizer == "adamw":
+            return functools.partial(torch.optim.AdamW, lr=1e-2)
+        lr = (
+            0.1 if self.reduction == "mean" else 0.1 / (self.batch * 16)
+        )  # a sum is batch × 16 means
+        return functools.partial(torch.optim.SGD, lr=lr, momentum=0.9)
+
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One (inputs, target) per step, the same on every rank and in the reference."""
+        g = torch.Generator().manual_seed(1234)
+        out = []
+        for _ in range(self.steps):
+            if self.model.startswith("skipnet"):
+                x = torch.randn(self.batch, 16, generator=g, dtype=torch.float64)
+                y = torch.randn(self.batch, 16, generator=g, dtype=torch.float64)
+            else:
+                x = torch.randint(0, 96, (self.batch, 16), generator=g)
+                y = torch.randint(0, 96, (self.batch, 16), generator=g)
+            out.append((x, y))
+        return out
+
+
+NUM_NODES = {"gpt": 117, "gpt-tied": 117, "skipnet": 29, "skipnet-sum": 29}
+
+
+def cases_for(world: int) -> list[Case]:
+    m = 2 * world  # interleaved needs a multiple of the ranks
+    cases = [
+        Case(model, schedule, world, m, virtual=2 if schedule == "interleaved" else 1)
+        for schedule in SCHEDULES
+        for model in ("gpt", "gpt-tied", "skipnet")
+    ]
+    cases += [
+        Case("skipnet-sum", "1f1b", world, m),  # R2: a sum loss is not scaled by 1/m
+        Case("skipnet-sum", "zb-h1", world, world - 1 or 1),  # fewer micro-batches than ranks
+        Case("gpt", "gpipe", world, 1, optimizer="adamw"),
+        Case("gpt-tied", "1f1b", world, m, max_grad_norm=0.05),  # clipping is active
+        Case("skipnet", "interleaved", world, world, virtual=3, recompute=True),
+    ]
+    return cases
+
+
+# --- on the ranks ----------------------------------------------------------------------------
+
+
+def _train(cases: list[Case]) -> list[dict[str, Any]]:
+    results = []
+    for case in cases:
+        pipe = Pipeline(
+            case.factory(),
+            options=case.options(NUM_NODES[case.model]),
+            optimizer_factory=case.optimizer_factory(),
+        )
+        losses, grads = [], {}
+        for k, (x, y) in enumerate(case.batches()):
+            loss = pipe.step(x, y)
+            losses.append(None if loss is None else float(loss))
+            if k == 0:
+                grads = {
+                    n: p.grad.clone()
+                    for n, p in pipe.named_parameters().items()
+                    if p.grad is not None
+                }
+        params = {n: p.detach().clone() for n, p in pipe.named_parameters().items()}
+        results.append(
+            {"losses": losses, "grads": grads, "params": params, "events": len(pipe.timeline)}
+        )
+        torch.distributed.barrier()
+    return results
+
+
+# --- in the test process ----------------------------------------------------------------------
+
+
+def _reference(case: Case) -> dict[str, Any]:
+    built = reference_model(case.factory())
+    model, loss_fn = built.model, built.loss_fn
+    assert loss_fn is not None
+    opt = case.optimizer_factory()(list(model.parameters()))
+    losses, grads = [], {}
+    for k, (x, y) in enumerate(case.batches()):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if case.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), case.max_grad_norm)
+            assert norm > case.max_grad_norm  # the test means to exercise clipping
+        if k == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+        opt.step()
+        losses.append(loss.item())
+    params = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    return {"losses": losses, "grads": grads, "params": params}
+
+
+def _compare(case: Case, ranks: list[dict[str, Any]]) -> None:
+    ref = _reference(case)
+    tol = 1e-10 if case.fp64 else 1e-5
+    last = [r for r in ranks if r["losses"][0] is not None]
+    assert len(last) == 1, f"{case}: the loss must come back on exactly one rank"
+    assert last[0]["losses"] == pytest.approx(ref["losses"], abs=tol, rel=tol), case
+    for what in ("grads", "params"):
+        seen = set()
+        for r in ranks:
+            for name, value in r[what].items():
+                seen.add(name)
+                diff = (value - ref[what][name]).abs().max().item()
+                scale = max(1.0, ref[what][name].abs().max().item())
+                assert diff <= tol * scale, f"{case}: {what[:-1]} {name} differs by {diff:.3g}"
+        assert seen == set(ref[what]), f"{case}: {what} missing for {sorted(set(ref[what]) - seen)}"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_schedule_matches_one_process(world: int) -> None:
+    cases = cases_for(world)
+    results = run_ranks(world, _train, cases, timeout=200)
+    for i, case in enumerate(cases):
+        _compare(case, [r[i] for r in results])
+
+
+def test_cases_cover_the_matrix() -> None:
+    for world in (2, 3, 4):
+        got = {(c.schedule, c.model) for c in cases_for(world)}
+        assert {(s, m) for s in SCHEDULES for m in ("gpt", "gpt-tied", "skipnet")} <= got
+
+
+def test_node_counts_are_current() -> None:
+    for name, factory in [("gpt", gpt_model), ("skipnet", skipnet_model)]:
+        built = build_meta_model(functools.partial(factory, 8))
+        assert len(analyze(built.model, built.args, microbatches=4).graph) == NUM_NODES[name]
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def _memory(world: int) -> dict[str, Any]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    pipe = Pipeline(
+        functools.partial(big_gpt_model, 2), options=PipelineOptions(microbatches=2, bounds=None)
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 32768, (2, 8), generator=g)
+    pipe.step(x, x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mine = sum(p.numel() * p.element_size() for p in pipe.parameters)
+    return {"growth": peak - before, "stage_bytes": mine}
+
+
+@pytest.mark.timeout(240)
+def test_each_rank_holds_only_its_stage() -> None:
+    """Peak RSS growth per rank stays near its stage's weights and gradients, far below the model."""
+    built = build_meta_model(functools.partial(big_gpt_model, 2))
+    full = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    assert full > 250e6
+    results = run_ranks(4, _memory, 4, timeout=200)
+    for rank, r in enumerate(results):
+        # weights + gradients of the stage, plus activations and allocator slack
+        assert r["growth"] < 2 * r["stage_bytes"] + 60e6, (rank, r, full)
+        assert r["growth"] < 0.6 * full, (rank, r, full)
