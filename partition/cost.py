@@ -14,7 +14,11 @@ Every compute node of a `TracedModel` is run once more on meta tensors (see `par
 * **Saved bytes** — what autograd keeps for the backward, caught with
   ``torch.autograd.graph.saved_tensors_hooks``. Parameters are excluded (counted as weights); a
   tensor produced by one node and saved by several (a residual input) is counted once, at the
-  first node that saves it.
+  first node that saves it. [Note: fused attention] Scaled-dot-product attention is the one
+  exception: on meta it runs the math kernel, which saves the ``T × T`` attention matrix, but
+  training runs a fused kernel (flash / memory-efficient) that saves only its inputs (q, k, v,
+  the mask if any), its output and a float32 log-sum-exp per query row. The cost model charges
+  that, so long sequences are not priced at hundreds of GB they never use.
 * **Output bytes** — the bytes of the node's outputs: what crosses a cut placed right after it.
 
 Optionally `partition.profile` measures each node's forward and backward time on a real device.
@@ -228,6 +232,8 @@ def _cost_node(
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
         out = run_node(node, args, kwargs, traced.meta_state)
     fwd = counter.get_total_flops()
+    if _is_attention(node):
+        saved = _fused_attention_saved(args, kwargs, out)
     for index, leaf in enumerate(tree_flatten(out)[0]):
         if isinstance(leaf, torch.Tensor):
             producer_of[id(leaf)] = (node.name, index)
@@ -254,6 +260,29 @@ def _cost_node(
             )
         bwd = counter.get_total_flops()
     return fwd, bwd, saved_inputs, saved_other
+
+
+_ATTENTION_TARGETS = {
+    torch.nn.functional.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _is_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _ATTENTION_TARGETS
+
+
+def _fused_attention_saved(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> dict[int, torch.Tensor]:
+    """What a fused attention kernel saves; see [Note: fused attention]."""
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    query = inputs[0]
+    output = tree_flatten(out)[0][0]
+    rows = query.numel() // max(query.shape[-1], 1)  # one log-sum-exp per query row
+    lse = torch.empty(rows, dtype=torch.float32, device="meta")
+    return {id(t): t for t in [*inputs, output, lse]}
 
 
 def _is_parameter(t: torch.Tensor, param_ids: dict[int, str]) -> bool:

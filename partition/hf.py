@@ -99,6 +99,8 @@ def _build(
         model = transformers.LlamaForCausalLM(config)
         limit, loss = config.max_position_embeddings, causal_lm_loss
     seq = seq or min(limit, 16 if size == "tiny" else 1024)
+    if kind == "llama" and seq > limit:  # rotary positions: any length, as long-context runs do
+        config.max_position_embeddings = limit = seq
     if seq > limit:
         raise InputError(f"seq {seq} exceeds hf:{kind}'s {limit} positions")
     ids = ints(config.vocab_size, batch, seq)
