@@ -37,28 +37,39 @@ from partition.memory import MemoryModel
 from partition.solve import ALGORITHMS, Solution, solve
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = {(10_000, 64): 0.5, (100_000, 64): 2.0, ("gpt96", 8): 0.2}
+TARGETS: dict[tuple[str | int, int], float] = {
+    (10_000, 64): 0.5,
+    (100_000, 64): 2.0,
+    ("gpt96", 8): 0.2,
+}
 SIZES = (1_000, 10_000, 100_000)
 STAGES = (2, 8, 64)
 BASELINE_LIMIT = {"time": 10_000}
 """Largest graph each baseline is timed on (torchgpipe's heuristic moves one node at a time)."""
 
-# One block: (name, kind, params / H^2, saved / (tokens H), out / (tokens H))
+# One pre-norm block as an FX graph holds it, 20 nodes:
+# (name, kind, params / H^2, saved / (tokens H), live across the cut after it / (tokens H)).
+# "live" counts the residual stream plus every branch tensor still needed downstream.
 _BLOCK: tuple[tuple[str, str, float, float, float], ...] = (
-    ("ln1", "norm", 0.0, 1.0, 1.0),
-    ("qkv", "linear", 3.0, 1.0, 3.0),
-    ("split", "view", 0.0, 0.0, 3.0),
-    ("q_view", "view", 0.0, 0.0, 3.0),
-    ("attn", "attention", 0.0, 4.0, 1.0),
-    ("merge", "view", 0.0, 0.0, 1.0),
-    ("proj", "linear", 1.0, 1.0, 1.0),
-    ("drop1", "dropout", 0.0, 0.5, 1.0),
+    ("ln1", "norm", 0.0, 1.0, 2.0),
+    ("qkv", "linear", 3.0, 1.0, 4.0),
+    ("split", "view", 0.0, 0.0, 4.0),
+    ("q_view", "view", 0.0, 0.0, 4.0),
+    ("k_view", "view", 0.0, 0.0, 4.0),
+    ("v_view", "view", 0.0, 0.0, 4.0),
+    ("q_t", "view", 0.0, 0.0, 4.0),
+    ("k_t", "view", 0.0, 0.0, 4.0),
+    ("v_t", "view", 0.0, 0.0, 4.0),
+    ("attn", "attention", 0.0, 4.0, 2.0),
+    ("attn_t", "view", 0.0, 0.0, 2.0),
+    ("merge", "view", 0.0, 0.0, 2.0),
+    ("proj", "linear", 1.0, 1.0, 2.0),
+    ("drop1", "dropout", 0.0, 0.5, 2.0),
     ("add1", "add", 0.0, 0.0, 1.0),
-    ("ln2", "norm", 0.0, 1.0, 1.0),
-    ("fc1", "linear", 4.0, 1.0, 4.0),
-    ("gelu", "act", 0.0, 4.0, 4.0),
-    ("fc2", "linear", 4.0, 4.0, 1.0),
-    ("drop2", "dropout", 0.0, 0.5, 1.0),
+    ("ln2", "norm", 0.0, 1.0, 2.0),
+    ("fc1", "linear", 4.0, 1.0, 5.0),
+    ("gelu", "act", 0.0, 4.0, 5.0),
+    ("fc2", "linear", 4.0, 4.0, 2.0),
     ("add2", "add", 0.0, 0.0, 1.0),
 )
 
@@ -75,49 +86,41 @@ def transformer(
 ) -> LinearGraph:
     """A GPT-like `LinearGraph` of about ``nodes`` nodes (whole blocks, plus embedding and head).
 
-    FLOPs count forward + backward (3x the forward's 2 per multiply-add); bf16 (2-byte) tensors.
+    ``tokens`` per micro-batch, sequences of ``seq``; FLOPs count forward + backward (3x the
+    forward's 2 per multiply-add); bf16 (2-byte) tensors; compute and saved bytes jittered by up
+    to ``jitter``, cut widths by half that.
     """
     rng = np.random.default_rng(seed)
     blocks = max(1, (nodes - 4) // len(_BLOCK))
-    h2, th = (
-        float(hidden) ** 2,
-        float(tokens) * hidden * 2.0,
-    )  # H^2; bytes of one (tokens, H) tensor
+    h2 = float(hidden) ** 2
+    th = float(tokens) * hidden * 2.0  # bytes of one (tokens, H) bf16 tensor
     names: list[str] = ["embed", "pos"]
     compute = [3.0 * tokens * hidden, 3.0 * tokens * hidden]
     params = [2.0 * vocab * hidden, 2.0 * seq * hidden]
     saved = [0.0, 0.0]
-    out = [th, th]
-    # attention: QK^T and AV, 2 * 2 * tokens * seq * H forward each way
-    attn_flops = 3.0 * 4.0 * tokens * seq * hidden
+    live = [th, th]
+    attn_flops = 3.0 * 4.0 * tokens * seq * hidden  # QK^T and AV, x3 for the backward
     for b in range(blocks):
-        for name, kind, pr, sv, ob in _BLOCK:
+        for name, kind, pr, sv, lv in _BLOCK:
             names.append(f"h.{b}.{name}")
             flops = 6.0 * tokens * h2 * pr  # 2 per multiply-add, x3 for the backward
             if kind == "attention":
                 flops = attn_flops
             elif kind in ("norm", "act", "dropout", "add"):
-                flops = 3.0 * 8.0 * tokens * hidden * max(ob, 1.0)
+                flops = 3.0 * 8.0 * tokens * hidden * (4.0 if kind == "act" else 1.0)
             compute.append(flops)
             params.append(2.0 * h2 * pr + (4.0 * hidden if kind == "norm" else 0.0))
             saved.append(th * sv)
-            out.append(th * ob)
+            live.append(th * lv)
     names += ["ln_f", "head"]
     compute += [3.0 * 8.0 * tokens * hidden, 3.0 * 2.0 * tokens * hidden * vocab]
     params += [4.0 * hidden, 0.0]  # the head is tied to the embedding
     saved += [th, th]
-    out += [th, 2.0 * tokens * vocab]
+    live += [2.0 * th, 0.0]
     n = len(names)
     c = np.asarray(compute) * (1.0 + jitter * rng.uniform(-1, 1, n))
     s = np.asarray(saved) * (1.0 + jitter * rng.uniform(0, 1, n))
-    o = np.asarray(out)
-    # A cut after node i carries the residual stream (one tensor) plus node i's own output when
-    # it feeds the next node inside a branch; block outputs (add2) carry just the residual.
-    cuts = np.empty(n - 1)
-    for i in range(n - 1):
-        last = names[i].rsplit(".", 1)[-1]
-        cuts[i] = th if last in ("add1", "add2", "embed", "pos") else th + o[i]
-    cuts *= 1.0 + 0.5 * jitter * rng.uniform(0, 1, n - 1)
+    cuts = np.asarray(live[:-1]) * (1.0 + 0.5 * jitter * rng.uniform(0, 1, n - 1))
     return LinearGraph.from_arrays(
         c, np.asarray(params), s, np.round(cuts), forward=c / 3.0, names=tuple(names)
     )

@@ -13,20 +13,15 @@ stages, starting from cut 0, through valid stages.
 
 **Reachability of one stage.** The reachable cuts ``R_s`` live in a window ``[a, b]``. For each
 candidate end ``j`` (a window too, see pruning) let ``r(j)`` be the last reachable cut before
-``j``. ``pw`` and ``Q`` are monotone, and over the window ``0 <= comm_in <= cin_max`` and
-``0 <= c <= c_max``, so:
-
-* every start ``i`` with ``pw_i >= t_j + cin_max`` and ``Q_i >= u_j + c_max`` is valid (*sure*);
-  since ``pw``, ``Q`` are monotone, ``j`` is reachable as soon as ``r(j)`` is sure — two gathers
-  and two comparisons per ``j``, no search;
-* every valid start has ``pw_i >= t_j`` and ``Q_i >= u_j`` (two binary searches give the first).
-
-Only the ends whose ``r(j)`` is not sure are tested start by start, over the *band* between the
-second bound and ``r(j)``: the starts where a cut's own width decides (the ``c_i`` terms make the
-valid starts a non-interval). A band spans the nodes within one message time or one buffer size
-of the end — a handful in real graphs — and all bands are generated and tested in one vectorised
-batch. This is exact, with no deque and no Fenwick tree; the work per stage is O(w) vector
-operations over a window of ``w`` cuts plus the band pairs.
+``j``, ``top(j)`` the largest key of a reachable start up to ``r(j)`` and ``at(j)`` the last start
+with that key (two running-maximum scans over the window). Then ``j`` is reachable if
+``top(j) >= t_j`` and ``at(j)`` fits in memory, and unreachable if ``top(j) < t_j``. Only when the
+fastest start does not fit but a slower one might (``Q_r >= u_j``) is ``j`` tested start by start,
+over its *band* ``[L(j), r(j)]``, where ``L(j)`` — two binary searches, ``pw_i >= t_j`` and
+``Q_i >= u_j`` — bounds every valid start. The cut widths make the valid starts a non-interval
+(a wide cut ``i`` has a small ``key_i`` and ``mkey_i`` amid larger ones), so a window or a deque
+over starts would be wrong; the scans are exact, need no Fenwick tree, and cost O(w) vector
+operations for a window of ``w`` cuts, plus the rare band pairs, all tested in one batch.
 
 **Pruning.** ``j`` is kept only if the stage can still afford it (``P_j - P_b <= B f_s``,
 ``Q_j - Q_b <= cap_s``, at most ``n - (k - 1 - s)``) and the rest can still fit the remaining
@@ -38,31 +33,36 @@ the rest within the later caps). Near the optimum the windows are a small fracti
 split found). It starts from ``lo`` = the perfect balance plus each stage's least possible
 communication, and ``hi`` = the split proportional to the devices' speeds if that fits. A
 feasible probe snaps ``hi`` down to the bottleneck of a split recovered by walking the reachable
-sets back from ``n``. An infeasible probe returns its *next event*: the least ``T_s(i, j)`` over
-the stages leaving its reachable sets (the band test computes it for the ends it missed), and
-the bounds at which pruning would admit a new cut — a lower bound on the next ``B`` at which
-anything could change, so ``lo`` jumps to it. When an event jumps far the next probe is the
-event itself (feasible there means it is exactly ``B*``); otherwise it bisects, or climbs
-geometrically while no ``hi`` is known. The search stops when ``hi <= lo (1 + 4 RTOL)``: the
-bottleneck is optimal to float noise. If the largest possible stage time is infeasible, no split
-fits memory (`InfeasibleError`). About 10-20 probes in practice.
+sets back from ``n`` (each stage as fast as the sets allow). An infeasible probe returns its
+*next event*: over the ends it missed, the least ``pw_j + comm_out_j - key_i`` of a reachable
+start ``i`` that fits (``top(j)`` when ``at(j)`` fits), and the bounds at which pruning would
+admit a new cut — a lower bound on the next ``B`` at which anything could change, so ``lo``
+jumps to it. When an event jumps far the next probe is the event itself (feasible there means
+it is exactly ``B*``); otherwise it bisects, or climbs geometrically while no ``hi`` is known.
+The events are what make the search exact in few probes: it stops when ``hi <= lo (1 + 4
+RTOL)``, optimal to float noise, typically after 10-20 probes. If the largest possible stage
+time is infeasible, no split fits memory (`InfeasibleError`).
 
 **Ties.** With ``B = hi`` fixed, one more pass over the same reachable sets minimises
 (communication, peak memory) lexicographically. Both are monotone along a path (a sum and a
-max), so the best prefix per cut suffices. The least communication into each end is a range
-minimum over its sure starts (a sparse table) and a minimum over its band; the starts achieving
-it are then enumerated (sure ones by a search in the starts sorted by value) and the peak decides
-among them. If that enumeration would pass ``EDGE_BUDGET`` tied starts (wide windows whose cuts
-all weigh the same), the peak is bisected instead, to ``1e-9`` relative, with the communication
-held at its least. Remaining ties go to the earliest start, from the last stage back. See
-[Note: what optimal guarantees] in `partition.solve`.
+max), so the best prefix per cut suffices. Every start at or after ``S(j)`` — the first ``i``
+with ``pw_i >= t_j + cin_max`` and ``Q_i >= u_j + c_max``, the window's largest message time and
+cut — is valid whatever its own cut, so the least communication into ``j`` is a range minimum
+over ``[S(j), r(j)]`` (a sparse table) and a minimum over the band ``[L(j), S(j))``. The starts
+achieving it are then enumerated (those in the range by a search among the starts sorted by
+value) and the peak decides among them. If that would pass ``EDGE_BUDGET`` tied starts (wide
+windows whose cuts weigh the same), the peak is bisected instead, to ``1e-9`` relative, with the
+communication held at its least. Remaining ties go to the earliest start, from the last stage
+back. See [Note: what optimal guarantees] in `partition.solve`.
 
 Compared with the design note's prototype (a deque per stage, bisection to 1e-4, 0.8 s for 10k
-nodes x 64 stages and 7.5 s for 100k x 64): the band test is exact with the cut-dependent
-buffers, the search is exact, events and snapping cut the probes, and each probe touches only the
-windows pruning leaves — about 0.15 s and 0.25 s on the same sizes (`benchmarks/partition_speed`).
-Worst case: when one huge node sets the bottleneck, every other stage has slack, the windows
-span most of the graph and a probe costs O(k n) (seconds at 100k nodes x 64 stages).
+nodes x 64 stages and 7.5 s for 100k x 64): the running-maximum test is exact with the
+cut-dependent buffers, the search is exact, events and snapping cut the probes, and each probe
+touches only the windows pruning leaves — about 0.15 s and 0.25 s on those sizes here
+(`benchmarks/partition_speed`). Worst case: when one huge node sets the bottleneck, every other
+stage has slack, the windows span most of the graph and a probe costs O(k n) vector work (about
+4 s at 100k nodes x 64 stages; ~30 s if, in addition, every cut has the same width, which sends
+the tie-break to its bisection).
 """
 
 from __future__ import annotations
@@ -236,22 +236,35 @@ class _Search:
             return jlo, None, event
         fr = self.frame(s, a, b, slice(jlo, jhi + 1), bs)
         full = bool(mask.all())
+        local = np.arange(mask.size, dtype=np.int64)
         end = np.minimum(np.arange(jlo - 1 - a, jhi - a, dtype=np.int64), b - a)
         if full:
-            r = end
+            r, keys = end, fr.key
         else:
-            last = np.maximum.accumulate(np.where(mask, np.arange(mask.size, dtype=np.int64), -1))
-            r = last[end]
-        # r >= S(j) without a search: pw and qw are monotone.
-        reach = (fr.pw[r] >= fr.t + fr.sure_t) & (fr.qw[r] >= fr.u + fr.sure_u)
-        unsure = np.flatnonzero(~reach)
-        if unsure.size:
-            event = min(
-                event,
-                self._band(
-                    fr, reach, unsure, r[unsure], None if full else np.flatnonzero(mask), bs
-                ),
-            )
+            r = np.maximum.accumulate(np.where(mask, local, -1))[end]
+            keys = np.where(mask, fr.key, -_INF)
+        # The largest key of a reachable start up to each position, and the last start with it.
+        best = np.maximum.accumulate(keys)
+        arg = np.maximum.accumulate(np.where(keys >= best, local, -1))
+        top, at = best[r], arg[r]
+        timely = top >= fr.t  # some reachable start before j is fast enough
+        memok = fr.mkey[at] >= fr.u  # ... and the fastest one fits: j is reached
+        reach = timely & memok
+        # The fastest start does not fit, but another might: test the band start by start.
+        maybe = ~memok & (fr.qw[r] >= fr.u - fr.mm)
+        ridx = None if full else np.flatnonzero(mask)
+        hard = np.flatnonzero(timely & maybe)
+        if hard.size:
+            self._band(fr, reach, hard, r[hard], ridx)
+        # Events: the fastest start sets the time to reach a missed end when it fits (exact),
+        # otherwise the fastest start that fits does (found start by start; rare).
+        miss = ~reach
+        events = ((fr.t + bs) - top)[miss & memok]
+        if events.size:
+            event = min(event, float(events.min()))
+        other = np.flatnonzero(miss & maybe)
+        if other.size:
+            event = min(event, self._event(fr, other, r[other], ridx, bs))
         hit = np.flatnonzero(reach)
         if hit.size == 0:
             return jlo, None, event
@@ -259,34 +272,25 @@ class _Search:
 
     @staticmethod
     def _band(
-        fr: _Frame, reach: BoolArray, uq: IntArray, r: IntArray, ridx: IntArray | None, bs: float
-    ) -> float:
-        """Test the band starts of the ends ``uq`` one by one; return the next event.
+        fr: _Frame, reach: BoolArray, hq: IntArray, r: IntArray, ridx: IntArray | None
+    ) -> None:
+        """Test the reachable starts in ``[L(j), r(j)]`` of the ends ``hq``; mark those reached."""
+        t, u = fr.t[hq], fr.u[hq]
+        lo = np.maximum(fr.pw.searchsorted(t - fr.tm), fr.qw.searchsorted(u - fr.mm))
+        q, i, _ = _pairs(lo, r, ridx)
+        ok = (fr.key[i] >= t[q]) & (fr.mkey[i] >= u[q])
+        reach[hq[q[ok]]] = True
 
-        The candidates of end ``j`` are the reachable starts in ``[max(lm, min(lt, top)), r]``:
-        ``lt``/``lm`` bound every valid start (time/memory), and ``top`` bounds every start whose
-        key beats the anchor ``r``'s, which the event (the largest memory-valid key) needs.
-        """
-        t, u = fr.t[uq], fr.u[uq]
-        lt = fr.pw.searchsorted(t - fr.tm, "left")
-        lm = fr.qw.searchsorted(u - fr.mm, "left")
-        top = fr.pw.searchsorted(fr.key[r], "left")
-        q, i, starts = _pairs(np.maximum(lm, np.minimum(lt, top)), r, ridx)
+    @staticmethod
+    def _event(fr: _Frame, ends: IntArray, r: IntArray, ridx: IntArray | None, bs: float) -> float:
+        """The least stage time at which a reachable start that fits would reach one of ``ends``."""
+        t, u = fr.t[ends], fr.u[ends]
+        q, i, starts = _pairs(fr.qw.searchsorted(u - fr.mm), r, ridx)
         if q.size == 0:
             return _INF
-        key = fr.key[i]
-        memv = fr.mkey[i] >= u[q]
-        ok = memv & (key >= t[q])
-        got = np.zeros(uq.size, dtype=np.bool_)
-        got[q[ok]] = True
-        reach[uq[got]] = True
-        anchor_ok = fr.mkey[r] >= u
-        vals = np.where(memv | ~anchor_ok[q], key, -_INF)
-        best = np.maximum.reduceat(vals, starts)
+        vals = np.where(fr.mkey[i] >= u[q], fr.key[i], -_INF)
         g = q[starts]
-        need = (t[g] + bs) - best
-        need = need[~got[g]]
-        return float(need.min()) if need.size else _INF
+        return float(((t[g] + bs) - np.maximum.reduceat(vals, starts)).min())
 
     # --- probes ------------------------------------------------------------------------------
 
