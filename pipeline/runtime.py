@@ -789,7 +789,9 @@ def _stage_error(error: Exception, message: str) -> Exception:
         mixed = _MIXED.get(cls)
         if mixed is None:
             mixed = _MIXED[cls] = type(
-                f"Stage{cls.__name__}", (StageError, cls), {"__module__": __name__}
+                f"Stage{cls.__name__}",
+                (StageError, cls),
+                {"__module__": __name__, "__str__": BaseException.__str__},
             )
         err = mixed(message)
         if str(err) == message:
@@ -808,79 +810,64 @@ def _device(name: str | None, group: dist.ProcessGroup | None) -> torch.device:
 
 
 def _layout(
-    built: BuiltModel,
-    plan: Plan | None,
-    options: PipelineOptions,
-    world: int,
+    built: BuiltModel, plan: Plan | None, options: PipelineOptions, world: int
 ) -> tuple[list[Stage], Schedule]:
     """Every stage (on meta) and the schedule, from the plan or the options; see [Note: building on meta]."""
     from partition.planner import analyze, stages_for_plan
-
-    model = built.model
+    from partition.split import split
 
     if plan is not None:
         if plan.num_ranks != world:
             raise PlanError(
-                f"the plan is for {plan.num_ranks} ranks ({plan.num_stages} stages, {plan.virtual} per rank), "
-                f"but {world} ranks are running; launch {plan.num_ranks} ranks or re-plan with --ranks {world}"
+                f"the plan is for {plan.num_ranks} ranks ({plan.num_stages} stages, {plan.virtual} "
+                f"per rank), but {world} ranks are running; launch {plan.num_ranks} ranks or "
+                f"re-plan with --devices {world}"
             )
-        if options.microbatches is not None and options.microbatches != plan.microbatches:
+        if options.microbatches not in (None, plan.microbatches):
             raise PlanError(
                 f"the plan was made for {plan.microbatches} micro-batches, the options ask for "
                 f"{options.microbatches}; re-plan with --microbatches {options.microbatches}"
             )
-        if options.virtual is not None and options.virtual != plan.virtual:
+        if options.virtual not in (None, plan.virtual):
             raise PlanError(
                 f"the plan has {plan.virtual} stages per rank, the options ask for {options.virtual}"
             )
+        name, m, virtual = options.schedule or plan.schedule, plan.microbatches, plan.virtual
+    else:
+        if options.microbatches is None:
+            raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
+        if built.args is None:
+            raise PlanError(
+                "without a plan the model factory must return (model, example_inputs, loss_fn) "
+                "so that the model can be traced; or pass a plan"
+            )
+        name, m, virtual = options.schedule or "1f1b", options.microbatches, options.virtual or 1
+    schedule = build_schedule(name, world, m, virtual)  # fails early on impossible counts
+    validate(schedule)
+    if plan is not None:
         meta_inputs = {  # by name: the plan's inputs are the traced graph's placeholders
             s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta")
             for s in plan.model.inputs
         }
         method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
-        analysis = analyze(model, (), meta_inputs, method=method, order=plan.model.order)
-        stages = stages_for_plan(analysis, plan)
-        name, m, virtual = options.schedule or plan.schedule, plan.microbatches, plan.virtual
-    else:
-        if options.microbatches is None:
-            raise PlanError(
-                "without a plan, give the number of micro-batches (PipelineOptions(microbatches=...))"
-            )
-        if built.args is None:
-            raise PlanError(
-                "without a plan the model factory must return (model, example_inputs, loss_fn) so the "
-                "model can be traced; or pass a plan"
-            )
-        name, m, virtual = options.schedule or "1f1b", options.microbatches, options.virtual or 1
-        analysis = analyze(model, built.args, built.kwargs, microbatches=m)
-        bounds = options.bounds
-        if bounds is None:
-            from partition.devices import parse_devices
-            from partition.memory import MemoryModel
-            from partition.solve import solve
+        analysis = analyze(built.model, (), meta_inputs, method=method, order=plan.model.order)
+        return stages_for_plan(analysis, plan), schedule
+    analysis = analyze(built.model, built.args or (), built.kwargs, microbatches=m)
+    bounds = options.bounds
+    if bounds is None:
+        from partition.devices import parse_devices
+        from partition.solve import solve
 
-            devices = parse_devices("cpu", world)
-            bounds = tuple(
-                solve(
-                    analysis.graph,
-                    devices,
-                    schedule=name,
-                    microbatches=m,
-                    virtual=virtual,
-                    memory=MemoryModel(),
-                ).bounds
-            )
-        if len(bounds) - 1 != world * virtual:
-            raise PlanError(
-                f"bounds {list(bounds)} make {len(bounds) - 1} stages; {world} ranks with {virtual} "
-                f"stage(s) each need {world * virtual}"
-            )
-        from partition.split import split
-
-        stages = split(analysis.traced, analysis.graph, bounds)
-    schedule = build_schedule(name, world, m, virtual)
-    validate(schedule)
-    return stages, schedule
+        devices = parse_devices("cpu", world)
+        bounds = solve(
+            analysis.graph, devices, schedule=name, microbatches=m, virtual=virtual
+        ).bounds
+    if len(bounds) - 1 != world * virtual:
+        raise PlanError(
+            f"bounds {list(bounds)} make {len(bounds) - 1} stages; {world} ranks with {virtual} "
+            f"stage(s) each need {world * virtual}"
+        )
+    return split(analysis.traced, analysis.graph, bounds), schedule
 
 
 def _shared_params(
