@@ -202,8 +202,12 @@ class Transport:
             else (link.src_rank, link.src_stage)
         )
         what = "activations" if link.direction == "activation" else "gradients"
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "timed out" in detail.lower():
+            why = f"rank {peer} did not answer within the process group's timeout: stuck, too slow or dead"
+        else:
+            why = f"rank {peer} probably failed or was killed; see its log"
         return PeerError(
-            f"lost rank {peer} (stage {peer_stage}) while {doing} {what} of micro-batch {microbatch}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-            f"(rank {peer} probably failed or was killed; see its log)"
+            f"lost rank {peer} (stage {peer_stage}) while {doing} {what} of micro-batch "
+            f"{microbatch} ({why}): {detail}"
         )

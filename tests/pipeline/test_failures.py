@@ -296,9 +296,12 @@ def test_a_straggler_below_the_timeout_changes_nothing() -> None:
 
 @pytest.mark.timeout(120)
 def test_a_rank_stuck_past_the_timeout_is_given_up_on() -> None:
-    stuck_for = PG_TIMEOUT + 6
+    pg_timeout = 3.0
+    stuck_for = pg_timeout + 5
     outcomes = run_ranks(
-        3, _inject, 3, "sleep", 1, stuck_for, timeout=90, pg_timeout=PG_TIMEOUT, expect_failure=True
+        3, _inject, 3, "sleep", 1, stuck_for, timeout=60, pg_timeout=pg_timeout, expect_failure=True
     )
-    _ended_in_time([outcomes[0], outcomes[2]], limit=PG_TIMEOUT + 4)
+    for o in (outcomes[0], outcomes[2]):  # the neighbours give up on rank 1 and name it
+        assert "lost rank 1" in o.message and "did not answer" in o.message, o.describe()
+    _ended_in_time([outcomes[0], outcomes[2]], limit=stuck_for)
     assert not outcomes[1].ok and outcomes[1].elapsed < stuck_for + 5, outcomes[1].describe()
