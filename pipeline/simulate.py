@@ -36,7 +36,7 @@ TimelineEvent = tuple[int, Action, float, float]
 
 _F, _B, _I, _W, _SF, _RF, _SB, _RB = range(8)
 _CODE = {k: n for n, k in enumerate(Kind)}  # Kind is declared in the order F B I W SF RF SB RB
-_HELD = np.array([1, -1, 0, -1, 0, 0, 0, 0])  # micro-batches held: +1 at F, -1 at B or W
+_HELD = np.array([1, -1, 0, -1, 0, 0, 0, 0])  # micro-batches held: +1 at F, -1 at B or W, by kind
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
@@ -162,8 +162,7 @@ def simulate(
 
     busy = np.bincount(rank, weights=dur, minlength=p)  # communication has zero duration
     step = float(max(end.max(), arrival.max())) if n else 0.0
-    compute = kind < _SF
-    peak = _peak(stage[compute], kind[compute], S)
+    peak = _peak(stage, kind, S)
     nbytes = None if per_mb_bytes is None else tuple((peak * per_mb_bytes).tolist())
     return SimResult(
         step_time=step,
