@@ -4,17 +4,25 @@
 one objective every algorithm shares ([Note: objective] in `partition.algorithms.objective`).
 
 [Note: what optimal guarantees]
-For the ``optimal`` algorithm, with ``B*`` the least bottleneck over the splits that fit memory:
+For the ``optimal`` algorithm, with ``B*`` the least bottleneck over the splits that fit memory
+(see [Note: bottleneck search] for how):
 
-1. the returned split fits, and its bottleneck is ``B*`` to within ``4e-12`` relative;
-2. among the splits whose bottleneck is within ``1e-12`` relative of the one found (the *ties*),
-   its communication (the sum of the interior cut widths) is the least, compared exactly in
-   float64 (cut widths are byte counts, so sums are exact below 2^53);
-3. among the ties with that communication, its peak memory ``max_s M_s / cap_s`` is the least —
-   exactly when the ties' candidate stages number at most ``EDGE_BUDGET`` (two million; in
-   practice always, since ties leave little slack), otherwise to ``1e-9`` relative;
-4. remaining ties go to the earliest cut, taken from the last stage back; the result is
+1. the returned split fits every cap and every stage is non-empty;
+2. its bottleneck is ``B*`` up to float noise (within ``1e-11`` relative; the search has no
+   tolerance to tune);
+3. the *ties* are the splits that fit with a bottleneck within ``1e-12`` relative of the one
+   found (stage times compared with that slack, for rounding). Among them the split has the least
+   communication — the sum of the interior cut widths — compared exactly in float64 (cut widths
+   are byte counts, so the sums are exact up to 2^53);
+4. among the ties with that communication, the least peak memory ``max_s M_s / cap_s``: exactly
+   when the starts achieving the least communication number at most ``EDGE_BUDGET`` (two
+   million) beyond one per cut — always, unless the windows are wide *and* many cuts weigh the
+   same — and otherwise to ``1e-9`` relative (bisection);
+5. what is still tied goes to the earliest cut, stage by stage from the last; the result is
    deterministic.
+
+Nothing else is optimised: among splits equal in (1)-(4) no other quantity (the simulated step
+time, balance of the non-bottleneck stages) is considered.
 
 Baselines ignore memory: their split is returned even when `Evaluation.fits` is false.
 """

@@ -30,18 +30,18 @@ the rest within the later caps). Near the optimum the windows are a small fracti
 
 **Search.** The optimum ``B*`` is one of the stage times ``T_s(i, j)``. The search keeps
 ``lo`` (every bottleneck below it is infeasible) and ``hi`` (the exact bottleneck of the best
-split found). It starts from ``lo`` = the perfect balance plus each stage's least possible
-communication, and ``hi`` = the split proportional to the devices' speeds if that fits. A
-feasible probe snaps ``hi`` down to the bottleneck of a split recovered by walking the reachable
-sets back from ``n`` (each stage as fast as the sets allow). An infeasible probe returns its
-*next event*: over the ends it missed, the least ``pw_j + comm_out_j - key_i`` of a reachable
-start ``i`` that fits (``top(j)`` when ``at(j)`` fits), and the bounds at which pruning would
-admit a new cut — a lower bound on the next ``B`` at which anything could change, so ``lo``
-jumps to it. When an event jumps far the next probe is the event itself (feasible there means
-it is exactly ``B*``); otherwise it bisects, or climbs geometrically while no ``hi`` is known.
-The events are what make the search exact in few probes: it stops when ``hi <= lo (1 + 4
-RTOL)``, optimal to float noise, typically after 10-20 probes. If the largest possible stage
-time is infeasible, no split fits memory (`InfeasibleError`).
+split found) and bisects between them. It starts from ``lo`` = the perfect balance plus each
+stage's least possible communication, and ``hi`` = the split proportional to the devices'
+speeds if that fits (else it climbs geometrically from ``lo``). A feasible probe snaps ``hi``
+down to the bottleneck of a split recovered by walking the reachable sets back from ``n``, each
+stage as fast as the sets allow — often ``B*`` itself. An infeasible probe returns its *next
+event*: over the ends it missed, the least ``pw_j + comm_out_j - key_i`` of a reachable start
+``i`` that fits (``top(j)`` when ``at(j)`` fits), and the bounds at which pruning would admit a
+new cut — a lower bound on the next ``B`` at which anything could change, so ``lo`` jumps to it.
+The search stops when ``hi <= lo (1 + 4 RTOL)``: optimal to float noise, with no tolerance to
+choose. Events and snapping end it after 10-20 probes in practice (bisection alone would need
+about 35 to reach float precision; probing the events themselves was tried and costs more). If
+the largest possible stage time is infeasible, no split fits memory (`InfeasibleError`).
 
 **Ties.** With ``B = hi`` fixed, one more pass over the same reachable sets minimises
 (communication, peak memory) lexicographically. Both are monotone along a path (a sum and a
@@ -513,35 +513,31 @@ def _search_bottleneck(search: _Search) -> tuple[float, Bounds] | None:
     guess = search.proportional()
     if search.fits(guess):
         hi, best = search.bottleneck(guess), guess
-    B = lb
-    step = 2.0**-10
+    B, step = lb, 2.0**-10
     for _ in range(_MAX_PROBES):
         probe = search.probe(B)
-        jump = False
-        if probe.feasible:
+        if probe.feasible:  # snap hi down to a split's bottleneck
             bounds = search.backtrack(probe, B)
             value = search.bottleneck(bounds)
             if value < hi:
                 hi, best = value, bounds
-        else:
-            if top <= B:
-                return None
-            lo = max(lo, B)
-            event = probe.event
-            if event < _INF and event * (1 - 2 * RTOL) > lo:
-                jump = event - B >= 0.125 * ((hi if hi < _INF else top) - B)
-                lo = event * (1 - 2 * RTOL)
+        else:  # nothing below the next event is feasible either
+            if (top <= B or probe.event == _INF) and best is None:
+                return None  # no larger bottleneck changes anything: memory never fits
+            lo = max(lo, B, probe.event * (1 - 2 * RTOL))
         if hi <= lo * (1 + 4 * RTOL) or hi == 0.0:
             break
-        if jump and lo < hi:
-            B = lo / (1 - 2 * RTOL)  # the event itself: feasible there means optimal
-        elif hi == _INF:
+        if hi == _INF:
             B = min(max(lo, B) * (1 + step), top) if lo > 0 else top * step
             step *= 4.0
         else:
             B = 0.5 * (lo + hi)
-    if best is None:
-        return None
+    if best is None:  # pragma: no cover - the climb reaches `top` long before the cap
+        probe = search.probe(top)
+        if not probe.feasible:
+            return None
+        best = search.backtrack(probe, top)
+        hi = search.bottleneck(best)
     return hi, best
 
 
