@@ -8,7 +8,9 @@ reference. fp32 models are held to 1e-5, fp64 models to 1e-10.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -266,3 +268,114 @@ def test_each_rank_holds_only_its_stage() -> None:
         # model's weights (which alone would be `full`)
         assert r["training"] < 2 * r["stage"] + slack + 0.15 * full, (rank, r, full)
         assert r["training"] < 0.85 * full, (rank, r, full)
+
+
+# --- evaluation, autocast, checkpoints, LR schedules, plans, timelines ----------------------------
+
+
+def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
+    case = Case("gpt", "1f1b", 2, 4)
+    options = case.options(NUM_NODES["gpt"])
+    (x, y), *_ = case.batches()
+    out: dict[str, Any] = {}
+
+    pipe = Pipeline(case.factory(), options=options)
+    out["eval_output"] = pipe.evaluate(x)
+    out["eval_loss"] = pipe.evaluate(x, y)
+    out["timeline"] = pipe.timeline
+    pipe.step(x, y)
+    out["train_timeline"] = pipe.timeline
+    out["actions"] = [str(a) for a in pipe._actions]
+
+    bf16 = Pipeline(case.factory(), options=dataclasses.replace(options, autocast=torch.bfloat16))
+    loss = bf16.step(x, y)
+    out["bf16_loss"] = None if loss is None else float(loss)
+
+    loaded = Pipeline(case.factory(), options=dataclasses.replace(options, checkpoint=checkpoint))
+    out["loaded"] = loaded.state_dict()
+
+    scheduled = Pipeline(
+        case.factory(),
+        options=options,
+        optimizer_factory=case.optimizer_factory(),
+        lr_scheduler_factory=functools.partial(
+            torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5
+        ),
+    )
+    for xb, yb in case.batches():
+        scheduled.step(xb, yb)
+    out["scheduled"] = {n: p.detach().clone() for n, p in scheduled.named_parameters().items()}
+
+    planned = Pipeline(case.factory(), plan=plan)
+    loss = planned.step(x, y)
+    out["plan_loss"] = None if loss is None else float(loss)
+    out["plan_grads"] = {n: p.grad.clone() for n, p in planned.named_parameters().items()}
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: Any) -> None:
+    from partition.devices import parse_devices
+    from partition.planner import plan_model
+
+    case = Case("gpt", "1f1b", 2, 4)
+    (x, y), *_ = case.batches()
+    ref = reference_model(case.factory())
+    model, loss_fn = ref.model, ref.loss_fn
+    assert loss_fn is not None
+    checkpoint = tmp_path / "gpt.pt"
+    saved = {k: torch.randn_like(v) for k, v in model.state_dict().items()}  # unlike any init
+    torch.save(saved, checkpoint)
+    meta = build_meta_model(case.factory())
+    plan = plan_model(meta.model, meta.args, devices=parse_devices("cpu", 2), microbatches=4)
+
+    ranks = run_ranks(2, _features, str(checkpoint), plan, timeout=100)
+    first, last = ranks
+    with torch.no_grad():
+        expected = model(x)
+    assert first["eval_output"] is None and first["eval_loss"] is None
+    assert (last["eval_output"] - expected).abs().max() < 1e-5
+    assert abs(float(last["eval_loss"]) - float(loss_fn(expected, y))) < 1e-5
+
+    # the timeline: one event per action, in order, on the monotonic clock
+    for r in ranks:
+        events = r["train_timeline"]
+        assert [str(a) for _, a, _, _ in events] == r["actions"]
+        assert all(start <= end for _, _, start, end in events)
+        assert all(a[3] <= b[2] for a, b in itertools.pairwise(events))
+        assert {str(a)[1:2] for _, a, _, _ in r["timeline"]} <= {
+            "F",
+            "S",
+            "R",
+        }  # eval: forward only
+
+    assert (
+        last["bf16_loss"] is not None
+        and abs(last["bf16_loss"] - float(loss_fn(expected, y))) < 0.05
+    )
+
+    for r in ranks:
+        for name, value in r["loaded"].items():
+            assert torch.equal(value, saved[name]), name
+
+    opt = case.optimizer_factory()(list(model.parameters()))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for xb, yb in case.batches():
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()
+        sched.step()
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for r in ranks:
+        for name, value in r["scheduled"].items():
+            assert (value - named[name]).abs().max() < 1e-5, name
+
+    fresh = reference_model(case.factory()).model
+    loss = loss_fn(fresh(x), y)
+    loss.backward()
+    assert abs(last["plan_loss"] - loss.item()) < 1e-5
+    fresh_named = dict(fresh.named_parameters(remove_duplicate=False))
+    assert {n for r in ranks for n in r["plan_grads"]} == set(fresh_named)
+    for r in ranks:
+        for name, grad in r["plan_grads"].items():
+            assert (grad - fresh_named[name].grad).abs().max() < 1e-5, name
