@@ -515,7 +515,7 @@ def _check(
         if options.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
         opt.step()
-        ref_losses.append(float(loss))
+        ref_losses.append(loss.item())
     pipe_losses = [
         next(r["losses"][k] for r in results if r["losses"][k] is not None) for k in range(steps)
     ]
