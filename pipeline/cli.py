@@ -36,6 +36,12 @@ _EPILOG_SIMULATE = """examples:
   pipepart simulate gpt --size 7b --seq 4096 --batch 32 --device-spec h100 --devices 8 --schedule interleaved --virtual 2 --microbatches 16
 """
 
+_EPILOG_BENCH = """examples:
+  pipepart bench list
+  pipepart bench partitioners --quick
+  pipepart bench vs_pipelining --json
+"""
+
 _EPILOG_SHOW = """examples:
   pipepart show plan.json
   pipepart show plan.json --device-spec a100-40 --json
@@ -336,6 +342,42 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         )
 
 
+def _benchmarks() -> list[str]:
+    import benchmarks
+
+    folder = benchmarks.__path__[0]
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules([folder]) if not m.name.startswith("_"))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+    import tempfile
+    from pathlib import Path
+
+    names = _benchmarks()
+    if args.name == "list":
+        for name in names:
+            module = importlib.import_module(f"benchmarks.{name}")
+            first = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+            print(f"{name:20s} {first}")
+        return 0
+    name = args.name.replace("-", "_")
+    if name not in names:
+        raise PipepartError(f"no benchmark {args.name!r}; choose one of {', '.join(names)} (or `pipepart bench list`)")
+    module = importlib.import_module(f"benchmarks.{name}")
+    argv = ["--quick"] if args.quick else []
+    if args.json:
+        out = Path(tempfile.mkdtemp()) / f"{name}.json"
+        with contextlib.redirect_stdout(sys.stderr):  # the table goes to stderr, the JSON to stdout
+            code = int(module.main([*argv, "--out", str(out)]) or 0)
+        if code == 0:
+            print(json.dumps(json.loads(out.read_text())))
+        return code
+    return int(module.main(argv) or 0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipepart",
@@ -391,6 +433,18 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     simulate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     simulate.set_defaults(func=_cmd_simulate)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark from benchmarks/ (`pipepart bench list` names them)",
+        epilog=_EPILOG_BENCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("name", help="a benchmark's name, or `list`")
+    bench.add_argument("--quick", action="store_true", help="the quick mode CI runs (under a minute)")
+    bench.add_argument("--json", action="store_true", help="print the benchmark's JSON results on stdout")
+    bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -71,7 +71,7 @@ def test_errors_are_one_line_and_non_zero(capsys: pytest.CaptureFixture[str], ar
 
 
 def test_every_subcommand_has_help_with_an_example() -> None:
-    for command in ("plan", "show", "simulate"):
+    for command in ("plan", "show", "simulate", "bench"):
         out = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True
         ).stdout
@@ -95,3 +95,12 @@ def test_simulate_a_saved_plan_and_draw_it(capsys: pytest.CaptureFixture[str], t
 def test_simulate_a_model_directly(capsys: pytest.CaptureFixture[str]) -> None:
     data = _json(capsys, ["simulate", "gpt", "--devices", "2", "--schedule", "interleaved", "--virtual", "2", "--json"])
     assert data["ranks"] == 2 and len(data["peak_activation_microbatches"]) == 4
+
+
+def test_bench_lists_and_runs_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "trace_cost" in listed and "partitioners" in listed
+    data = _json(capsys, ["bench", "trace_cost", "--quick", "--json"])
+    assert data["rows"][0]["blocks"] == 12
+    assert main(["bench", "nope"]) == 2
