@@ -33,7 +33,7 @@ def _check(problem: Problem) -> tuple[int, int]:
 
 
 def uniform(problem: Problem) -> Bounds:
-    """Equal node counts per stage (the first stages take the remainder's floor)."""
+    """Equal node counts per stage (``n // k`` or one more; the later stages take the extra)."""
     n, k = _check(problem)
     return tuple(s * n // k for s in range(k + 1))
 

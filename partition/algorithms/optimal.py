@@ -618,13 +618,15 @@ def _devices_for(problem: Problem, count: int) -> tuple[Device, ...]:
 
 
 def min_devices(problem: Problem) -> int | None:
-    """The fewest devices that fit ``problem``'s memory, or None if no count does.
+    """The fewest devices that fit ``problem``'s memory, or None if no count does. Time is ignored.
 
     The candidates with ``m`` devices are the first ``m`` given devices, then copies of the last
-    one (for a homogeneous set: ``m`` copies of the spec). Fit is checked for each ``m`` from the
-    first whose total memory suffices, upwards, because it is not monotone (with 1F1B the first
-    stage keeps one more micro-batch in flight per stage added); the scan gives up (None) past
-    four times that first count plus 64, or past one stage per node. Time is ignored.
+    one (for a homogeneous set: ``m`` copies of the spec). Fitting is not monotone in ``m`` (with
+    1F1B every added stage keeps one more micro-batch in flight on each earlier one, and tiny
+    stages pay their cuts' buffers), so counts are tried one by one from the first whose total
+    memory suffices, for 64 counts; past that the count grows by a quarter at a time and the last
+    step is bisected. The result always fits and one fewer does not; it is the fewest unless a
+    fitting range narrower than a quarter lies beyond the first 64 counts.
     """
     n, v = len(problem.graph), problem.virtual
     c, g = problem.costs, problem.graph
@@ -633,17 +635,30 @@ def min_devices(problem: Problem) -> int | None:
     if np.any(problem.kappa * g.param_bytes + floor * g.saved_bytes > biggest):
         return None  # some node fits no device even alone
     need = float(problem.kappa * c.W[-1] + floor * c.A[-1])
-    first: int | None = None
-    for m in range(1, n // v + 1):
-        devices = _devices_for(problem, m)
-        if sum(d.memory for d in devices) < need:
-            continue
-        first = m if first is None else first
-        if m > 4 * first + 64:
+    limit = n // v
+    m = 1
+    while m <= limit and sum(d.memory for d in _devices_for(problem, m)) < need:
+        m += 1
+    scan = m + 64
+    low = m - 1  # does not fit (or is zero)
+    while m <= limit and not _fits_with(problem, m):
+        low = m
+        m = m + 1 if m < scan else max(m + 1, m * 5 // 4)
+    if m > limit:
+        if low >= limit or not _fits_with(problem, limit):
             return None
-        if memory_fits(replace(problem, devices=devices)):
-            return m
-    return None
+        m = limit
+    while m - low > 1:  # only after a step of more than one
+        mid = (low + m) // 2
+        if _fits_with(problem, mid):
+            m = mid
+        else:
+            low = mid
+    return m
+
+
+def _fits_with(problem: Problem, count: int) -> bool:
+    return memory_fits(replace(problem, devices=_devices_for(problem, count)))
 
 
 def _too_large(problem: Problem) -> tuple[int, int] | None:
