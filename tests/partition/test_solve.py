@@ -319,6 +319,32 @@ def test_min_devices_extends_a_heterogeneous_set_with_its_last_device() -> None:
         solve(graph, [big, small], microbatches=1)
 
 
+def test_a_device_more_can_break_the_fit() -> None:
+    # Found by comparing min_devices with a one-by-one scan: 2 devices fit, 3 do not, because
+    # under 1F1B the middle stage of 3 keeps 2 micro-batches in flight where the last of 2 keeps
+    # 1. So min_devices must not assume that fitting is monotone in the count.
+    graph = LinearGraph.from_arrays(
+        [1.0] * 4, [4.0, 3.0, 2.0, 3.0], [0.0, 6.0, 4.0, 0.0], [0.0, 4.0, 7.0]
+    )
+    device = Device(name="d", memory=18, flops=1.0)
+    none = MemoryModel(optimizer="none")
+    fits = [
+        memory_fits(
+            Problem(
+                graph=graph, devices=(device,) * m, schedule="1f1b", microbatches=4, memory=none
+            )
+        )
+        for m in (1, 2, 3, 4)
+    ]
+    assert fits == [False, True, False, False]
+    problem = Problem(
+        graph=graph, devices=(device,) * 3, schedule="1f1b", microbatches=4, memory=none
+    )
+    assert min_devices(problem) == 2
+    with pytest.raises(InfeasibleError, match="fewest devices that fit is 2"):
+        solve(graph, [device] * 3, microbatches=4, memory=none)
+
+
 def test_more_stages_than_nodes_is_infeasible_for_every_algorithm() -> None:
     graph = LinearGraph.from_arrays([1.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 2)
     for algorithm in ALGORITHMS:
