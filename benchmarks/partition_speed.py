@@ -207,7 +207,7 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for k in STAGES:
         pts = sorted(
             (r["nodes"], r["optimal"]["seconds"])
@@ -230,7 +230,7 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("seconds (median)")
     ax.set_title("partitioner time vs graph size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
