@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import partition.algorithms.optimal as optimal_module
+import partition.algorithms.ties as ties_module
 from partition.algorithms import baselines
 from partition.algorithms.objective import Problem, evaluate
 from partition.algorithms.optimal import memory_fits
@@ -160,12 +161,12 @@ def test_optimal_equals_brute_force(problem: Problem) -> None:
 def test_optimal_equals_brute_force_when_ties_are_bisected(problem: Problem) -> None:
     # With no budget the peak-memory tie-break takes its other route: least communication by
     # range minima, then bisection of the peak memory.
-    old = optimal_module.EDGE_BUDGET
-    optimal_module.EDGE_BUDGET = -(10**9)
+    old = ties_module.EDGE_BUDGET
+    ties_module.EDGE_BUDGET = -(10**9)
     try:
         _check_against_brute_force(problem)
     finally:
-        optimal_module.EDGE_BUDGET = old
+        ties_module.EDGE_BUDGET = old
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
