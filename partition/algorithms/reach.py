@@ -27,6 +27,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 @dataclass
 class Probe:
+    """What one probe at a bottleneck found."""
+
     feasible: bool
     event: float
     """A lower bound on the least stage time above the probe that could change reachability."""
