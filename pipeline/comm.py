@@ -22,6 +22,7 @@ lazily in `Transport.flush` (at the end of a step), and the tensors are kept ali
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,21 +139,40 @@ class BufferPool:
         self._free.append(buffers)
 
 
+@dataclass
+class _Posted:
+    """A receive posted ahead of the action that needs it."""
+
+    microbatch: int
+    buffers: list[torch.Tensor]
+    works: list[dist.Work]
+
+
 class Transport:
-    """Sends and receives `Link` payloads for one rank; see [Note: boundary protocol]."""
+    """Sends and receives `Link` payloads for one rank; see [Note: boundary protocol].
+
+    [Note: receiving ahead]
+    Given the order in which a step receives on each link (`expect`), the transport keeps one
+    receive posted ahead per link: the next one is posted as soon as the previous one has been
+    taken, so the data arrives while the rank computes instead of when it asks. Receives on a link
+    are posted in the schedule's order, which is also the sender's order. This needs a backend
+    whose point-to-point operations are independent of each other (gloo); on NCCL, where
+    operations between two ranks run in issue order on one stream, a receive is posted only when
+    the schedule reaches it.
+    """
 
     def __init__(
-        self,
-        rank: int,
-        *,
-        group: dist.ProcessGroup | None = None,
-        validate: bool = True,
+        self, rank: int, *, group: dist.ProcessGroup | None = None, validate: bool = True
     ) -> None:
         self.rank = rank
         self.group = group
         self.validate = validate
-        self._tags = dist.get_backend(group) == "gloo"
+        backend = dist.get_backend(group)
+        self._tags = backend == "gloo"
+        self.prefetch = backend == "gloo"
         self._pending: list[tuple[dist.Work, Link, int, list[torch.Tensor]]] = []
+        self._plan: dict[tuple[str, int], tuple[Link, BufferPool, collections.deque[int]]] = {}
+        self._posted: dict[tuple[str, int], _Posted] = {}
 
     def _peer(self, global_rank: int) -> int:
         return global_rank if self.group is None else dist.get_global_rank(self.group, global_rank)
@@ -170,21 +190,59 @@ class Transport:
                 self._pending.append((work, link, microbatch, payload))
         except RuntimeError as e:
             raise self._peer_error(link, microbatch, "sending", e) from e
+        while self._pending and self._pending[0][0].is_completed():  # drop what is done
+            self._pending.pop(0)
 
-    def recv(self, link: Link, microbatch: int, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Receive one micro-batch's tensors of ``link`` into ``buffers`` (blocking)."""
+    def expect(self, receives: Sequence[tuple[Link, BufferPool, Sequence[int]]]) -> None:
+        """Start a step: for each link, the pool to receive into and the micro-batches it will
+        receive, in order; posts the first of each (see [Note: receiving ahead])."""
+        self._plan = {
+            (link.direction, link.cut): (link, pool, collections.deque(mbs))
+            for link, pool, mbs in receives
+        }
+        self._posted = {}
+        if self.prefetch:
+            for key in self._plan:
+                self._post_next(key)
+
+    def _post_next(self, key: tuple[str, int]) -> None:
+        link, pool, queue = self._plan[key]
+        if not queue:
+            return
+        microbatch = queue.popleft()
+        buffers = pool.acquire()
         peer = self._peer(link.src_rank)
         try:
             works = [
                 dist.irecv(b, peer, group=self.group, tag=link.tag(i) if self._tags else 0)
                 for i, b in enumerate(buffers)
             ]
-            for work in works:
-                assert work is not None
+        except RuntimeError as e:
+            raise self._peer_error(link, microbatch, "receiving", e) from e
+        self._posted[key] = _Posted(microbatch, buffers, works)  # type: ignore[arg-type]
+
+    def recv(self, link: Link, microbatch: int) -> list[torch.Tensor]:
+        """The tensors of ``microbatch`` on ``link``, in buffers from its pool (blocking).
+
+        The caller gives the buffers back to the pool when it no longer needs them.
+        """
+        key = (link.direction, link.cut)
+        if key not in self._posted:
+            self._post_next(key)
+        posted = self._posted.pop(key)
+        if posted.microbatch != microbatch:
+            raise PlanError(
+                f"stage {link.dst_stage} expected micro-batch {posted.microbatch} from stage "
+                f"{link.src_stage} and the schedule asks for {microbatch}"
+            )
+        try:
+            for work in posted.works:
                 work.wait()
         except RuntimeError as e:
             raise self._peer_error(link, microbatch, "receiving", e) from e
-        return buffers
+        if self.prefetch:
+            self._post_next(key)
+        return posted.buffers
 
     def flush(self) -> None:
         """Wait for every posted send to complete, then drop the tensors they kept alive."""

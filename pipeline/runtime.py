@@ -337,6 +337,11 @@ class Pipeline:
         }
         self._links_setup(stages, schedule)
         self.transport = Transport(self.rank, group=group, validate=options.check_boundaries)
+        self._eval_actions = tuple(
+            a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
+        )
+        self._receives_train = self._receives(self._actions)
+        self._receives_eval = self._receives(self._eval_actions)
         params = list({id(p): p for e in self.executors.values() for p in e.parameters}.values())
         self.parameters = params
         held_elsewhere = {
@@ -397,10 +402,11 @@ class Pipeline:
             )
             self._act_out[s], self._act_in[s + 1] = act, act
             self._grad_out[s + 1], self._grad_in[s] = grad, grad
+            # + 1: the receive posted ahead (see [Note: receiving ahead] in pipeline.comm)
             if rank_of(s + 1) == self.rank and rank_of(s) != self.rank:
-                self._pools["act", s + 1] = BufferPool(act.specs, self.device, peak[s + 1])
+                self._pools["act", s + 1] = BufferPool(act.specs, self.device, peak[s + 1] + 1)
             if rank_of(s) == self.rank and rank_of(s + 1) != self.rank:
-                self._pools["grad", s] = BufferPool(grad.specs, self.device, 1)
+                self._pools["grad", s] = BufferPool(grad.specs, self.device, 2)
         self._remote = {s: rank_of(s) != self.rank for s in range(len(stages))}
 
     # --- public API ---------------------------------------------------------------------------
@@ -462,8 +468,7 @@ class Pipeline:
         """Forward only, no autograd: on the last rank the loss if ``target`` is given, else the
         model's output for the whole batch (micro-batch outputs concatenated); ``None`` elsewhere."""
         mb_inputs, mb_targets = self._split_batch(inputs, target, need_target=False)
-        forward = tuple(a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F))
-        outputs = self._run(forward, mb_inputs, mb_targets, train=False)
+        outputs = self._run(self._eval_actions, mb_inputs, mb_targets, train=False)
         if not self.is_last:
             return None
         if target is not None:
@@ -493,6 +498,7 @@ class Pipeline:
         self._mb_inputs, self._mb_targets, self._train = mb_inputs, mb_targets, train
         for e in self.executors.values():
             e.reset()
+        self.transport.expect(self._receives_train if train else self._receives_eval)
         events: list[TimelineEvent] = []
         clock = time.monotonic
         handlers = self._handlers
@@ -526,16 +532,25 @@ class Pipeline:
         }
 
     def _recv_forward(self, s: int, i: int) -> None:
-        pool = self._pools["act", s]
-        buffers = self.transport.recv(self._act_in[s], i, pool.acquire())
+        buffers = self.transport.recv(self._act_in[s], i)
         self._inbox["act", s, i] = buffers
-        self._held[s, i].append((pool, buffers))
+        self._held[s, i].append((self._pools["act", s], buffers))
 
     def _recv_backward(self, s: int, i: int) -> None:
-        pool = self._pools["grad", s]
-        buffers = self.transport.recv(self._grad_in[s], i, pool.acquire())
+        buffers = self.transport.recv(self._grad_in[s], i)
         self._inbox["grad", s, i] = buffers
-        self._held[s, i].append((pool, buffers))
+        self._held[s, i].append((self._pools["grad", s], buffers))
+
+    def _receives(self, actions: Sequence[Action]) -> list[tuple[Link, BufferPool, list[int]]]:
+        """Per incoming link, its pool and the micro-batches ``actions`` receive, in order."""
+        order: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
+        for a in actions:
+            if a.kind is Kind.RECV_F:
+                order["act", a.stage].append(a.microbatch)
+            elif a.kind is Kind.RECV_B:
+                order["grad", a.stage].append(a.microbatch)
+        links = {"act": self._act_in, "grad": self._grad_in}
+        return [(links[kind][s], self._pools[kind, s], mbs) for (kind, s), mbs in order.items()]
 
     def _send_forward(self, s: int, i: int) -> None:
         self.transport.send(self._act_out[s], self._outbox.pop(("act", s, i)), i)

@@ -95,12 +95,15 @@ def _exchange(rounds: int) -> list[bool]:
             torch.full(s.shape, base + i, dtype=s.torch_dtype) for i, s in enumerate(link.specs)
         ]
 
+    outgoing, incoming = ([a0, g1], [g0, a1]) if rank == 0 else ([g0, a1], [a0, g1])
+    transport.expect(
+        [(link, BufferPool(link.specs, torch.device("cpu")), range(rounds)) for link in incoming]
+    )
     for mb in range(rounds):
-        outgoing, incoming = ([a0, g1], [g0, a1]) if rank == 0 else ([g0, a1], [a0, g1])
         for link in outgoing:
             transport.send(link, payload(link, mb), mb)
         for link in reversed(incoming):  # received in another order than sent: tags match them
-            got = transport.recv(link, mb, BufferPool(link.specs, torch.device("cpu")).acquire())
+            got = transport.recv(link, mb)
             ok.append(all(torch.equal(g, w) for g, w in zip(got, payload(link, mb), strict=True)))
     transport.flush()
     return ok
