@@ -12,8 +12,9 @@ layer norm, MLP up, GELU, MLP down, residual, plus the views and dropouts an FX 
 analytic FLOPs, bf16 weights, the activations autograd saves and the live bytes across every
 cut, each jittered by up to 10 %. Devices are H100-like, with memory sized so the model fits
 with about 40 % headroom under 1F1B. Each case is the median of ``--repeats`` solves (the
-largest fewer); numbers are wall-clock seconds on the machine that runs it, so compare rows of
-one run. ``--quick`` skips the 100k-node rows and runs in well under a minute.
+largest fewer); numbers are wall-clock seconds (and, for optimal, CPU seconds, steadier on a
+shared machine) on the machine that runs it, so compare rows of one run. ``--quick`` skips the
+100k-node rows and runs in well under a minute.
 """
 
 from __future__ import annotations
@@ -141,14 +142,16 @@ def devices_for(
     ]
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """Median wall-clock and CPU seconds of ``repeats`` calls, and the last result."""
+    wall, cpu, out = [], [], None
     for _ in range(repeats):
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), out
 
 
 def _case(label: str | int, graph: LinearGraph, k: int, repeats: int) -> dict[str, Any]:
@@ -156,11 +159,12 @@ def _case(label: str | int, graph: LinearGraph, k: int, repeats: int) -> dict[st
     row: dict[str, Any] = {"graph": label, "nodes": len(graph), "stages": k}
     for algorithm in ALGORITHMS:
         reps = repeats if algorithm == "optimal" else 1
-        seconds, sol = _timed(lambda a=algorithm: solve(graph, devices, algorithm=a), reps)  # type: ignore[misc]
+        seconds, cpu, sol = _timed(lambda a=algorithm: solve(graph, devices, algorithm=a), reps)  # type: ignore[misc]
         assert isinstance(sol, Solution)
         ev = sol.evaluation
         row[algorithm] = {
             "seconds": round(seconds, 4),
+            "cpu_seconds": round(cpu, 4),
             "balance_ratio": round(ev.balance_ratio, 5),
             "fits": ev.fits,
         }
@@ -183,13 +187,13 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'graph':>7} {'nodes':>7} {'k':>3} | {'optimal s':>9} {'ratio':>7} | "
+    head = f"{'graph':>7} {'nodes':>7} {'k':>3} | {'optimal s':>9} {'cpu s':>7} {'ratio':>7} | "
     head += " | ".join(f"{a + ' s':>8} {'ratio':>7}" for a in ALGORITHMS[1:])
     lines = [head, "-" * len(head)]
     for r in rows:
         opt, target = r["optimal"], r["target_s"]
         line = f"{r['graph']!s:>7} {r['nodes']:>7} {r['stages']:>3} | "
-        line += f"{opt['seconds']:>9.4f} {opt['balance_ratio']:>7.4f} | "
+        line += f"{opt['seconds']:>9.4f} {opt['cpu_seconds']:>7.4f} {opt['balance_ratio']:>7.4f} | "
         line += " | ".join(
             f"{r[a]['seconds']:>8.4f} {r[a]['balance_ratio']:>6.3f}{' ' if r[a]['fits'] else '*'}"
             for a in ALGORITHMS[1:]
