@@ -87,6 +87,17 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
+class _RankLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every message with ``[rank r]``."""
+
+    def __init__(self, logger: logging.Logger, rank: int) -> None:
+        super().__init__(logger, {})
+        self.rank = rank
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[rank {self.rank}] {msg}", kwargs
+
+
 class BatchError(InputError, ValueError):
     """A batch does not fit the plan: not divisible into the micro-batches, or the wrong shape."""
 
@@ -276,57 +287,40 @@ class Pipeline:
         """
         if not dist.is_initialized():
             raise PlanError(
-                "torch.distributed is not initialised: call init_process_group first, or use pipeline.launch"
+                "torch.distributed is not initialised: call init_process_group first, "
+                "or use pipeline.launch"
             )
         self.options = options = options or PipelineOptions()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.log = logging.LoggerAdapter(log, {"rank": self.rank})
+        self.log = _RankLog(log, self.rank)
+        # Every check that can fail runs before the first collective, identically on every rank.
         built = build_meta_model(model_fn)
-        model = built.model
-        stages, schedule = _layout(built, plan, options, self.world_size)
-        self.schedule = schedule
-        self.stages = stages
-        self.num_microbatches = schedule.num_microbatches
-        self.input_specs = stages[0].inputs
-        self.device = _device(options.device, group)
-        self.my_stages = schedule.stages_of(self.rank)
-        self._actions = with_communication(schedule).actions[self.rank]
-        _check_channel_order(with_communication(schedule))
-
-        init_source = _init_order(model)
-        shared = _shared_params(stages, schedule, init_source)
-        modules = [stages[s].module for s in self.my_stages]
-        self._named = _materialize(
-            modules,
-            model,
-            self.device,
-            seed=options.seed,
-            checkpoint=options.checkpoint,
-            source=init_source,
-        )
-        groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
-        self._shared: list[tuple[_Shared, dist.ProcessGroup, nn.Parameter | None]] = []
-        for s in shared:  # a collective: every rank creates every subgroup, in the same order
-            if s.ranks not in groups:
-                groups[s.ranks] = self._subgroup(s.ranks)
-            local = next((self._named[n] for n in s.names if n in self._named), None)
-            self._shared.append((s, groups[s.ranks], local))
-        with torch.no_grad():
-            for s, sub, param in self._shared:
-                if param is not None:
-                    dist.broadcast(param.data, self._global(s.source_rank), group=sub)
-
         loss_fn = loss_fn or built.loss_fn
-        if stages[-1].index in self.my_stages and loss_fn is None:
+        if loss_fn is None:
             raise PlanError(
                 "the last stage needs a loss function: pass loss_fn= or return it from the model factory"
             )
+        if lr_scheduler_factory is not None and optimizer_factory is None:
+            raise PlanError("an LR scheduler needs an optimizer: pass optimizer_factory= too")
+        self.stages, self.schedule = _layout(built, plan, options, self.world_size)
+        self.num_microbatches = self.schedule.num_microbatches
+        self.input_specs = self.stages[0].inputs
+        self.device = _device(options.device, group)
+        self.my_stages = self.schedule.stages_of(self.rank)
+        with_comm = with_communication(self.schedule)
+        _check_channel_order(with_comm)
+        self._actions = with_comm.actions[self.rank]
+        self._eval_actions = tuple(
+            a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
+        )
+
+        self._materialize(built.model)
         scale = 1.0 / self.num_microbatches if options.loss_reduction == "mean" else 1.0
         self.executors = {
             s: StageExecutor(
-                stages[s],
+                self.stages[s],
                 loss_fn=loss_fn,
                 loss_scale=scale,
                 recompute=options.recompute,
@@ -335,22 +329,17 @@ class Pipeline:
             )
             for s in self.my_stages
         }
-        self._links_setup(stages, schedule)
-        self.transport = Transport(self.rank, group=group, validate=options.check_boundaries)
-        self._eval_actions = tuple(
-            a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
+        self.parameters = list(
+            {id(p): p for e in self.executors.values() for p in e.parameters}.values()
         )
+        """This rank's trainable parameters, each once."""
+        self._links_setup()
+        self.transport = Transport(self.rank, group=group, validate=options.check_boundaries)
         self._receives_train = self._receives(self._actions)
         self._receives_eval = self._receives(self._eval_actions)
-        params = list({id(p): p for e in self.executors.values() for p in e.parameters}.values())
-        self.parameters = params
-        held_elsewhere = {
-            id(p) for s, _, p in self._shared if p is not None and min(s.ranks) != self.rank
-        }
-        self._norm_params = [p for p in params if id(p) not in held_elsewhere]
-        self.optimizer = optimizer_factory(params) if optimizer_factory is not None else None
-        if lr_scheduler_factory is not None and self.optimizer is None:
-            raise PlanError("an LR scheduler needs an optimizer: pass optimizer_factory= too")
+        self.optimizer = (
+            optimizer_factory(self.parameters) if optimizer_factory is not None else None
+        )
         self.lr_scheduler = (
             lr_scheduler_factory(self.optimizer)
             if lr_scheduler_factory and self.optimizer
@@ -360,13 +349,14 @@ class Pipeline:
         self.timeline: list[TimelineEvent] = []
         """``(rank, action, start, end)`` of the last step, ``time.monotonic()`` seconds."""
         self.last_grad_norm: float | None = None
+        """The global gradient norm of the last step (when clipping)."""
         self.log.info(
             "stages %s of %d, schedule %s, %d micro-batches, %d parameters",
             list(self.my_stages),
-            len(stages),
-            schedule.name,
+            len(self.stages),
+            self.schedule.name,
             self.num_microbatches,
-            sum(p.numel() for p in params),
+            sum(p.numel() for p in self.parameters),
         )
 
     # --- set-up ---------------------------------------------------------------------------
@@ -382,7 +372,40 @@ class Pipeline:
         assert group is not None
         return group
 
-    def _links_setup(self, stages: list[Stage], schedule: Schedule) -> None:
+    def _materialize(self, model: nn.Module) -> None:
+        """Real weights for this rank's stages, tied weights made equal across ranks."""
+        init_source = _init_order(model)
+        shared = _shared_params(self.stages, self.schedule, init_source)
+        self._named = _materialize(
+            [self.stages[s].module for s in self.my_stages],
+            model,
+            self.device,
+            seed=self.options.seed,
+            checkpoint=self.options.checkpoint,
+            source=init_source,
+        )
+        groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self._shared: list[tuple[_Shared, dist.ProcessGroup, nn.Parameter | None]] = []
+        for s in shared:  # a collective: every rank creates every subgroup, in the same order
+            if s.ranks not in groups:
+                groups[s.ranks] = self._subgroup(s.ranks)
+            local = next((self._named[n] for n in s.names if n in self._named), None)
+            self._shared.append((s, groups[s.ranks], local))
+        with torch.no_grad():
+            for s, sub, param in self._shared:
+                if param is not None:
+                    dist.broadcast(param.data, self._global(s.source_rank), group=sub)
+        # A tied weight is counted in the global norm by the lowest of its ranks only.
+        elsewhere = {
+            id(p) for s, _, p in self._shared if p is not None and min(s.ranks) != self.rank
+        }
+        mine = {
+            id(p): p for p in self._named.values() if p.requires_grad and id(p) not in elsewhere
+        }
+        self._norm_params = list(mine.values())
+
+    def _links_setup(self) -> None:
+        stages, schedule = self.stages, self.schedule
         rank_of = schedule.stage_to_rank
         self._act_out: dict[int, Link] = {}
         self._act_in: dict[int, Link] = {}
@@ -676,7 +699,7 @@ class Pipeline:
         where.append(f"step {self.steps_done}")
         where.append(str(action) if action is not None else what)
         message = f"[{' · '.join(where)}] {type(error).__name__}: {error}"
-        self.log.error("%s", message)
+        log.error("%s", message)  # already says which rank
         return _stage_error(error, message)
 
     # --- the batch ---------------------------------------------------------------------------

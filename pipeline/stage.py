@@ -117,10 +117,12 @@ class StageExecutor:
         ]
         self._out_dtypes = [s.torch_dtype for s in stage.outputs]
         self._saved: dict[int, _Saved] = {}
+        self._params = [p for p in self.module.parameters() if p.requires_grad]
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The stage's trainable parameters (each once)."""
+        return self._params
 
     def reset(self) -> None:
         """Forget every micro-batch in flight and the recorded losses (start of a step)."""
@@ -154,12 +156,7 @@ class StageExecutor:
             self.losses.append(loss.detach())
             self._saved[microbatch] = _Saved(leaves, [loss * self.loss_scale])
             return []
-        outs = list(out)
-        if self.autocast is not None:
-            outs = [
-                t.to(d) if t.dtype != d and t.is_floating_point() else t
-                for t, d in zip(outs, self._out_dtypes, strict=False)
-            ]
+        outs = self._plan_dtypes(out)
         roots, index = [], []
         for k, i in enumerate(self._float_out):
             if i < len(outs) and outs[i].requires_grad:
@@ -175,6 +172,10 @@ class StageExecutor:
             out = self.module(*inputs)
             if self.stage.is_last:
                 return out if target is None or self.loss_fn is None else self.loss_fn(out, target)
+        return self._plan_dtypes(out)
+
+    def _plan_dtypes(self, out: Any) -> list[Tensor]:
+        """The stage's outputs as a list; under autocast, cast back to the plan's dtypes."""
         outs = list(out)
         if self.autocast is not None:
             outs = [
