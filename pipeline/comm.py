@@ -157,35 +157,59 @@ class Transport:
     taken, so the data arrives while the rank computes instead of when it asks. Receives on a link
     are posted in the schedule's order, which is also the sender's order. This needs a backend
     whose point-to-point operations are independent of each other (gloo); on NCCL, where
-    operations between two ranks run in issue order on one stream, a receive is posted only when
-    the schedule reaches it.
+    operations between two ranks run in issue order on one stream, it needs ``link_groups``.
+
+    [Note: one communicator per link]
+    On NCCL, a send and a receive between the same two ranks share one stream, in issue order, so
+    a receive posted early (or a send the peer has not yet asked for) would hold back messages of
+    the other direction: 1F1B's steady state deadlocks that way. Given ``link_groups``, a process
+    group of the two ranks per link, every link is its own first-in-first-out channel, matched in
+    the same order on both sides, which is all the schedule assumes. Gloo needs none: its
+    operations are independent and tags keep links apart.
     """
 
     def __init__(
-        self, rank: int, *, group: dist.ProcessGroup | None = None, validate: bool = True
+        self,
+        rank: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        validate: bool = True,
+        link_groups: dict[tuple[str, int], dist.ProcessGroup] | None = None,
     ) -> None:
+        """
+        Args:
+            rank: this rank, in ``group``.
+            group: the pipeline's process group (default: the world).
+            validate: check every sent tensor against its spec.
+            link_groups: a two-rank group per ``(direction, cut)``; see [Note: one communicator
+                per link].
+        """
         self.rank = rank
         self.group = group
         self.validate = validate
-        backend = dist.get_backend(group)
-        self._tags = backend == "gloo"
-        self.prefetch = backend == "gloo"
+        self._tags = dist.get_backend(group) == "gloo"
+        self._link_groups = link_groups or {}
+        self.prefetch = self._tags or bool(link_groups)
         self._pending: list[tuple[dist.Work, Link, int, list[torch.Tensor]]] = []
         self._plan: dict[tuple[str, int], tuple[Link, BufferPool, collections.deque[int]]] = {}
         self._posted: dict[tuple[str, int], _Posted] = {}
 
-    def _peer(self, global_rank: int) -> int:
-        return global_rank if self.group is None else dist.get_global_rank(self.group, global_rank)
+    def _peer(self, rank: int) -> int:
+        """The global rank of ``rank`` (a rank of ``group``), as ``isend``/``irecv`` take it."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def _group(self, link: Link) -> dist.ProcessGroup | None:
+        return self._link_groups.get((link.direction, link.cut), self.group)
 
     def send(self, link: Link, tensors: Sequence[torch.Tensor], microbatch: int) -> None:
         """Validate ``tensors`` (if enabled) and post their sends; returns without waiting."""
         if self.validate:
             link.check(tensors, microbatch)
         payload = [t.detach().contiguous() for t in tensors]
-        peer = self._peer(link.dst_rank)
+        peer, group = self._peer(link.dst_rank), self._group(link)
         try:
             for i, t in enumerate(payload):
-                work = dist.isend(t, peer, group=self.group, tag=link.tag(i) if self._tags else 0)
+                work = dist.isend(t, peer, group=group, tag=link.tag(i) if self._tags else 0)
                 assert work is not None
                 self._pending.append((work, link, microbatch, payload))
         except RuntimeError as e:
@@ -211,10 +235,10 @@ class Transport:
             return
         microbatch = queue.popleft()
         buffers = pool.acquire()
-        peer = self._peer(link.src_rank)
+        peer, group = self._peer(link.src_rank), self._group(link)
         try:
             works = [
-                dist.irecv(b, peer, group=self.group, tag=link.tag(i) if self._tags else 0)
+                dist.irecv(b, peer, group=group, tag=link.tag(i) if self._tags else 0)
                 for i, b in enumerate(buffers)
             ]
         except RuntimeError as e:

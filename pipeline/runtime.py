@@ -130,6 +130,9 @@ class PipelineOptions:
     """Check each sent tensor's shape and dtype against the plan (one comparison per tensor)."""
     device: str | None = None
     """Where the stages live; default ``cuda:<local rank>`` under NCCL, else ``cpu``."""
+    link_groups: bool | None = None
+    """One communicator per link (default: on NCCL only); see [Note: one communicator per link]
+    in `pipeline.comm`."""
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
@@ -334,7 +337,12 @@ class Pipeline:
         )
         """This rank's trainable parameters, each once."""
         self._links_setup()
-        self.transport = Transport(self.rank, group=group, validate=options.check_boundaries)
+        self.transport = Transport(
+            self.rank,
+            group=group,
+            validate=options.check_boundaries,
+            link_groups=self._link_groups(),
+        )
         self._receives_train = self._receives(self._actions)
         self._receives_eval = self._receives(self._eval_actions)
         self.optimizer = (
@@ -403,6 +411,25 @@ class Pipeline:
             id(p): p for p in self._named.values() if p.requires_grad and id(p) not in elsewhere
         }
         self._norm_params = list(mine.values())
+
+    def _link_groups(self) -> dict[tuple[str, int], dist.ProcessGroup] | None:
+        """A two-rank group per link where the backend needs it; see [Note: one communicator
+        per link] in `pipeline.comm`."""
+        wanted = self.options.link_groups
+        if wanted is None:
+            wanted = dist.get_backend(self.group) != "gloo"
+        if not wanted:
+            return None
+        rank_of = self.schedule.stage_to_rank
+        groups = {}
+        for cut in range(len(self.stages) - 1):  # a collective: every rank, every link, in order
+            pair = tuple(sorted({rank_of(cut), rank_of(cut + 1)}))
+            if len(pair) == 2:
+                for direction in ("activation", "gradient"):
+                    group = dist.new_group([self._global(r) for r in pair])
+                    assert group is not None
+                    groups[direction, cut] = group
+        return groups
 
     def _links_setup(self) -> None:
         stages, schedule = self.stages, self.schedule

@@ -62,6 +62,7 @@ class Case:
     optimizer: str = "sgd"
     max_grad_norm: float | None = None
     recompute: bool = False
+    link_groups: bool = False
     steps: int = 3
 
     @property
@@ -93,6 +94,7 @@ class Case:
             loss_reduction=self.reduction,  # type: ignore[arg-type]
             max_grad_norm=self.max_grad_norm,
             recompute=self.recompute,
+            link_groups=self.link_groups,
         )
 
     def optimizer_factory(self) -> Any:
@@ -134,6 +136,7 @@ def cases_for(world: int) -> list[Case]:
         Case("gpt", "gpipe", world, 1, optimizer="adamw"),
         Case("gpt-tied", "1f1b", world, m, max_grad_norm=0.05),  # clipping is active
         Case("skipnet", "interleaved", world, world, virtual=3, recompute=True),
+        Case("gpt", "interleaved", world, m, virtual=2, link_groups=True),  # NCCL's way, on gloo
     ]
     return cases
 
