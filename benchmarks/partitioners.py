@@ -31,9 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from partition.algorithms.objective import Problem
 from partition.devices import Device, parse_devices
 from partition.errors import InfeasibleError
 from partition.graph import LinearGraph, coarsen, layer_boundaries
@@ -41,7 +41,6 @@ from partition.memory import MemoryModel
 from partition.planner import Analysis, analyze, predict_step
 from partition.registry import resolve
 from partition.solve import Solution, evaluate, solve
-from partition.algorithms.objective import Problem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY = MemoryModel(optimizer="adam", master_weights=True)
@@ -82,7 +81,9 @@ def _score(problem: Problem, bounds: Sequence[int], stages_time: Any = None) -> 
             capacity=0,
             compute_time=evaluation.stage_compute_times[s],
             comm_time=evaluation.stage_comm_times[s],
-            send_bytes=float(problem.graph.cut_bytes[bounds[s + 1]]) if s + 1 < len(bounds) - 1 else 0.0,
+            send_bytes=float(problem.graph.cut_bytes[bounds[s + 1]])
+            if s + 1 < len(bounds) - 1
+            else 0.0,
         )
         for s in range(len(bounds) - 1)
     ]
@@ -99,10 +100,18 @@ def _score(problem: Problem, bounds: Sequence[int], stages_time: Any = None) -> 
     }
 
 
-def compare(analysis: Analysis, devices: list[Device], microbatches: int) -> dict[str, dict[str, Any]]:
+def compare(
+    analysis: Analysis, devices: list[Device], microbatches: int
+) -> dict[str, dict[str, Any]]:
     graph = analysis.graph
     k = len(devices)
-    problem = Problem(graph=graph, devices=tuple(devices), schedule="1f1b", microbatches=microbatches, memory=MEMORY)
+    problem = Problem(
+        graph=graph,
+        devices=tuple(devices),
+        schedule="1f1b",
+        microbatches=microbatches,
+        memory=MEMORY,
+    )
     rows: dict[str, dict[str, Any]] = {}
 
     def attempt(name: str, make: Any) -> None:
@@ -120,21 +129,36 @@ def compare(analysis: Analysis, devices: list[Device], microbatches: int) -> dic
 
     def layer_level() -> tuple[int, ...]:
         cuts = layer_boundaries(graph)
-        coarse: Solution = solve(coarsen(graph, cuts), devices, microbatches=microbatches, memory=MEMORY)
+        coarse: Solution = solve(
+            coarsen(graph, cuts), devices, microbatches=microbatches, memory=MEMORY
+        )
         return tuple(cuts[i] for i in coarse.bounds)
 
     attempt("optimal", optimal)
     attempt("optimal, no comm term", free_links)
     attempt("best layer-level", layer_level)
     attempt("uniform layers (Megatron)", lambda: _uniform_layers(graph, k))
-    for algorithm, label in (("params", "params (DeepSpeed)"), ("time", "time (torchgpipe)"), ("uniform", "uniform nodes")):
-        attempt(label, lambda a=algorithm: solve(graph, devices, microbatches=microbatches, memory=MEMORY, algorithm=a).bounds)
+    for algorithm, label in (
+        ("params", "params (DeepSpeed)"),
+        ("time", "time (torchgpipe)"),
+        ("uniform", "uniform nodes"),
+    ):
+        attempt(
+            label,
+            lambda a=algorithm: (
+                solve(graph, devices, microbatches=microbatches, memory=MEMORY, algorithm=a).bounds
+            ),
+        )
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a GPT-2-small-shaped model (CI smoke run)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a GPT-2-small-shaped model (CI smoke run)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "partitioners.json")
     args = parser.parse_args(argv)
 
@@ -147,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hetero = "h100;h100;h100;a100-40;a100-40;a100-40;a100-40;a100-40"
         device = "mem=80GB,tflops=400,bw=50GB/s"
     else:
-        spec, seqs, counts = resolve("hf:llama", size="real", batch=8, seq=4096), (4096, 16384), (8, 16)
+        spec, seqs, counts = (
+            resolve("hf:llama", size="real", batch=8, seq=4096),
+            (4096, 16384),
+            (8, 16),
+        )
         hetero = "h100;h100;h100;h100;a100-80;a100-80;a100-80;a100-80"
         device = "mem=80GB,tflops=400,bw=50GB/s"
     results: list[dict[str, Any]] = []
@@ -163,9 +191,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases.append((f"heterogeneous: {hetero}", parse_devices(hetero)))
         for label, devices in cases:
             rows = compare(analysis, devices, microbatches=8)
-            results.append({"model": spec.name, "size": spec.size, "seq": seq, "devices": label, "nodes": len(analysis.graph), "rows": rows})
-            table = Table(title=f"{spec.name} {spec.size or ''} seq {seq}, {len(analysis.graph)} nodes · {label} · 1F1B, 8 micro-batches, Adam + fp32 master")
-            for column in ("partitioner", "slowest stage", "× perfect balance", "predicted step", "bubble", "fits memory", "peak mem / cap", "cut MB"):
+            results.append(
+                {
+                    "model": spec.name,
+                    "size": spec.size,
+                    "seq": seq,
+                    "devices": label,
+                    "nodes": len(analysis.graph),
+                    "rows": rows,
+                }
+            )
+            table = Table(
+                title=f"{spec.name} {spec.size or ''} seq {seq}, {len(analysis.graph)} nodes · {label} · 1F1B, 8 micro-batches, Adam + fp32 master"
+            )
+            for column in (
+                "partitioner",
+                "slowest stage",
+                "× perfect balance",
+                "predicted step",
+                "bubble",
+                "fits memory",
+                "peak mem / cap",
+                "cut MB",
+            ):
                 table.add_column(column, justify="left" if column == "partitioner" else "right")
             best = rows["optimal"].get("step_ms")
             for name, row in rows.items():

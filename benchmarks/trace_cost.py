@@ -59,7 +59,9 @@ def run(blocks: Sequence[int]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="12 blocks only (CI smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS / "trace_cost.json")
     args = parser.parse_args(argv)
@@ -87,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"target_seconds_96_blocks": TARGET_SECONDS, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"target_seconds_96_blocks": TARGET_SECONDS, "rows": rows}, indent=2) + "\n"
+    )
     return 0
 
 

@@ -44,7 +44,29 @@ _WHERE = {
     "trace": "trace",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "PRESETS",
+    "Analysis",
+    "CostGraph",
+    "Device",
+    "InfeasibleError",
+    "InputError",
+    "MemoryModel",
+    "PipepartError",
+    "Plan",
+    "PlanError",
+    "Stage",
+    "TraceError",
+    "TracedModel",
+    "analyze",
+    "cost_model",
+    "parse_devices",
+    "plan_model",
+    "reprice",
+    "solve",
+    "split",
+    "trace",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -143,7 +143,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
             output_bytes=output_bytes,
         )
         if node.op in ("placeholder", "get_attr"):
-            nodes[node.name] = NodeCost(**base)  # type: ignore[arg-type]
+            nodes[node.name] = NodeCost(**base)
             continue
         fwd, bwd, saved_keys, saved_new = _cost_node(node, values, traced, param_ids)
         saved_bytes = saved_new
@@ -153,10 +153,12 @@ def cost_model(traced: TracedModel) -> CostGraph:
                 saved_bytes += size
         elementwise = 0
         if fwd == 0 and output_bytes:
-            numel = sum(t.numel() for t in tree_flatten(values[node.name])[0] if isinstance(t, torch.Tensor))
+            numel = sum(
+                t.numel() for t in tree_flatten(values[node.name])[0] if isinstance(t, torch.Tensor)
+            )
             elementwise = 3 * numel if _has_grad(values[node.name]) else numel
         nodes[node.name] = NodeCost(
-            **base,  # type: ignore[arg-type]
+            **base,
             fwd_flops=fwd,
             bwd_flops=bwd,
             elementwise_flops=elementwise,
@@ -249,9 +251,15 @@ def _cost_node(
             saved_other += size
     bwd = 0
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-    wrt = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    wrt = [
+        t
+        for t in tree_flatten((args, kwargs))[0]
+        if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
     if node.op == "call_module":
-        wrt += [p for p in traced.meta_state.module_state(str(node.target)).values() if p.requires_grad]
+        wrt += [
+            p for p in traced.meta_state.module_state(str(node.target)).values() if p.requires_grad
+        ]
     if outs and wrt:
         counter = FlopCounterMode(display=False)
         with counter:
@@ -275,7 +283,9 @@ def _is_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _ATTENTION_TARGETS
 
 
-def _fused_attention_saved(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> dict[int, torch.Tensor]:
+def _fused_attention_saved(
+    args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+) -> dict[int, torch.Tensor]:
     """What a fused attention kernel saves; see [Note: fused attention]."""
     inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     query = inputs[0]

@@ -53,11 +53,11 @@ def _parse(text: str | float | int, units: tuple[str, ...], what: str) -> float:
 
 def parse_size(text: str | float | int) -> int:
     """Bytes from ``"16GiB"``, ``"80GB"``, ``"512MiB"`` or a plain number of bytes."""
-    return int(round(_parse(text, ("b", ""), "size")))
+    return round(_parse(text, ("b", ""), "size"))
 
 
 def parse_rate(text: str | float | int) -> float:
-    """Bytes per second from ``"25GB/s"``, ``"100Gbit/s"``-free forms like ``"25GB/s"`` or a number."""
+    """Bytes per second from ``"25GB/s"``, ``"1GiB/s"`` or a plain number."""
     if isinstance(text, str):
         text = text.replace("/s", "").replace("ps", "")
     return _parse(text, ("b", ""), "bandwidth")
@@ -91,7 +91,9 @@ class Device:
         if self.flops <= 0:
             raise PlanError(f"device {self.name!r}: flops must be positive, got {self.flops}")
         if self.bandwidth <= 0:
-            raise PlanError(f"device {self.name!r}: bandwidth must be positive, got {self.bandwidth}")
+            raise PlanError(
+                f"device {self.name!r}: bandwidth must be positive, got {self.bandwidth}"
+            )
         if self.latency < 0:
             raise PlanError(f"device {self.name!r}: latency must be >= 0, got {self.latency}")
 
@@ -103,12 +105,16 @@ class Device:
         """
         fields = [f.strip() for f in spec.split(",") if f.strip()]
         if not fields:
-            raise PlanError("empty device spec: give a preset (h100, a100-80, cpu, ...) or mem=...,tflops=...")
+            raise PlanError(
+                "empty device spec: give a preset (h100, a100-80, cpu, ...) or mem=...,tflops=..."
+            )
         base: Device | None = None
         if "=" not in fields[0]:
             key = fields.pop(0).lower()
             if key not in PRESETS:
-                raise PlanError(f"unknown device preset {key!r}; presets: {', '.join(sorted(PRESETS))}")
+                raise PlanError(
+                    f"unknown device preset {key!r}; presets: {', '.join(sorted(PRESETS))}"
+                )
             base = PRESETS[key]
         values: dict[str, object] = {}
         for field in fields:
@@ -136,7 +142,9 @@ class Device:
             return replace(base, **values)  # type: ignore[arg-type]
         missing = [k for k in ("memory", "flops") if k not in values]
         if missing:
-            raise PlanError(f"device spec {spec!r} lacks {', '.join(missing)}; e.g. mem=16GiB,tflops=100")
+            raise PlanError(
+                f"device spec {spec!r} lacks {', '.join(missing)}; e.g. mem=16GiB,tflops=100"
+            )
         values.setdefault("name", "device")
         return cls(**values)  # type: ignore[arg-type]
 
@@ -172,8 +180,12 @@ def _parse_seconds(text: str) -> float:
 # NVLink bandwidth one way (half the bidirectional figure). Real sustained throughput is lower
 # (40-60% MFU is typical in training); pass `tflops=` for a measured figure.
 PRESETS: dict[str, Device] = {
-    "a100-40": Device(name="a100-40", memory=40 * 10**9, flops=312e12, bandwidth=300e9, latency=5e-6),
-    "a100-80": Device(name="a100-80", memory=80 * 10**9, flops=312e12, bandwidth=300e9, latency=5e-6),
+    "a100-40": Device(
+        name="a100-40", memory=40 * 10**9, flops=312e12, bandwidth=300e9, latency=5e-6
+    ),
+    "a100-80": Device(
+        name="a100-80", memory=80 * 10**9, flops=312e12, bandwidth=300e9, latency=5e-6
+    ),
     "h100": Device(name="h100", memory=80 * 10**9, flops=989e12, bandwidth=450e9, latency=5e-6),
     "h200": Device(name="h200", memory=141 * 10**9, flops=989e12, bandwidth=450e9, latency=5e-6),
     "cpu": Device(name="cpu", memory=16 * 2**30, flops=100e9, bandwidth=10e9, latency=50e-6),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
-    "InputError",
     "InfeasibleError",
+    "InputError",
     "PipepartError",
     "PlanError",
     "StageError",

@@ -15,7 +15,18 @@ from torch import Tensor, nn
 
 from partition.errors import PlanError
 
-__all__ = ["GPT", "GPT_SIZES", "Block", "GPTConfig", "SkipNet", "TwoTower", "gpt", "lm_loss", "skipnet", "two_tower"]
+__all__ = [
+    "GPT",
+    "GPT_SIZES",
+    "Block",
+    "GPTConfig",
+    "SkipNet",
+    "TwoTower",
+    "gpt",
+    "lm_loss",
+    "skipnet",
+    "two_tower",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,15 +191,16 @@ def gpt(
     if not 1 <= seq <= config.block_size:
         raise PlanError(f"seq {seq} must be between 1 and the block size {config.block_size}")
     model = GPT(config)
-    idx = torch.randint(0, config.vocab_size, (batch, seq)) if not _on_meta() else torch.empty(
-        batch, seq, dtype=torch.long
+    idx = (
+        torch.randint(0, config.vocab_size, (batch, seq))
+        if not _on_meta()
+        else torch.empty(batch, seq, dtype=torch.long)
     )
     return model, (idx,), lm_loss
 
 
 def _on_meta() -> bool:
     return torch.empty(0).device.type == "meta"
-
 
 
 class SkipNet(nn.Module):

@@ -11,6 +11,7 @@ Nodes keep the user's module path in ``nn_module_stack``, so plans still name ``
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -34,7 +35,9 @@ class ExportRoot(nn.Module):
         for name, param in model.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buffer in model.named_buffers(recurse=False):
-            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+            self.register_buffer(
+                name, buffer, persistent=name not in model._non_persistent_buffers_set
+            )
         for name, value in constants.items():
             self.register_buffer(name, value, persistent=False)
 
@@ -63,7 +66,9 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             name = "_pipepart_const_" + str(spec.target).replace(".", "_")
             value = program.constants[str(spec.target)]
             if not isinstance(value, torch.Tensor):
-                raise TraceError(f"export lifted a non-tensor constant {spec.target!r}; not supported")
+                raise TraceError(
+                    f"export lifted a non-tensor constant {spec.target!r}; not supported"
+                )
             constants[name] = value
             param_placeholders[node.name] = name
         elif spec.kind == InputKind.USER_INPUT:
@@ -103,10 +108,17 @@ def _follow_input_device(module: fx.GraphModule, user_inputs: set[str]) -> None:
     whatever device its rank has, so each literal becomes ``x.device`` for a tensor input ``x``
     of that graph (higher-order-op bodies included).
     """
-    for graph_module in [module, *(m for m in module.modules() if isinstance(m, fx.GraphModule) and m is not module)]:
+    for graph_module in [
+        module,
+        *(m for m in module.modules() if isinstance(m, fx.GraphModule) and m is not module),
+    ]:
         graph = graph_module.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        candidates = [n for n in placeholders if n.name in user_inputs] if graph_module is module else placeholders
+        candidates = (
+            [n for n in placeholders if n.name in user_inputs]
+            if graph_module is module
+            else placeholders
+        )
         source = next((n for n in candidates if isinstance(n.meta.get("val"), torch.Tensor)), None)
         if source is None:
             continue
@@ -114,14 +126,22 @@ def _follow_input_device(module: fx.GraphModule, user_inputs: set[str]) -> None:
         for node in list(graph.nodes):
             if node.op not in ("call_function", "call_method"):
                 continue
-            if not any(isinstance(v, torch.device) for v in torch.utils._pytree.tree_leaves((node.args, node.kwargs))):
+            if not any(
+                isinstance(v, torch.device)
+                for v in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+            ):
                 continue
             if device_node is None:
                 with graph.inserting_after(placeholders[-1]):
                     device_node = graph.call_function(getattr, (source, "device"))
-            node.args = torch.utils._pytree.tree_map(lambda v: device_node if isinstance(v, torch.device) else v, node.args)
-            node.kwargs = torch.utils._pytree.tree_map(lambda v: device_node if isinstance(v, torch.device) else v, node.kwargs)
+            node.args, node.kwargs = torch.utils._pytree.tree_map(
+                functools.partial(_replace_device, device_node), (node.args, node.kwargs)
+            )
         graph_module.recompile()
+
+
+def _replace_device(device_node: fx.Node, value: Any) -> Any:
+    return device_node if isinstance(value, torch.device) else value
 
 
 def _has_attr(root: nn.Module, target: str) -> bool:

@@ -147,7 +147,9 @@ def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
         forward = np.array([c.fwd_time for c in node_costs], dtype=np.float64) * speed
         compute = forward + np.array([c.bwd_time for c in node_costs], dtype=np.float64) * speed
     else:
-        forward = np.array([c.fwd_flops + c.elementwise_flops / 3 for c in node_costs], dtype=np.float64)
+        forward = np.array(
+            [c.fwd_flops + c.elementwise_flops / 3 for c in node_costs], dtype=np.float64
+        )
         compute = np.array([c.flops for c in node_costs], dtype=np.float64)
     numel = sum(c.param_numel for c in node_costs)
     total_param_bytes = sum(c.param_bytes for c in node_costs)

@@ -29,16 +29,61 @@ _SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "real": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
     },
     "bert": {
-        "tiny": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=128, max_position_embeddings=64),
-        "real": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12, vocab_size=30522),
+        "tiny": dict(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+        "real": dict(
+            num_hidden_layers=12,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            vocab_size=30522,
+        ),
     },
     "llama": {
-        "tiny": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=64),
-        "real": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+        "tiny": dict(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+        "real": dict(
+            num_hidden_layers=32,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
     },
     "vit": {
-        "tiny": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32, patch_size=8, num_labels=10),
-        "real": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12, image_size=224, patch_size=16, num_labels=1000),
+        "tiny": dict(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        ),
+        "real": dict(
+            num_hidden_layers=12,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            num_labels=1000,
+        ),
     },
 }
 HF_MODELS: tuple[str, ...] = tuple(_SIZES)
@@ -69,7 +114,9 @@ def _build(
     try:
         import transformers
     except ImportError as e:
-        raise InputError('hf: models need transformers: pip install -c constraints.txt -e ".[hf]"') from e
+        raise InputError(
+            'hf: models need transformers: pip install -c constraints.txt -e ".[hf]"'
+        ) from e
     size = size or "tiny"
     if size not in _SIZES[kind]:
         raise InputError(f"hf:{kind} has sizes {', '.join(_SIZES[kind])}, not {size!r}")
@@ -79,19 +126,31 @@ def _build(
     def ints(high: int, *dims: int) -> Tensor:
         return torch.empty(*dims, dtype=torch.long) if meta else torch.randint(0, high, dims)
 
+    config: Any
+    model: Any
     if kind == "vit":
-        config = transformers.ViTConfig(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = transformers.ViTConfig(
+            **shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
         model = transformers.ViTForImageClassification(config)
-        side = config.image_size
+        side = int(config.image_size)
         pixels = torch.empty(batch, 3, side, side) if meta else torch.randn(batch, 3, side, side)
-        labels = torch.empty(batch, dtype=torch.long) if meta else torch.randint(0, config.num_labels, (batch,))
+        labels = (
+            torch.empty(batch, dtype=torch.long)
+            if meta
+            else torch.randint(0, config.num_labels, (batch,))
+        )
         return model, {"pixel_values": pixels}, classification_loss, labels
     if kind == "gpt2":
-        config = transformers.GPT2Config(**shape, use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = transformers.GPT2Config(
+            **shape, use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
         model = transformers.GPT2LMHeadModel(config)
         limit, loss = config.n_positions, causal_lm_loss
     elif kind == "bert":
-        config = transformers.BertConfig(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = transformers.BertConfig(
+            **shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
         model = transformers.BertForMaskedLM(config)
         limit, loss = config.max_position_embeddings, masked_lm_loss
     else:
@@ -105,16 +164,22 @@ def _build(
         raise InputError(f"seq {seq} exceeds hf:{kind}'s {limit} positions")
     ids = ints(config.vocab_size, batch, seq)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    return model, {"input_ids": ids, "attention_mask": mask}, loss, ints(config.vocab_size, batch, seq)
+    return (
+        model,
+        {"input_ids": ids, "attention_mask": mask},
+        loss,
+        ints(config.vocab_size, batch, seq),
+    )
 
 
 def factory(kind: str) -> Callable[..., Any]:
     """The factory of ``hf:KIND`` for `partition.registry`."""
     if kind not in _SIZES:
-        raise InputError(f"unknown hf model {kind!r}; choose one of {', '.join(f'hf:{k}' for k in _SIZES)}")
+        raise InputError(
+            f"unknown hf model {kind!r}; choose one of {', '.join(f'hf:{k}' for k in _SIZES)}"
+        )
 
     def build(size: str = "", batch: int = 8, seq: int | None = None, **options: Any) -> Any:
         return _build(kind, size, batch, seq)
 
     return build
-

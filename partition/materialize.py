@@ -37,7 +37,9 @@ def module_seed(seed: int, name: str) -> int:
 
 def _owners(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     for name, sub in module.named_modules(remove_duplicate=True):
-        if any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False)):
+        if any(True for _ in sub.parameters(recurse=False)) or any(
+            True for _ in sub.buffers(recurse=False)
+        ):
             yield name, sub
 
 
@@ -54,8 +56,8 @@ def initialize(module: nn.Module, *, seed: int = 0, init_hook: InitHook | None =
                 torch.manual_seed(module_seed(seed, name))
                 if init_hook is not None:
                     init_hook(sub)
-                elif hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
+                elif callable(reset := getattr(sub, "reset_parameters", None)):
+                    reset()
 
 
 def materialize(

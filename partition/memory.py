@@ -33,13 +33,24 @@ from typing import Literal
 
 from partition.errors import PlanError
 
-__all__ = ["OPTIMIZERS", "SCHEDULE_NAMES", "MemoryModel", "canonical_schedule", "inflight_microbatches"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULE_NAMES",
+    "MemoryModel",
+    "canonical_schedule",
+    "inflight_microbatches",
+]
 
 Optimizer = Literal["none", "sgd", "sgd-momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "sgd-momentum", "adam")
 _STATES = {"none": 0, "sgd": 0, "sgd-momentum": 1, "adam": 2}
 SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb-h1")
-_SCHEDULE_ALIASES = {"one-f-one-b": "1f1b", "pipedream-flush": "1f1b", "zbh1": "zb-h1", "zero-bubble": "zb-h1"}
+_SCHEDULE_ALIASES = {
+    "one-f-one-b": "1f1b",
+    "pipedream-flush": "1f1b",
+    "zbh1": "zb-h1",
+    "zero-bubble": "zb-h1",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +64,9 @@ class MemoryModel:
 
     def __post_init__(self) -> None:
         if self.optimizer not in _STATES:
-            raise PlanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise PlanError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
 
     def bytes_per_param_byte(self, element_size: float = 4.0) -> float:
         """``kappa``: bytes held per byte of parameter in the model's dtype."""

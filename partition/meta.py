@@ -82,7 +82,7 @@ def fetch_args(node: fx.Node, values: dict[str, Any]) -> tuple[tuple[Any, ...], 
     """The node's positional and keyword arguments with every input node replaced by its value."""
     args = fx.node.map_arg(node.args, lambda n: values[n.name])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n.name])
-    return tuple(args), dict(kwargs)  # type: ignore[arg-type]
+    return tuple(args), dict(kwargs)
 
 
 def run_node(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], state: MetaState) -> Any:

@@ -120,7 +120,12 @@ class StagePlan:
         return {
             "index": self.index,
             "device": self.device.to_dict(),
-            "nodes": {"start": self.start, "stop": self.stop, "first": self.first_node, "last": self.last_node},
+            "nodes": {
+                "start": self.start,
+                "stop": self.stop,
+                "first": self.first_node,
+                "last": self.last_node,
+            },
             "modules": {"first": self.first_module, "last": self.last_module},
             "flops": self.flops,
             "forward_flops": self.forward_flops,
@@ -201,7 +206,9 @@ class Plan:
                 )
             expected = stage.stop
         if expected != self.model.num_nodes:
-            raise PlanError(f"the stages cover {expected} of the model's {self.model.num_nodes} nodes")
+            raise PlanError(
+                f"the stages cover {expected} of the model's {self.model.num_nodes} nodes"
+            )
         if self.microbatches < 1:
             raise PlanError(f"micro-batches must be at least 1, got {self.microbatches}")
 
@@ -246,7 +253,9 @@ class Plan:
                 "bottleneck": self.bottleneck,
                 "bottleneck_stage": self.bottleneck_stage,
                 "perfect_balance": self.perfect_balance,
-                "balance_ratio": self.bottleneck / self.perfect_balance if self.perfect_balance else None,
+                "balance_ratio": self.bottleneck / self.perfect_balance
+                if self.perfect_balance
+                else None,
             },
             "predicted": {"step_time": self.step_time, "bubble": self.bubble},
             "devices": [d.to_dict() for d in self.devices],
@@ -278,7 +287,9 @@ class Plan:
                 step_time=float(data["predicted"]["step_time"]),
                 bubble=float(data["predicted"]["bubble"]),
                 stages=tuple(StagePlan.from_dict(s) for s in data["stages"]),
-                shared_params={str(k): [int(i) for i in v] for k, v in data.get("shared_params", {}).items()},
+                shared_params={
+                    str(k): [int(i) for i in v] for k, v in data.get("shared_params", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, PlanError):
@@ -307,7 +318,9 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.exists():
-            raise PlanError(f"no plan file at {path}; make one with `pipepart plan MODEL --out {path}`")
+            raise PlanError(
+                f"no plan file at {path}; make one with `pipepart plan MODEL --out {path}`"
+            )
         return cls.from_json(path.read_text())
 
     def check_model(self, class_name: str, graph_hash_value: str, num_nodes: int) -> None:

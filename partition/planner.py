@@ -26,7 +26,7 @@ from partition.memory import MemoryModel, canonical_schedule
 from partition.plan import ModelInfo, Plan, StagePlan, graph_hash
 from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
-from partition.trace import TraceMethod, TracedModel, trace
+from partition.trace import TracedModel, TraceMethod, trace
 
 if TYPE_CHECKING:
     from pipeline.simulate import SimResult
@@ -173,10 +173,14 @@ def analyze(
         and node.name not in traced.param_placeholders
         and isinstance(node.meta.get("val"), torch.Tensor)
     )
-    return Analysis(traced=traced, costs=costs, graph=graph, inputs=specs, microbatches=microbatches)
+    return Analysis(
+        traced=traced, costs=costs, graph=graph, inputs=specs, microbatches=microbatches
+    )
 
 
-def build_plan(analysis: Analysis, solution: Solution, stages: Sequence[Stage] | None = None) -> Plan:
+def build_plan(
+    analysis: Analysis, solution: Solution, stages: Sequence[Stage] | None = None
+) -> Plan:
     """A `Plan` from a solved split, with the simulator's predicted step time and bubble."""
     problem, evaluation = solution.problem, solution.evaluation
     graph = analysis.graph
@@ -201,7 +205,10 @@ def build_plan(analysis: Analysis, solution: Solution, stages: Sequence[Stage] |
                 flops=float(graph.compute[lo:hi].sum()),
                 forward_flops=float(forward[lo:hi].sum()),
                 param_bytes=int(graph.param_bytes[lo:hi].sum()),
-                memory={**{k: float(v) for k, v in parts.items()}, "total": float(evaluation.stage_memory[s])},
+                memory={
+                    **{k: float(v) for k, v in parts.items()},
+                    "total": float(evaluation.stage_memory[s]),
+                },
                 capacity=int(evaluation.caps[s]),
                 compute_time=float(evaluation.stage_compute_times[s]),
                 comm_time=float(evaluation.stage_comm_times[s]),
@@ -212,7 +219,9 @@ def build_plan(analysis: Analysis, solution: Solution, stages: Sequence[Stage] |
                 outputs=stage.outputs if not stage.is_last else (),
             )
         )
-    step_time, bubble = predict_step(problem.schedule, problem.virtual, problem.microbatches, stage_plans)
+    step_time, bubble = predict_step(
+        problem.schedule, problem.virtual, problem.microbatches, stage_plans
+    )
     holders: dict[str, list[int]] = {}
     for stage in stages:
         for name in stage.params:
@@ -267,7 +276,9 @@ def simulate_plan(
     )
 
 
-def _simulate(schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]) -> SimResult:
+def _simulate(
+    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
+) -> SimResult:
     from pipeline.schedules import build_schedule
     from pipeline.simulate import simulate
 
@@ -281,9 +292,14 @@ def _simulate(schedule: str, virtual: int, microbatches: int, stages: Sequence[S
     built = build_schedule(schedule, num_ranks, microbatches, virtual)
     fwd = [s.forward_flops / s.device.flops for s in stages]
     bwd = [max(s.compute_time - f, 0.0) for s, f in zip(stages, fwd, strict=True)]
-    comm = [s.device.latency + s.send_bytes / s.device.bandwidth if s.send_bytes else 0.0 for s in stages[:-1]]
+    comm = [
+        s.device.latency + s.send_bytes / s.device.bandwidth if s.send_bytes else 0.0
+        for s in stages[:-1]
+    ]
     activations = [s.saved_bytes for s in stages]
-    return simulate(built, forward_time=fwd, backward_time=bwd, comm_time=comm, activation_bytes=activations)
+    return simulate(
+        built, forward_time=fwd, backward_time=bwd, comm_time=comm, activation_bytes=activations
+    )
 
 
 def predict_step(
@@ -305,9 +321,13 @@ def reprice(plan: Plan, devices: Sequence[Device]) -> Plan:
     from partition.algorithms.objective import Problem, evaluate
 
     if len(devices) != plan.num_ranks:
-        raise PlanError(f"the plan has {plan.num_ranks} ranks but {len(devices)} devices were given")
+        raise PlanError(
+            f"the plan has {plan.num_ranks} ranks but {len(devices)} devices were given"
+        )
     stages = plan.stages
-    element = plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4.0
+    element = (
+        plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4.0
+    )
     graph = LinearGraph(
         names=tuple(f"stage{s.index}" for s in stages),
         module_paths=tuple(s.first_module for s in stages),
@@ -399,7 +419,9 @@ def plan_model(
     )
     if progress:
         progress(f"partitioning {len(analysis.graph)} nodes over {len(devices)} devices")
-    return analysis.plan(devices, schedule=schedule, virtual=virtual, memory=memory, algorithm=algorithm)
+    return analysis.plan(
+        devices, schedule=schedule, virtual=virtual, memory=memory, algorithm=algorithm
+    )
 
 
 def stages_for_plan(analysis: Analysis, plan: Plan) -> list[Stage]:

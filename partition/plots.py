@@ -29,10 +29,18 @@ def plot_stage_times(plan: Plan, ax: Axes, *, label: bool = True) -> None:
     comm = [s.comm_time * 1e3 for s in plan.stages]
     ax.bar(x, compute, color="#4C72B0", label="compute" if label else None)
     ax.bar(x, comm, bottom=compute, color="#555555", label="communication" if label else None)
-    ax.axhline(plan.perfect_balance * 1e3, color="green", linestyle="--", linewidth=1, label="perfect balance" if label else None)
+    ax.axhline(
+        plan.perfect_balance * 1e3,
+        color="green",
+        linestyle="--",
+        linewidth=1,
+        label="perfect balance" if label else None,
+    )
     ax.set_xticks(x, [f"{s.index}\n{s.device.name}" for s in plan.stages], fontsize=8)
     ax.set_ylabel("ms per micro-batch")
-    ax.set_title(f"{plan.algorithm}: bottleneck {plan.bottleneck * 1e3:.2f} ms ({plan.bottleneck / plan.perfect_balance:.3f}× perfect)")
+    ax.set_title(
+        f"{plan.algorithm}: bottleneck {plan.bottleneck * 1e3:.2f} ms ({plan.bottleneck / plan.perfect_balance:.3f}× perfect)"
+    )
     if label:
         ax.legend(fontsize=8)
 
@@ -69,12 +77,21 @@ def plot_stages(plan: Plan, *, path: str | None = None) -> Figure:
     return fig
 
 
-def compare_splits(plans: Mapping[str, Plan] | Sequence[Plan], *, path: str | None = None) -> Figure:
+def compare_splits(
+    plans: Mapping[str, Plan] | Sequence[Plan], *, path: str | None = None
+) -> Figure:
     """Per-stage time of several plans of one model (e.g. optimal and the baselines), one row each."""
     import matplotlib.pyplot as plt
 
     items = list(plans.items()) if isinstance(plans, Mapping) else [(p.algorithm, p) for p in plans]
-    fig, axes = plt.subplots(len(items), 1, figsize=(10, 2.6 * len(items)), sharex=True, sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(items),
+        1,
+        figsize=(10, 2.6 * len(items)),
+        sharex=True,
+        sharey=True,
+        constrained_layout=True,
+    )
     axes = [axes] if len(items) == 1 else list(axes)
     for i, (ax, (_, plan)) in enumerate(zip(axes, items, strict=True)):
         plot_stage_times(plan, ax, label=i == 0)

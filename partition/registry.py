@@ -25,7 +25,11 @@ from partition.errors import InputError
 __all__ = ["BUNDLED", "ModelSpec", "resolve"]
 
 Built = tuple[
-    nn.Module, tuple[Any, ...], dict[str, Any], Callable[..., torch.Tensor] | None, torch.Tensor | None
+    nn.Module,
+    tuple[Any, ...],
+    dict[str, Any],
+    Callable[..., torch.Tensor] | None,
+    torch.Tensor | None,
 ]
 
 
@@ -84,7 +88,9 @@ class ModelSpec:
         return _normalise(self.name, result)
 
 
-def resolve(name: str, *, size: str = "", batch: int = 8, seq: int | None = None, **options: Any) -> ModelSpec:
+def resolve(
+    name: str, *, size: str = "", batch: int = 8, seq: int | None = None, **options: Any
+) -> ModelSpec:
     """A `ModelSpec` for ``name``; raises `InputError` naming the accepted forms if unknown."""
     _factory(name)  # fail early with a clear message
     if batch < 1:

@@ -20,11 +20,11 @@ returns the model's own output structure.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import operator
 
 import torch
 import torch.fx as fx
@@ -46,7 +46,8 @@ class TensorSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +58,9 @@ class TensorSpec:
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
-        return cls(name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        return cls(
+            name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch.")
+        )
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}{list(self.shape)}"
@@ -98,8 +101,11 @@ def split(traced: TracedModel, graph: LinearGraph, bounds: Sequence[int]) -> lis
     """
     n = len(graph)
     bounds = list(bounds)
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n or any(
-        a >= b for a, b in zip(bounds, bounds[1:], strict=False)
+    if (
+        len(bounds) < 2
+        or bounds[0] != 0
+        or bounds[-1] != n
+        or any(a >= b for a, b in itertools.pairwise(bounds))
     ):
         raise PlanError(f"bounds {bounds} do not split {n} nodes into non-empty contiguous stages")
     by_name = {node.name: node for node in traced.graph.nodes}
@@ -176,7 +182,9 @@ def _live_tensors(
         last_use[node] = max(uses) if uses else -1
     # Model inputs all enter at stage 0 (they come from the data loader), whatever their position.
     inputs = [node for node in order if node.op == "placeholder" and node.name not in local]
-    live: list[list[Wire]] = [[(node, ()) for node in inputs if _tensor_paths(node.meta.get("val"))]]
+    live: list[list[Wire]] = [
+        [(node, ()) for node in inputs if _tensor_paths(node.meta.get("val"))]
+    ]
     for start in bounds[1:-1]:
         live.append(
             [
@@ -281,7 +289,9 @@ def _spec(wire: Wire) -> TensorSpec:
     return TensorSpec.of(_wire_name(wire), _leaf(wire[0].meta["val"], wire[1]))
 
 
-def _rebuild(value: Any, leaves: dict[tuple[int, ...], fx.Node], prefix: tuple[int, ...] = ()) -> Any:
+def _rebuild(
+    value: Any, leaves: dict[tuple[int, ...], fx.Node], prefix: tuple[int, ...] = ()
+) -> Any:
     """``value``'s structure with received placeholders at its tensors (None elsewhere)."""
     if prefix in leaves:
         return leaves[prefix]

@@ -67,7 +67,9 @@ class TracedModel:
     def graph(self) -> fx.Graph:
         return self.module.graph
 
-    def input_tensors(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+    def input_tensors(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+    ) -> list[torch.Tensor]:
         """The tensors of a call ``model(*args, **kwargs)`` in the order stage 0 takes them.
 
         Raises:
@@ -84,9 +86,13 @@ class TracedModel:
                 )
             return tensors
         bound = _bind(self.model, tuple(args), kwargs, None)
-        missing = [name for name in self.input_names if not isinstance(bound.get(name), torch.Tensor)]
+        missing = [
+            name for name in self.input_names if not isinstance(bound.get(name), torch.Tensor)
+        ]
         if missing:
-            raise InputError(f"{type(self.model).__name__} needs tensor inputs {missing} (traced inputs: {list(self.input_names)})")
+            raise InputError(
+                f"{type(self.model).__name__} needs tensor inputs {missing} (traced inputs: {list(self.input_names)})"
+            )
         return [bound[name] for name in self.input_names]
 
     def unflatten_output(self, outputs: Any) -> Any:
@@ -149,7 +155,9 @@ def trace(
         try:
             return _trace_export(model, args, kwargs)
         except TraceError as export_error:
-            raise TraceError(f"{fx_error}\nThe export route failed too: {export_error}") from fx_error
+            raise TraceError(
+                f"{fx_error}\nThe export route failed too: {export_error}"
+            ) from fx_error
     return traced
 
 
@@ -248,7 +256,9 @@ def _trace_fx(
         model=model,
         method="fx",
         input_names=tuple(
-            str(n.target) for n in placeholders if str(n.target) in bound and str(n.target) not in concrete
+            str(n.target)
+            for n in placeholders
+            if str(n.target) in bound and str(n.target) not in concrete
         ),
     )
     propagate_shapes(traced, inputs)

@@ -120,7 +120,10 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
         help="pipeline schedule (default 1f1b)",
     )
     parser.add_argument(
-        "--microbatches", type=int, default=given["microbatches"], help="micro-batches per step (default 4)"
+        "--microbatches",
+        type=int,
+        default=given["microbatches"],
+        help="micro-batches per step (default 4)",
     )
     parser.add_argument(
         "--virtual", type=int, default=1, help="stages per device for the interleaved schedule"
@@ -293,8 +296,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)")
-    for column in ("rank", "busy", "idle", "stages", "peak activations (micro-batches)", "peak activation memory"):
+    table = Table(
+        title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)"
+    )
+    for column in (
+        "rank",
+        "busy",
+        "idle",
+        "stages",
+        "peak activations (micro-batches)",
+        "peak activation memory",
+    ):
         table.add_column(column, justify="right")
     stages_of: dict[int, list[int]] = {}
     for stage in plan.stages:
@@ -307,10 +319,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             f"{1 - busy / result.step_time:.1%}" if result.step_time else "–",
             ", ".join(map(str, mine)),
             ", ".join(str(result.peak_activation_microbatches[s]) for s in mine),
-            ", ".join(_human_bytes((result.peak_activation_bytes or [0] * plan.num_stages)[s]) for s in mine),
+            ", ".join(
+                _human_bytes((result.peak_activation_bytes or [0] * plan.num_stages)[s])
+                for s in mine
+            ),
         )
-    table.caption = f"step {_human_time(result.step_time)} · bubble {result.bubble_fraction:.1%}" + (
-        f" · Gantt chart written to {args.png}" if args.png else ""
+    table.caption = (
+        f"step {_human_time(result.step_time)} · bubble {result.bubble_fraction:.1%}"
+        + (f" · Gantt chart written to {args.png}" if args.png else "")
     )
     _console().print(table)
     return 0
@@ -365,7 +381,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     name = args.name.replace("-", "_")
     if name not in names:
-        raise PipepartError(f"no benchmark {args.name!r}; choose one of {', '.join(names)} (or `pipepart bench list`)")
+        raise PipepartError(
+            f"no benchmark {args.name!r}; choose one of {', '.join(names)} (or `pipepart bench list`)"
+        )
     module = importlib.import_module(f"benchmarks.{name}")
     argv = ["--quick"] if args.quick else []
     if args.json:
@@ -430,7 +448,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(simulate)
     _add_plan_arguments(simulate, defaults=False)
     simulate.add_argument("--png", default=None, help="write the Gantt chart to this PNG")
-    simulate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    simulate.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
     simulate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     simulate.set_defaults(func=_cmd_simulate)
 
@@ -441,8 +461,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("name", help="a benchmark's name, or `list`")
-    bench.add_argument("--quick", action="store_true", help="the quick mode CI runs (under a minute)")
-    bench.add_argument("--json", action="store_true", help="print the benchmark's JSON results on stdout")
+    bench.add_argument(
+        "--quick", action="store_true", help="the quick mode CI runs (under a minute)"
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print the benchmark's JSON results on stdout"
+    )
     bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     bench.set_defaults(func=_cmd_bench)
     return parser

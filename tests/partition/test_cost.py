@@ -43,7 +43,9 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.size(0), x.size(1), 3, 2, 8).unbind(2)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
 
 
 class _Tied(nn.Module):
@@ -62,7 +64,11 @@ def _cases() -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
     config = GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=8)
     model, (idx,), _ = gpt(config, batch=2)
     return [
-        ("linear", nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), (torch.randn(3, 8),)),
+        (
+            "linear",
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+            (torch.randn(3, 8),),
+        ),
         ("conv2d", _Conv(), (torch.randn(2, 3, 6, 6),)),
         ("matmul-bmm", _MatmulBmm(), (torch.randn(2, 5, 6), torch.randn(2, 7, 3))),
         ("sdpa", _Attention(), (torch.randn(2, 4, 16),)),

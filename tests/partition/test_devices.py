@@ -10,7 +10,14 @@ from partition.errors import PlanError
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("16GiB", 16 * 2**30), ("80GB", 80 * 10**9), ("512MiB", 512 * 2**20), ("1.5k", 1500), (4096, 4096), ("7", 7)],
+    [
+        ("16GiB", 16 * 2**30),
+        ("80GB", 80 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1.5k", 1500),
+        (4096, 4096),
+        ("7", 7),
+    ],
 )
 def test_sizes(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
@@ -36,7 +43,13 @@ def test_presets_have_published_figures() -> None:
 
 def test_spec_strings() -> None:
     d = Device.parse("mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu")
-    assert (d.memory, d.flops, d.bandwidth, d.latency, d.name) == (16 * 2**30, 100e12, 25e9, 5e-6, "gpu")
+    assert (d.memory, d.flops, d.bandwidth, d.latency, d.name) == (
+        16 * 2**30,
+        100e12,
+        25e9,
+        5e-6,
+        "gpu",
+    )
     assert Device.parse("a100-40,mem=30GiB").flops == 312e12
     assert Device.parse("a100-40,mem=30GiB").memory == 30 * 2**30
 
@@ -52,7 +65,11 @@ def test_device_lists() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("tpu9", "unknown device preset"), ("mem=1GB", "lacks flops"), ("mem=1GB,tflops=1,speed=3", "unknown device spec key")],
+    [
+        ("tpu9", "unknown device preset"),
+        ("mem=1GB", "lacks flops"),
+        ("mem=1GB,tflops=1,speed=3", "unknown device spec key"),
+    ],
 )
 def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):

@@ -33,7 +33,10 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert data["model"]["class_name"] == "GPT"
     assert data["objective"]["bottleneck"] == plan.bottleneck
     assert [s["nodes"]["start"] for s in data["stages"]] == list(plan.bounds[:-1])
-    assert all({"weights", "gradients", "optimizer", "activations", "buffers", "total"} <= set(s["memory"]) for s in data["stages"])
+    assert all(
+        {"weights", "gradients", "optimizer", "activations", "buffers", "total"} <= set(s["memory"])
+        for s in data["stages"]
+    )
     assert data["stages"][0]["outputs"] and data["stages"][0]["send_bytes"] > 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -53,7 +54,7 @@ def test_stages_in_sequence_equal_the_model_bit_for_bit(name: str, method: Trace
             assert all(torch.equal(a, b) for a, b in zip(expected, out, strict=True)), bounds
         else:
             assert torch.equal(expected, out), bounds
-        for before, after in zip(stages, stages[1:], strict=False):
+        for before, after in itertools.pairwise(stages):
             assert before.outputs == after.inputs  # what one sends is what the next receives
 
 
@@ -86,7 +87,7 @@ def test_skip_connection_passes_through_middle_stages() -> None:
 
 def test_meta_model_splits_without_allocating_and_one_stage_materialises() -> None:
     torch.manual_seed(0)
-    reference, inputs, _ = gpt("toy", batch=2)
+    reference, _, _ = gpt("toy", batch=2)
     initialize(reference, seed=7, init_hook=reference._init_weights)
     with torch.device("meta"):
         model, meta_inputs, _ = gpt("toy", batch=2)

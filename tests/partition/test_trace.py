@@ -45,8 +45,11 @@ def test_every_node_has_shapes_from_meta() -> None:
     model, (idx,), _ = gpt("toy", batch=2, seq=8)
     traced = trace(model, (idx,))
     vals = {n.name: n.meta.get("val") for n in traced.graph.nodes if n.op != "output"}
-    assert all(v is None or not isinstance(v, torch.Tensor) or v.device.type == "meta" for v in vals.values())
-    logits = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == "lm_head"][0]
+    assert all(
+        v is None or not isinstance(v, torch.Tensor) or v.device.type == "meta"
+        for v in vals.values()
+    )
+    logits = next(n for n in traced.graph.nodes if n.op == "call_module" and n.target == "lm_head")
     assert tuple(logits.meta["val"].shape) == (2, 8, model.config.vocab_size)
     assert logits.meta["tensor_meta"].dtype == torch.float32
     # the real weights were never touched: still on CPU, no meta leaked into the model
@@ -95,7 +98,9 @@ def test_leaf_module_gets_past_the_branch() -> None:
 def test_concrete_args_fix_a_flag() -> None:
     model = _Outer()
     x = torch.randn(2, 4)
-    analysis = analyze(model, (x,), method="fx", leaf_modules=["encoder.1"], concrete_args={"flip": True})
+    analysis = analyze(
+        model, (x,), method="fx", leaf_modules=["encoder.1"], concrete_args={"flip": True}
+    )
     assert analysis.traced.input_names == ("x",)  # scale and flip became constants
     (whole,) = split(analysis.traced, analysis.graph, [0, len(analysis.graph)])
     assert torch.equal(whole(x), model(x, flip=True))
@@ -125,7 +130,9 @@ def test_wrong_inputs_name_the_signature() -> None:
     model, (a, b), _ = two_tower()
     with pytest.raises(InputError) as info:
         trace(model, (a,))
-    assert "TwoTower.forward(a: 'Tensor', b: 'Tensor')" in str(info.value) or "forward(a" in str(info.value)
+    assert "TwoTower.forward(a: 'Tensor', b: 'Tensor')" in str(info.value) or "forward(a" in str(
+        info.value
+    )
     with pytest.raises(InputError, match="forward"):
         trace(model, (a, b, a))
 

@@ -41,8 +41,18 @@ def test_plan_table_and_out_then_show(capsys: pytest.CaptureFixture[str], tmp_pa
 
 
 @pytest.mark.parametrize("algorithm", ["uniform", "params", "time"])
-def test_baselines_are_never_better_than_optimal(capsys: pytest.CaptureFixture[str], algorithm: str) -> None:
-    argv = ["plan", "gpt", "--devices", "3", "--json", "--device-spec", "mem=16GiB,tflops=1,bw=1GB/s"]
+def test_baselines_are_never_better_than_optimal(
+    capsys: pytest.CaptureFixture[str], algorithm: str
+) -> None:
+    argv = [
+        "plan",
+        "gpt",
+        "--devices",
+        "3",
+        "--json",
+        "--device-spec",
+        "mem=16GiB,tflops=1,bw=1GB/s",
+    ]
     optimal = _json(capsys, argv)
     baseline = _json(capsys, [*argv, "--algorithm", algorithm])
     assert baseline["algorithm"] == algorithm
@@ -59,12 +69,17 @@ def test_heterogeneous_devices(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["plan", "nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["plan", "gpt", "--device-spec", "tpu9"], "unknown device preset"),
-        (["plan", "gpt", "--batch", "7", "--microbatches", "4"], "batch 7 is not divisible by 4 micro-batches"),
+        (
+            ["plan", "gpt", "--batch", "7", "--microbatches", "4"],
+            "batch 7 is not divisible by 4 micro-batches",
+        ),
         (["plan", "gpt", "--device-spec", "mem=64KiB,tflops=1", "--devices", "2"], "fit"),
         (["show", "missing.json"], "no plan file"),
     ],
 )
-def test_errors_are_one_line_and_non_zero(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+def test_errors_are_one_line_and_non_zero(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
@@ -73,19 +88,29 @@ def test_errors_are_one_line_and_non_zero(capsys: pytest.CaptureFixture[str], ar
 def test_every_subcommand_has_help_with_an_example() -> None:
     for command in ("plan", "show", "simulate", "bench"):
         out = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True
+            [sys.executable, "-m", "pipeline.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         assert "examples:" in out and f"pipepart {command}" in out
 
 
-def test_simulate_a_saved_plan_and_draw_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_simulate_a_saved_plan_and_draw_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     plan = tmp_path / "p.json"
-    assert main(["plan", "gpt", "--devices", "4", "--microbatches", "8", "--out", str(plan), "--json"]) == 0
+    assert (
+        main(["plan", "gpt", "--devices", "4", "--microbatches", "8", "--out", str(plan), "--json"])
+        == 0
+    )
     capsys.readouterr()
     png = tmp_path / "gantt.png"
     same = _json(capsys, ["simulate", str(plan), "--png", str(png), "--json"])
     assert same["microbatches"] == 8 and same["schedule"] == "1f1b"
-    assert same["step_time"] == pytest.approx(json.loads(plan.read_text())["predicted"]["step_time"])
+    assert same["step_time"] == pytest.approx(
+        json.loads(plan.read_text())["predicted"]["step_time"]
+    )
     assert png.stat().st_size > 10_000
     gpipe = _json(capsys, ["simulate", str(plan), "--schedule", "gpipe", "--json"])
     assert gpipe["peak_activation_microbatches"] == [8, 8, 8, 8]
@@ -93,7 +118,20 @@ def test_simulate_a_saved_plan_and_draw_it(capsys: pytest.CaptureFixture[str], t
 
 
 def test_simulate_a_model_directly(capsys: pytest.CaptureFixture[str]) -> None:
-    data = _json(capsys, ["simulate", "gpt", "--devices", "2", "--schedule", "interleaved", "--virtual", "2", "--json"])
+    data = _json(
+        capsys,
+        [
+            "simulate",
+            "gpt",
+            "--devices",
+            "2",
+            "--schedule",
+            "interleaved",
+            "--virtual",
+            "2",
+            "--json",
+        ],
+    )
     assert data["ranks"] == 2 and len(data["peak_activation_microbatches"]) == 4
 
 
