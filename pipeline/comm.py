@@ -190,7 +190,9 @@ class Transport:
         self._tags = dist.get_backend(group) == "gloo"
         self._link_groups = link_groups or {}
         self.prefetch = self._tags or bool(link_groups)
-        self._pending: list[tuple[dist.Work, Link, int, list[torch.Tensor]]] = []
+        self._pending: collections.deque[tuple[dist.Work, Link, int, list[torch.Tensor]]] = (
+            collections.deque()
+        )
         self._plan: dict[tuple[str, int], tuple[Link, BufferPool, collections.deque[int]]] = {}
         self._posted: dict[tuple[str, int], _Posted] = {}
 
@@ -215,7 +217,7 @@ class Transport:
         except RuntimeError as e:
             raise self._peer_error(link, microbatch, "sending", e) from e
         while self._pending and self._pending[0][0].is_completed():  # drop what is done
-            self._pending.pop(0)
+            self._pending.popleft()
 
     def expect(self, receives: Sequence[tuple[Link, BufferPool, Sequence[int]]]) -> None:
         """Start a step: for each link, the pool to receive into and the micro-batches it will
@@ -268,9 +270,14 @@ class Transport:
             self._post_next(key)
         return posted.buffers
 
+    @property
+    def idle(self) -> bool:
+        """No send pending and no receive posted (true between steps)."""
+        return not self._pending and not self._posted
+
     def flush(self) -> None:
         """Wait for every posted send to complete, then drop the tensors they kept alive."""
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending, collections.deque()
         for work, link, microbatch, _ in pending:
             try:
                 work.wait()

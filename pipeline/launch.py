@@ -459,16 +459,20 @@ def _under_torchrun(
     args: tuple[Any, ...], timeout: float, backend: str | None
 ) -> list[dict[str, Any]] | None:
     """Join ``torchrun``'s process group, run, and gather the results on rank 0 (None elsewhere)."""
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    result = _rank_run(*args)
-    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
-    dist.gather_object(result, gathered if dist.get_rank() == 0 else None, dst=0)
-    return gathered if dist.get_rank() == 0 else None
+    result = _rank_run(*args)  # on failure, raise: torchrun then stops the other ranks
+    root = dist.get_rank() == 0
+    gathered: list[Any] = [None] * dist.get_world_size() if root else []
+    dist.gather_object(result, gathered if root else None, dst=0)
+    if created:
+        dist.destroy_process_group()
+    return gathered if root else None
 
 
 def _summary(results: list[dict[str, Any]], steps: int) -> dict[str, Any]:

@@ -290,6 +290,16 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
     out["train_timeline"] = pipe.timeline
     out["actions"] = [str(a) for a in pipe._actions]
 
+    # R12: nothing is kept from one step to the next, and memory stays flat
+    for _ in range(3):
+        pipe.step(x, y)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(20):
+        pipe.step(x, y)
+    out["rss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
+    out["idle"] = pipe.transport.idle and not any(e._saved for e in pipe.executors.values())
+    out["pools_full"] = all(len(pool._free) >= 2 for pool in pipe._pools.values())
+
     bf16 = Pipeline(case.factory(), options=dataclasses.replace(options, autocast=torch.bfloat16))
     loss = bf16.step(x, y)
     out["bf16_loss"] = None if loss is None else float(loss)
@@ -342,6 +352,7 @@ def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: 
 
     # the timeline: one event per action, in order, on the monotonic clock
     for r in ranks:
+        assert r["idle"] and r["pools_full"] and r["rss_growth_kib"] < 1024, r["rss_growth_kib"]
         events = r["train_timeline"]
         assert [str(a) for _, a, _, _ in events] == r["actions"]
         assert all(start <= end for _, _, start, end in events)
