@@ -7,22 +7,30 @@ one objective every algorithm shares ([Note: objective] in `partition.algorithms
 For the ``optimal`` algorithm, with ``B*`` the least bottleneck over the splits that fit memory
 (see [Note: bottleneck search] for how):
 
-1. the returned split fits every cap and every stage is non-empty;
+1. the returned split fits every cap (interleaved: every stage its share of the device, see
+   [Note: objective]) and every stage is non-empty;
 2. its bottleneck is ``B*`` up to float noise (within ``1e-11`` relative; the search has no
    tolerance to tune);
 3. the *ties* are the splits that fit with a bottleneck within ``1e-12`` relative of the one
-   found (stage times compared with that slack, for rounding). Among them the split has the least
-   communication — the sum of the interior cut widths — compared exactly in float64 (cut widths
-   are byte counts, so the sums are exact up to 2^53);
-4. among the ties with that communication, the least peak memory ``max_s M_s / cap_s``: exactly
-   when the starts achieving the least communication number at most ``EDGE_BUDGET`` (two
-   million) beyond one per cut — always, unless the windows are wide *and* many cuts weigh the
-   same — and otherwise to ``1e-9`` relative (bisection);
-5. what is still tied goes to the earliest cut, stage by stage from the last; the result is
+   found (stage times compared with that slack, for rounding). Among them the split has the
+   least total time ``S = sum_s T_s`` — what a step adds to ``(m - 1) B`` for its fill and drain
+   — compared exactly in integer units of at most ``(k + 3) 2^-50`` of the longest possible
+   stage time (``6e-14`` of it on 64 stages; see
+   [Note: objective] for why units and not a tolerance: splits whose ``S`` differ by more than
+   ``4 k`` units never tie, and natural ties, zero-compute nodes moved between equal cuts or
+   compute moved between identical devices, always do);
+4. among those, the least communication — the sum of the interior cut widths — compared exactly
+   in float64 (cut widths are byte counts, so the sums are exact up to 2^53);
+5. among the ties with that communication, the least peak memory ``max_s M_s / cap_s``: exactly
+   when the tight starts number at most ``EDGE_BUDGET`` (two million) beyond one per cut —
+   always, unless the windows are wide *and* many splits tie on time and communication, as with
+   identical devices and equal cut widths — and otherwise to ``1e-9`` relative (bisection);
+6. what is still tied goes to the earliest cut, stage by stage from the last; the result is
    deterministic.
 
-Nothing else is optimised: among splits equal in (1)-(4) no other quantity (the simulated step
-time, balance of the non-bottleneck stages) is considered.
+Nothing else is optimised: the simulated step time is not (the objective's ``(m - 1) B + S`` is
+its model, with communication in series with compute where the simulator overlaps it), nor the
+balance of the non-bottleneck stages beyond ``S``.
 
 Baselines ignore memory: their split is returned even when `Evaluation.fits` is false.
 """

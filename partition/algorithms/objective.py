@@ -18,20 +18,53 @@ buffers if the graph gives them (`LinearGraph` makes them 0). ``kappa`` is
 
 The objective, in this order (lexicographic):
 
-1. the bottleneck ``max_s T_s`` over splits whose every stage fits its cap, smallest first;
-2. then the communication ``sum of c_{b_s}`` over the interior cuts ``0 < s < k``, least first;
-3. then the peak memory ``max_s M_s / cap_s``, least first.
+1. the bottleneck ``B = max_s T_s`` over splits whose every stage fits its cap, smallest first;
+   splits within ``1e-12`` relative of the least, ``B*``, are *ties* (float noise);
+2. then the total time ``S = sum_s T_s``, least first;
+3. then the communication ``sum of c_{b_s}`` over the interior cuts ``0 < s < k``, least first;
+4. then the peak memory ``max_s M_s / cap_s``, least first.
+
+Why (2): a 1F1B or GPipe step with ``m`` micro-batches takes about ``(m - 1) B + S`` (the steady
+state, then the fill and drain), so among splits of one bottleneck the one with less work on the
+slow devices and fewer slow links is faster. Without (2) a baseline could tie the bottleneck and
+still beat "optimal" on the predicted step (the LM head of a GPT, alone on the last stage, set
+the bottleneck of every split over H100s and A100s; the least-communication tie left the work on
+the A100s).
+
+*Comparing S exactly.* ``S`` is a sum of quotients; two splits with equal ``S`` in exact
+arithmetic may differ in the last bits, and a relative tolerance (``|S - S'| <= eps S``) is not
+transitive, so "least ``S``, then least communication" would not even be well defined. ``S`` is
+therefore compared in integer *units* of ``u`` seconds (`Costs.unit`), each term rounded once::
+
+    units(split) = sum_s  R_s(b_{s+1}) - R_s(b_s) + L_{s-1}(b_s) + L_s(b_{s+1})
+    R_s(j) = rint(P_j / flops_s / u)          L_s(j) = rint(comm(c_j, device of s) / u)
+
+— the same separation as ``T_s``, so a dynamic programme adds the same integers as a brute force,
+exactly. ``u`` is the power of two ``2^(e + m - 52)`` with ``2^e`` above every stage time
+(``max_s P_n / flops_s`` plus the slowest link) and ``2^m > k + 3``, so that every partial sum
+stays below ``2^53``. Two splits are *S-tied* iff their units are equal: always when they differ
+only in where zero-compute nodes between equal cuts go or, on identical devices, in where compute
+goes (the ``R`` terms telescope); never when their ``S`` differ by more than ``4 k u`` (each
+split's units are within ``2 k u`` of its ``S``; ``4 k u`` is about ``1.5e-11`` of the largest
+stage time on 64 stages). So the S-ties are a relative epsilon of that size, but as an
+equivalence, which makes (2)-(4) a total preorder and exact.
 
 ``perfect_balance = sum(compute) / sum over stages of flops_s`` is a lower bound of (1).
 
 Interleaved schedules: with ``v`` virtual stages per device and ``p`` devices there are ``p * v``
-stages; stage ``s`` runs on device ``s % p`` with cap ``device.memory / v``. The rule is
-conservative: a device's ``v`` chunks each fit their share, so together they fit the device, but
-a split where one chunk borrows another's headroom is not considered.
+stages; stage ``s`` runs on device ``s % p``. The partitioner gives each stage the cap
+``device.memory / v`` (a *share*): per stage, so that the memory check stays separable. That is
+conservative — a device's ``v`` chunks each fit their share, so together they fit the device, but
+a split where one chunk borrows another's headroom is not considered (an exact per-device check
+couples stages ``s, s + p, ...`` and would make the search pseudo-polynomial in bytes).
+`evaluate` reports both: ``fits`` is the physical test, every device's chunks together within its
+memory (for ``v = 1`` the same as every stage within its cap), and ``within_shares`` the test the
+partitioner enforces. ``peak_memory`` is per share.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -154,6 +187,9 @@ class Costs:
         self.inflight: FloatArray = np.array(problem.inflight, dtype=np.float64)
         self._q: dict[float, FloatArray] = {}
         self._links: dict[tuple[float, float], FloatArray] = {}
+        self._units: dict[tuple[str, float, float], FloatArray] = {}
+        self.unit = self._unit()
+        """Seconds per unit of the exact total time; see [Note: objective]."""
 
     def link(self, stage: int, cut_bytes: FloatArray) -> FloatArray:
         """Seconds to send ``cut_bytes`` from ``stage`` to the next stage and the gradient back."""
@@ -173,6 +209,45 @@ class Costs:
             out = self.link(stage, self.c) if key != (0.0, 0.0) else np.zeros_like(self.c)
             self._links[key] = out
         return out
+
+    def _unit(self) -> float:
+        links = [float(self.link_at(s).max()) for s in range(self.k - 1)] if self.n else []
+        top = float(self.P[-1] / self.flops.min()) + max(links, default=0.0)
+        if not top > 0.0 or not math.isfinite(top):
+            return 1.0
+        e = math.frexp(top)[1]  # top < 2^e
+        m = (self.k + 3).bit_length()  # 2^m > k + 3
+        return math.ldexp(1.0, e + m - 52)
+
+    def time_units(self, stage: int) -> FloatArray:
+        """``R_s``: ``P / flops_s`` in units, rounded, at every cut (cached per speed)."""
+        key = ("P", float(self.flops[stage]), 0.0)
+        out = self._units.get(key)
+        if out is None:
+            out = np.rint(self.P / self.flops[stage] / self.unit)
+            self._units[key] = out
+        return out
+
+    def link_units(self, stage: int) -> FloatArray:
+        """``L_s``: `link_at` in units, rounded (zero for no link; cached per link)."""
+        if stage < 0 or stage >= self.k - 1:
+            key = ("L", 0.0, 0.0)
+        else:
+            key = ("L", float(self.latency[stage]), float(self.bandwidth[stage]))
+        out = self._units.get(key)
+        if out is None:
+            out = np.rint(self.link_at(stage) / self.unit)
+            self._units[key] = out
+        return out
+
+    def split_units(self, bounds: Sequence[int]) -> float:
+        """The total time of a split in units: the exact S of [Note: objective] (an integer)."""
+        total = 0.0
+        for s in range(self.k):
+            i, j = int(bounds[s]), int(bounds[s + 1])
+            r = self.time_units(s)
+            total += (r[j] - r[i]) + (self.link_units(s - 1)[i] + self.link_units(s)[j])
+        return total
 
     def q(self, inflight: float) -> FloatArray:
         """Prefix sums of ``kappa * param_bytes + inflight * saved_bytes`` (cached)."""
@@ -234,14 +309,24 @@ class Evaluation:
     (all in-flight micro-batches) and ``buffers`` (received activation and gradient) bytes."""
     stage_inflight: tuple[int, ...]
     caps: tuple[float, ...]
+    """Per stage, the bytes the partitioner allows it: its device's memory over ``virtual``."""
+    device_memory: tuple[float, ...]
+    """Per device, the sum of its stages' ``M_s`` (one stage each unless interleaved)."""
+    device_caps: tuple[float, ...]
+    """Per device, its memory."""
     bottleneck: float
     """The objective: the largest ``T_s``."""
+    total_time: float
+    """``S``, the sum of the ``T_s`` (the first tie-break; compared in `Costs.split_units`)."""
     fits: bool
-    """Whether every stage's memory is within its cap."""
+    """Whether every device's stages together fit its memory (what a run needs)."""
+    within_shares: bool
+    """Whether every stage fits its cap, what the partitioner enforces; implies `fits`, and is the
+    same test unless interleaved (see [Note: objective])."""
     comm_bytes: float
-    """Bytes per micro-batch crossing the interior cuts (the first tie-break)."""
+    """Bytes per micro-batch crossing the interior cuts (the second tie-break)."""
     peak_memory: float
-    """The largest ``M_s / cap_s`` (the second tie-break); above 1 when the split does not fit."""
+    """The largest ``M_s / cap_s`` (the third tie-break); above 1 when a stage exceeds its cap."""
     perfect_balance: float
     """The lower bound ``sum(compute) / sum(flops over stages)``."""
 
@@ -253,9 +338,10 @@ class Evaluation:
         return self.bottleneck / self.perfect_balance
 
     @property
-    def key(self) -> tuple[float, float, float]:
-        """The objective as a tuple, smaller is better: (bottleneck, comm_bytes, peak_memory)."""
-        return (self.bottleneck, self.comm_bytes, self.peak_memory)
+    def key(self) -> tuple[float, float, float, float]:
+        """The objective as a tuple, smaller is better: (bottleneck, total_time, comm_bytes,
+        peak_memory). Compared plainly it has no tie tolerances; see [Note: objective]."""
+        return (self.bottleneck, self.total_time, self.comm_bytes, self.peak_memory)
 
 
 def check_bounds(problem: Problem, bounds: Sequence[int]) -> Bounds:
@@ -303,6 +389,10 @@ def evaluate(problem: Problem, bounds: Sequence[int]) -> Evaluation:
     times = [float(t) for t in costs.split_times(b)]
     caps = problem.caps
     total_flops = float(costs.flops.sum())
+    p = len(problem.devices)
+    device_memory = tuple(sum(memory[d::p]) for d in range(p))
+    device_caps = tuple(float(d.memory) for d in problem.devices)
+    shares = all(m <= cap for m, cap in zip(memory, caps, strict=True))
     return Evaluation(
         bounds=b,
         stage_times=tuple(times),
@@ -312,8 +402,12 @@ def evaluate(problem: Problem, bounds: Sequence[int]) -> Evaluation:
         stage_memory_parts=tuple(parts),
         stage_inflight=problem.inflight,
         caps=caps,
+        device_memory=device_memory,
+        device_caps=device_caps,
         bottleneck=max(times),
-        fits=all(m <= cap for m, cap in zip(memory, caps, strict=True)),
+        total_time=float(sum(times)),
+        fits=shares or all(m <= cap for m, cap in zip(device_memory, device_caps, strict=True)),
+        within_shares=shares,
         comm_bytes=float(sum(costs.c[x] for x in b[1:-1])),
         peak_memory=max(m / cap for m, cap in zip(memory, caps, strict=True)),
         perfect_balance=float(costs.P[-1]) / total_flops,

@@ -43,17 +43,26 @@ choose. Events and snapping end it after 10-20 probes in practice (bisection alo
 about 35 to reach float precision; probing the events themselves was tried and costs more). If
 the largest possible stage time is infeasible, no split fits memory (`InfeasibleError`).
 
-**Ties** (`partition.algorithms.ties`). With ``B = hi`` fixed, one more pass over the same reachable sets minimises
-(communication, peak memory) lexicographically. Both are monotone along a path (a sum and a
-max), so the best prefix per cut suffices. Every start at or after ``S(j)`` — the first ``i``
-with ``pw_i >= t_j + cin_max`` and ``Q_i >= u_j + c_max``, the window's largest message time and
-cut — is valid whatever its own cut, so the least communication into ``j`` is a range minimum
-over ``[S(j), r(j)]`` (a sparse table) and a minimum over the band ``[L(j), S(j))``. The starts
-achieving it are then enumerated (those in the range by a search among the starts sorted by
-value) and the peak decides among them. If that would pass ``EDGE_BUDGET`` tied starts (wide
-windows whose cuts weigh the same), the peak is bisected instead, to ``1e-9`` relative, with the
-communication held at its least. Remaining ties go to the earliest start, from the last stage
-back. See [Note: what optimal guarantees] in `partition.solve`.
+**Ties** (`partition.algorithms.ties`). With ``B = hi`` fixed, one more pass over the same
+reachable sets minimises (total time, communication, peak memory) lexicographically. Each cut
+gets the least *label* (total time in exact units, communication) of a prefix ending there: both
+are sums along a path, and the total time is separable like ``T_s`` — a start ``i`` extends to
+an end ``j`` with the value ``units_i - R_s(i) + L_{s-1}(i)`` plus a term of ``j`` alone — so the
+least label into ``j`` is a minimum over its valid starts of one value per start. The starts'
+(value, communication) pairs are ranked once per stage (a sort), and the least rank is found as
+the least communication was before: every start at or after ``sure(j)`` — the first ``i`` with
+``pw_i >= t_j + cin_max`` and ``Q_i >= u_j + c_max``, the window's largest message time and cut
+— is valid whatever its own cut, so that part is a range minimum over ``[sure(j), r(j)]`` (a
+sparse table), and the band ``[L(j), sure(j))`` is tested start by start. A start is *tight* for
+``j`` when it has the least rank; a split has the least label iff all its stages are tight. The
+peak memory (a max along the path, so again the best prefix per cut suffices) is then minimised
+over the tight stages: enumerated (the tight starts of a sure range are a span of the starts
+sorted by (rank, position)), or, past ``EDGE_BUDGET`` tight starts, bisected to ``1e-9``
+relative: each step asks whether cut ``n`` is reachable through tight stages within ``mu`` times
+their caps (range searches on the same sorted starts, no sparse table) and a feasible step snaps
+``mu`` down to the peak of a split walked back through the sets. Remaining ties go to the
+earliest start, from the last stage back. See [Note: what optimal guarantees] in
+`partition.solve`.
 
 Compared with the design note's prototype (a deque per stage, bisection to 1e-4, 0.8 s for 10k
 nodes x 64 stages and 7.5 s for 100k x 64): the running-maximum test is exact with the
@@ -124,7 +133,7 @@ def _search_bottleneck(search: Search) -> tuple[float, Bounds] | None:
 
 
 def optimal_split(problem: Problem) -> Bounds:
-    """The split with the least bottleneck, then least communication, then peak memory.
+    """The split with the least bottleneck, then total time, communication and peak memory.
 
     See [Note: bottleneck search] and [Note: objective].
 

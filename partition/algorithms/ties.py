@@ -1,4 +1,4 @@
-"""The tie-break among splits of the least bottleneck: least communication, then peak memory.
+"""The tie-break among splits of the least bottleneck: total time, communication, then peak memory.
 
 See the **Ties** part of [Note: bottleneck search] in `partition.algorithms.optimal` and
 [Note: what optimal guarantees] in `partition.solve`.
@@ -7,140 +7,294 @@ See the **Ties** part of [Note: bottleneck search] in `partition.algorithms.opti
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from partition.algorithms.objective import Bounds
-from partition.algorithms.reach import RTOL, Probe, Search, pairs
+from partition.algorithms.reach import RTOL, Frame, Probe, Search, pairs
 
-__all__ = ["EDGE_BUDGET", "least_comm", "tie_break"]
+__all__ = ["EDGE_BUDGET", "PEAK_RTOL", "Labels", "labels", "tie_break"]
 
 EDGE_BUDGET = 2_000_000
 """Most tied starts (beyond one per end) the peak-memory tie-break enumerates before it bisects."""
+PEAK_RTOL = 1e-9
+"""Relative precision of the peak memory when it is bisected."""
 _INF = math.inf
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+Parents = list[tuple[int, IntArray]]
 
 
 def tie_break(search: Search, B: float, fallback: Bounds) -> Bounds:
-    """Among splits with bottleneck ``B``, the least communication, then peak memory."""
+    """Among splits with bottleneck ``B``: least total time, communication, then peak memory."""
     probe = search.probe(B)
     if not probe.feasible:  # pragma: no cover - B is the bottleneck of a feasible split
         return fallback
     candidates = [fallback]
-    comm, bounds = least_comm(search, probe, B, 1.0, peak=True)
-    if bounds is not None:
-        candidates.append(bounds)
-    elif math.isnan(comm):  # too many ties to enumerate: bisect the peak memory instead
-        comm, bounds = least_comm(search, probe, B, 1.0, peak=False)
-        if bounds is not None:
-            candidates.append(bounds)
-            lo, hi = 0.0, search.peak(bounds)
-            for _ in range(64):
-                if hi <= lo * (1 + 1e-9):
-                    break
-                mid = 0.5 * (lo + hi)
-                value, split = least_comm(search, probe, B, mid, peak=False)
-                if split is not None and value <= comm and search.peak(split) <= hi:
-                    candidates.append(split)
-                    hi = search.peak(split)
-                else:
-                    lo = mid
+    exact = labels(search, probe, B, peak=True)
+    if exact is not None:
+        candidates.append(exact.split)
+    else:  # too many ties to enumerate: bisect the peak over the tight edges instead
+        tight = labels(search, probe, B, peak=False)
+        assert tight is not None
+        candidates.append(tight.split)
+        candidates.append(_bisect_peak(search, tight, B))
     for bounds in reversed(candidates):
         if search.fits(bounds) and search.bottleneck(bounds) <= B * (1 + 4 * RTOL):
             return bounds
     return fallback  # pragma: no cover - the fallback fits
 
 
-def least_comm(
-    search: Search, probe: Probe, B: float, scale: float, peak: bool
-) -> tuple[float, Bounds | None]:
-    """Least communication through ``probe``'s sets with caps times ``scale``; with ``peak``,
-    least (communication, peak memory). Returns (communication, split), or (inf, None) if no
-    split is left, or (nan, None) when ``peak`` would enumerate more than `EDGE_BUDGET` ties.
+# --- the labels: least (total time, communication) per cut ---------------------------------------
+
+
+@dataclass
+class _Stage:
+    """The tight starts of one stage: what the peak bisection needs to walk them again."""
+
+    a: int
+    rank: npt.NDArray[np.int32]
+    """Rank of each start's label (total time, communication) among the stage's; -1: none."""
+    order: npt.NDArray[np.int32]
+    """The starts with a label, sorted by (rank, position)."""
+    ends: IntArray
+    """The cuts the stage may end at."""
+    best: npt.NDArray[np.int32]
+    """The rank of the best start of each end; -1 where none."""
+
+
+@dataclass
+class Labels:
+    """What `labels` found: the least label at cut ``n`` and a split achieving it."""
+
+    units: float
+    """The least total time, in `Costs.unit` (exact)."""
+    comm: float
+    """The least communication among splits of that total time."""
+    split: Bounds
+    """With ``peak``, the least peak memory among those, else the earliest starts."""
+    stages: list[_Stage]
+    """Without ``peak``, the tight starts of every stage."""
+
+
+def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
+    """The least (total time, communication) through ``probe``'s sets; with ``peak``, and then
+    the least peak memory, or None when that would enumerate more than `EDGE_BUDGET` ties.
+
+    A cut's label is the least (units, comm) of a prefix ending there; a start ``i`` is *tight*
+    for an end ``j`` when its label extended by the stage ``[i, j)`` gives ``j``'s label. A split
+    has the least label iff every stage of it is tight, so the peak memory is minimised over the
+    tight stages only: enumerated here, or bisected by `_bisect_peak`.
     """
     c, k = search.costs, search.k
     bs = B * (1 + RTOL)
     a = 0
-    dist = np.zeros(1)
-    pk = np.zeros(1)
-    parents: list[tuple[int, IntArray]] = []
+    units, comm, pk = np.zeros(1), np.zeros(1), np.zeros(1)
+    parents: Parents = []
+    stages: list[_Stage] = []
     edges = 0
     for s in range(k):
-        b = a + dist.size - 1
+        size = units.size
+        b = a + size - 1
         nxt_a, nxt_mask = probe.starts[s + 1], probe.masks[s + 1]
         j = nxt_a + np.flatnonzero(nxt_mask)
-        fr = search.frame(s, a, b, j, bs, scale)
-        finite = np.isfinite(dist)
-        ridx = np.flatnonzero(finite)
-        end = np.minimum(j - 1, b) - a
-        last = np.maximum.accumulate(np.where(finite, np.arange(dist.size, dtype=np.int64), -1))
-        r = last[end]
-        lo = np.maximum(fr.pw.searchsorted(fr.t - fr.tm), fr.qw.searchsorted(fr.u - fr.mm))
-        sure = np.maximum(
-            fr.pw.searchsorted(fr.t + fr.sure_t), fr.qw.searchsorted(fr.u + fr.sure_u)
-        )
-        best = np.full(j.size, _INF)
-        has = np.flatnonzero(sure <= end)
-        if has.size:
-            best[has] = _range_min(dist, sure[has], end[has])
-        q, i, starts = pairs(lo, np.minimum(sure - 1, r), ridx)
-        ok = np.zeros(q.size, dtype=np.bool_)
-        if q.size:
-            ok = (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
-            vals = np.where(ok, dist[i], _INF)
-            g = q[starts]
-            best[g] = np.minimum(best[g], np.minimum.reduceat(vals, starts))
-        reached = np.isfinite(best)
-        byval = _ByValue(dist, ridx)
-        hq = np.flatnonzero(reached & (sure <= end))
-        p0, p1 = byval.span(best[hq], sure[hq], end[hq])
-        bq, bi = q[ok], i[ok]
-        keep = dist[bi] == best[bq]
-        bq, bi = bq[keep], bi[keep]  # band starts achieving `best`, by position within q
-        choice = np.full(j.size, -1, dtype=np.int64)
-        peak_j = np.zeros(j.size)
+        fr = search.frame(s, a, b, j, bs)
+        ridx = np.flatnonzero(np.isfinite(units))
+        R, lin, lout = c.time_units(s), c.link_units(s - 1), c.link_units(s)
+        # Rank the labels extended by a stage's start: (units - R_s + L_{s-1}, comm), exactly.
+        alpha = (units[ridx] - R[a + ridx]) + lin[a + ridx]
+        o = np.lexsort((comm[ridx], alpha))
+        sa, sc = alpha[o], comm[ridx][o]
+        new = np.ones(o.size, dtype=np.bool_)
+        new[1:] = (sa[1:] != sa[:-1]) | (sc[1:] != sc[:-1])
+        order = ridx[o]
+        rank = np.full(size, -1, dtype=np.int64)
+        rank[order] = np.cumsum(new) - 1
+        t = _tight(fr, a, ridx, rank, order, j)
+        best, reached = t.best, t.best >= 0
+        pick = np.maximum(best, 0)
+        span = int(j[-1]) - nxt_a + 1
+        slot = j - nxt_a
+        units = np.full(span, _INF)
+        units[slot] = np.where(reached, (sa[new][pick] + R[j]) + lout[j], _INF)
+        comm = np.full(span, _INF)
+        comm[slot] = np.where(reached, sc[new][pick] + (c.c[j] if s < k - 1 else 0.0), _INF)
+        parent = np.full(span, -1, dtype=np.int64)
         if peak:
-            sq, sp, _ = pairs(p0, p1 - 1)
-            edges += sq.size + bq.size - int(reached.sum())  # beyond one start per end
+            sq, sp, _ = pairs(t.p0, t.p1 - 1)
+            edges += sq.size + t.bq.size - int(reached.sum())  # beyond one start per end
             if edges > EDGE_BUDGET:
-                return math.nan, None
-            cq = np.concatenate([bq, hq[sq]])
-            ci = np.concatenate([bi, byval.position(sp)])
+                return None
+            cq = np.concatenate([t.bq, t.hq[sq]])
+            ci = np.concatenate([t.bi, order[sp]])
             cand = np.maximum(pk[ci], c.memory(s, a + ci, j[cq]) / search.cap[s])
             first = _first_per_group(cq, np.lexsort((ci, cand, cq)))
-            choice[cq[first]] = ci[first]
-            peak_j = np.full(j.size, _INF)
-            peak_j[cq[first]] = cand[first]
-        else:  # the earliest start achieving `best`: in the band if any, else in the sure range
-            found = p0 < p1
-            choice[hq[found]] = byval.position(p0[found])
-            uq, first = np.unique(bq, return_index=True)
-            choice[uq] = bi[first]
-        span = int(j[-1]) - nxt_a + 1
-        add = c.c[j] if s < k - 1 else np.zeros(j.size)
-        dist = np.full(span, _INF)
-        pk = np.full(span, _INF)
-        parent = np.full(span, -1, dtype=np.int64)
-        slot = j - nxt_a
-        dist[slot] = np.where(reached, best + add, _INF)
-        pk[slot] = peak_j
-        parent[slot] = np.where(choice >= 0, a + choice, -1)
+            pk = np.full(span, _INF)
+            pk[slot[cq[first]]] = cand[first]
+            parent[slot[cq[first]]] = a + ci[first]
+        else:  # the earliest tight start: in the band if any, else in the sure range
+            choice = np.full(j.size, -1, dtype=np.int64)
+            found = t.p0 < t.p1
+            choice[t.hq[found]] = order[t.p0[found]]
+            uq, first = np.unique(t.bq, return_index=True)
+            choice[uq] = t.bi[first]
+            parent[slot] = np.where(choice >= 0, a + choice, -1)
+            stages.append(
+                _Stage(
+                    a=a,
+                    rank=rank.astype(np.int32),
+                    order=order.astype(np.int32),
+                    ends=j,
+                    best=best.astype(np.int32),
+                )
+            )
         parents.append((nxt_a, parent))
         a = nxt_a
-        if not np.isfinite(dist).any():
-            return _INF, None
-    return float(dist[-1]), _walk(search.n, parents)
+        if not reached.any():  # pragma: no cover - the probe reached every end
+            return None
+    return Labels(
+        units=float(units[-1]), comm=float(comm[-1]), split=_walk(search.n, parents), stages=stages
+    )
 
 
-def _walk(n: int, parents: list[tuple[int, IntArray]]) -> Bounds:
-    """The split that the parent pointers give, walked back from cut ``n``."""
-    j = n
+@dataclass
+class _Ties:
+    """The tight starts of every end of one stage: band pairs and spans of the sorted starts."""
+
+    best: IntArray
+    """The least rank of a valid start, per end; -1 where none."""
+    bq: IntArray
+    bi: IntArray
+    """Band pairs: ends (by index) and their tight starts (window positions)."""
+    hq: IntArray
+    p0: IntArray
+    p1: IntArray
+    """Ends ``hq`` whose sure range holds tight starts ``order[p0:p1]``."""
+
+
+def _tight(
+    fr: Frame,
+    a: int,
+    ridx: IntArray,
+    rank: IntArray,
+    order: IntArray,
+    j: IntArray,
+    best: IntArray | None = None,
+) -> _Ties:
+    """Every end's least rank of a valid start (unless ``best`` gives it) and its tight starts.
+
+    ``ridx`` are the usable starts (window positions), ``order`` the same sorted by (rank,
+    position). Starts at or after ``sure(j)`` are valid whatever their own cut, so the least rank
+    there is a range minimum (a sparse table) and the tight ones a span of ``order``; the band
+    ``[L(j), sure(j))`` is tested start by start.
+    """
+    size = rank.size
+    end = np.minimum(j - 1 - a, size - 1)
+    usable = np.full(size, -1, dtype=np.int64)
+    usable[ridx] = ridx
+    r = np.maximum.accumulate(usable)[end]  # the last usable start before each end
+    lo = np.maximum(fr.pw.searchsorted(fr.t - fr.tm), fr.qw.searchsorted(fr.u - fr.mm))
+    sure = np.maximum(fr.pw.searchsorted(fr.t + fr.sure_t), fr.qw.searchsorted(fr.u + fr.sure_u))
+    q, i, starts = pairs(lo, np.minimum(sure - 1, r), ridx)
+    ok = (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
+    ranged = sure <= end
+    if best is None:
+        least = np.full(j.size, _INF)
+        has = np.flatnonzero(ranged)
+        if has.size:
+            rankf = np.full(size, _INF)
+            rankf[ridx] = rank[ridx]
+            least[has] = _range_min(rankf, sure[has], end[has])
+        if q.size:
+            g = q[starts]
+            vals = np.where(ok, rank[i], _INF)
+            least[g] = np.minimum(least[g], np.minimum.reduceat(vals, starts))
+        best = np.where(np.isfinite(least), least, -1).astype(np.int64)
+    keep = ok & (rank[i] == best[q]) & (best[q] >= 0)
+    width = size + 1
+    keys = rank[order].astype(np.int64) * width + order
+    hq = np.flatnonzero(ranged & (best >= 0))
+    base = best[hq] * width
+    p0 = keys.searchsorted(base + sure[hq], "left")
+    p1 = keys.searchsorted(base + end[hq], "right")
+    return _Ties(best=best, bq=q[keep], bi=i[keep], hq=hq, p0=p0, p1=p1)
+
+
+# --- the peak memory by bisection over the tight stages -----------------------------------------
+
+
+def _bisect_peak(search: Search, tight: Labels, B: float) -> Bounds:
+    """The least peak memory over splits of tight stages, to `PEAK_RTOL`: bisect a cap scale.
+
+    Each step asks whether cut ``n`` is reachable through tight stages that fit ``mu`` times
+    their caps (`_reach_tight`, one pass of range searches, no sparse table); when it is, a walk
+    back gives a split, whose peak becomes the new upper end (it is often the optimum itself).
+    """
+    best = tight.split
+    hi = search.peak(best)
+    lo, top = 0.0, hi
+    for _ in range(200):
+        if top <= lo * (1 + PEAK_RTOL):
+            break
+        mid = 0.5 * (lo + top)
+        masks = _reach_tight(search, tight.stages, B, mid)
+        if masks is None:
+            lo = mid
+            continue
+        split = _walk_tight(search, tight.stages, masks, B, mid)
+        value = search.peak(split)
+        if value < hi:
+            hi, best = value, split
+        top = min(mid, value)
+    return best
+
+
+def _reach_tight(
+    search: Search, stages: list[_Stage], B: float, mu: float
+) -> list[BoolArray] | None:
+    """The cuts reachable through tight stages within ``mu`` times their caps, or None."""
+    bs = B * (1 + RTOL)
+    reached = np.ones(1, dtype=np.bool_)
+    masks = [reached]
+    for s, st in enumerate(stages):
+        a, rank = st.a, st.rank.astype(np.int64)
+        usable = reached & (rank >= 0)
+        order = st.order[usable[st.order]].astype(np.int64)
+        fr = search.frame(s, a, a + rank.size - 1, st.ends, bs, mu)
+        t = _tight(fr, a, np.flatnonzero(usable), rank, order, st.ends, st.best.astype(np.int64))
+        hit = np.zeros(st.ends.size, dtype=np.bool_)
+        hit[t.hq[t.p0 < t.p1]] = True
+        hit[t.bq] = True
+        if not hit.any():
+            return None
+        reached = np.zeros(int(st.ends[-1] - st.ends[0]) + 1, dtype=np.bool_)
+        reached[st.ends - st.ends[0]] = hit
+        masks.append(reached)
+    return masks if reached[-1] else None
+
+
+def _walk_tight(
+    search: Search, stages: list[_Stage], masks: list[BoolArray], B: float, mu: float
+) -> Bounds:
+    """A split through ``masks`` of tight stages within ``mu`` times their caps, each stage the
+    lightest in memory the sets allow (the earliest such start on ties)."""
+    bs = B * (1 + RTOL)
+    j = search.n
     bounds = [j]
-    for a, parent in reversed(parents):
-        j = int(parent[j - a])
+    for s in range(search.k - 1, -1, -1):
+        st, mask = stages[s], masks[s]
+        a, m = st.a, j - st.a
+        want = st.best[int(st.ends.searchsorted(j))]
+        fr = search.frame(s, a, a + mask.size - 1, np.array([j], dtype=np.int64), bs, mu)
+        ok = mask[:m] & (st.rank[:m] == want) & (fr.key[:m] >= fr.t[0]) & (fr.mkey[:m] >= fr.u[0])
+        cand = np.flatnonzero(ok)
+        if cand.size == 0:  # pragma: no cover - the forward pass guarantees a start
+            raise AssertionError(f"no tight start for stage {s} ending at cut {j}")
+        j = a + int(cand[np.argmax(fr.mkey[cand])])
         bounds.append(j)
     return tuple(reversed(bounds))
 
@@ -153,22 +307,14 @@ def _first_per_group(q: IntArray, order: IntArray) -> IntArray:
     return order[np.concatenate([[True], qs[1:] != qs[:-1]])]
 
 
-class _ByValue:
-    """The finite entries of ``dist`` sorted by (value, position), to find a value in a range."""
-
-    def __init__(self, dist: FloatArray, ridx: IntArray) -> None:
-        vals = dist[ridx]
-        self.values = np.unique(vals)
-        self.width = dist.size + 1
-        self.keys = np.sort(self.values.searchsorted(vals) * self.width + ridx)
-
-    def span(self, value: FloatArray, lo: IntArray, hi: IntArray) -> tuple[IntArray, IntArray]:
-        """Index ranges ``[p0, p1)`` of ``keys`` holding ``value`` at positions ``lo..hi``."""
-        base = self.values.searchsorted(value) * self.width
-        return self.keys.searchsorted(base + lo, "left"), self.keys.searchsorted(base + hi, "right")
-
-    def position(self, p: IntArray) -> IntArray:
-        return self.keys[p] % self.width
+def _walk(n: int, parents: Parents) -> Bounds:
+    """The split that the parent pointers give, walked back from cut ``n``."""
+    j = n
+    bounds = [j]
+    for a, parent in reversed(parents):
+        j = int(parent[j - a])
+        bounds.append(j)
+    return tuple(reversed(bounds))
 
 
 def _range_min(vals: FloatArray, lo: IntArray, hi: IntArray) -> FloatArray:
