@@ -261,6 +261,47 @@ def test_ties_go_to_less_communication_then_less_memory() -> None:
 # --- optimal against the baselines ----------------------------------------------------------
 
 
+def _simulated_step(problem: Problem, bounds: tuple[int, ...]) -> float:
+    """The step time the planner predicts (`partition.planner.predict_step`'s arithmetic)."""
+    from pipeline.schedules import build_schedule
+    from pipeline.simulate import simulate
+
+    ev, g = evaluate(problem, bounds), problem.graph
+    k = problem.num_stages
+    devices = [problem.stage_device(s) for s in range(k)]
+    fwd = [float(g.forward[bounds[s] : bounds[s + 1]].sum()) / devices[s].flops for s in range(k)]
+    bwd = [ev.stage_compute_times[s] - fwd[s] for s in range(k)]
+    cuts = [float(g.cut_bytes[b]) for b in bounds[1:-1]]
+    comm = [d.latency + c / d.bandwidth if c else 0.0 for d, c in zip(devices, cuts, strict=False)]
+    built = build_schedule(problem.schedule, k, problem.microbatches)
+    return float(simulate(built, forward_time=fwd, backward_time=bwd, comm_time=comm).step_time)
+
+
+def test_a_bottleneck_tie_goes_to_the_least_total_time() -> None:
+    # The bug: GPT-small over 3 H100s + 5 A100s. The LM head, alone on the last (slow) stage,
+    # sets the bottleneck of every good split, so millions of splits tie; the old tie-break took
+    # the least communication among them and left work on the A100s, and DeepSpeed's `params`
+    # split, with the same bottleneck, predicted a faster step (7.2 ms against 8.3). A step takes
+    # about (m - 1) B + S, so the tie now goes to the least S = sum of stage times: the fast
+    # devices take all they can within B and the slow ones one node each.
+    n = 24
+    compute = [1.0] * (n - 1) + [6.0]  # the head: 6 s on a slow device, the bottleneck
+    params = [1.0] * (n - 1) + [3.0]  # so that `params` also gives the head a stage of its own
+    graph = LinearGraph.from_arrays(compute, params, [0.0] * n, [1.0] * (n - 1))
+    fast = Device(name="fast", memory=10**6, flops=3.0, bandwidth=1e9, latency=0.0)
+    slow = replace(fast, name="slow", flops=1.0)
+    problem = Problem(
+        graph=graph, devices=(fast,) * 3 + (slow,) * 5, schedule="1f1b", microbatches=8
+    )
+    best = evaluate(problem, optimal_module.optimal_split(problem))
+    deepspeed = evaluate(problem, baselines.params(problem))
+    assert deepspeed.fits and best.bottleneck == pytest.approx(deepspeed.bottleneck, rel=1e-12)
+    assert best.bounds[3:] == (19, 20, 21, 22, 23, 24)  # 19 units at 3x, then one node each
+    assert best.total_time < deepspeed.total_time
+    assert _simulated_step(problem, best.bounds) < _simulated_step(problem, deepspeed.bounds)
+    _check_against_brute_force(replace(problem, devices=(fast,) * 2 + (slow,) * 3))
+
+
 @settings(max_examples=80, deadline=None, derandomize=True)
 @given(problems(max_nodes=30, max_stages=6))
 def test_optimal_is_never_worse_than_a_baseline_that_fits(problem: Problem) -> None:
@@ -434,6 +475,31 @@ def test_interleaved_stages_cycle_the_devices_with_a_share_of_memory() -> None:
     assert problem.caps == (200.0, 300.0) * 3
     sol = solve(graph, devices, schedule="interleaved", microbatches=4, virtual=3)
     assert len(sol.bounds) == 7 and sol.evaluation.fits
+
+
+def test_interleaved_fits_counts_a_devices_chunks_together() -> None:
+    # Two devices of 100 bytes, two chunks each (shares of 50). Weights only (no optimizer, no
+    # activations, no cuts): chunk memory is the weight bytes of its nodes.
+    graph = LinearGraph.from_arrays([1.0] * 4, [60.0, 30.0, 10.0, 20.0], [0.0] * 4, [0.0] * 3)
+    devices = (Device(name="a", memory=100, flops=1.0), Device(name="b", memory=100, flops=1.0))
+    problem = Problem(
+        graph=graph,
+        devices=devices,
+        schedule="interleaved",
+        microbatches=4,
+        virtual=2,
+        memory=MemoryModel(optimizer="none"),
+    )
+    # Device a holds nodes 0 and 2 (60 + 10 = 70 <= 100) but node 0 alone passes its share.
+    ev = evaluate(problem, (0, 1, 2, 3, 4))
+    assert ev.device_memory == (70.0, 50.0) and ev.device_caps == (100.0, 100.0)
+    assert ev.fits and not ev.within_shares and ev.peak_memory == pytest.approx(60 / 50)
+    # Over a device in total: a's chunks take 60 + 50 (graph with a heavier third node).
+    heavy = replace(graph, param_bytes=np.array([60.0, 30.0, 50.0, 20.0]))
+    ev = evaluate(replace(problem, graph=heavy), (0, 1, 2, 3, 4))
+    assert ev.device_memory == (110.0, 50.0) and not ev.fits
+    with pytest.raises(InfeasibleError):  # no split keeps node 0 within a share
+        optimal_module.optimal_split(problem)
 
 
 def test_solution_of_a_large_graph_is_sane() -> None:
