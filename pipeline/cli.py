@@ -36,6 +36,13 @@ _EPILOG_SIMULATE = """examples:
   pipepart simulate gpt --size 7b --seq 4096 --batch 32 --device-spec h100 --devices 8 --schedule interleaved --virtual 2 --microbatches 16
 """
 
+_EPILOG_RUN = """examples:
+  pipepart run gpt --ranks 2 --steps 3 --check
+  pipepart run gpt --ranks 4 --schedule interleaved --virtual 2 --microbatches 8 --json
+  pipepart run gpt --ranks 2 --plan plan.json --steps 10 --png run.png
+  torchrun --nproc-per-node 4 -m pipeline.cli run gpt --ranks 4 --steps 100   # joins torchrun's group
+"""
+
 _EPILOG_BENCH = """examples:
   pipepart bench list
   pipepart bench partitioners --quick
@@ -358,6 +365,79 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         )
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.launch import run_pipeline
+
+    plan = args.plan
+    if plan is None:
+        args.schedule = args.schedule or "1f1b"
+        args.microbatches = args.microbatches or 4
+    with _progress(not args.json) as progress:
+        progress(f"training {args.model} on {args.ranks} ranks")
+        result = run_pipeline(
+            args.model,
+            ranks=args.ranks,
+            plan=plan,
+            schedule=args.schedule,
+            microbatches=args.microbatches,
+            virtual=args.virtual,
+            steps=args.steps,
+            check=args.check,
+            seed=args.seed,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            timeout=args.timeout,
+            size=args.size,
+            batch=args.batch,
+            seq=args.seq,
+            loss_reduction=args.loss,
+            max_grad_norm=args.clip,
+            recompute=args.recompute,
+        )
+    if not result:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if args.png:
+        from pipeline.gantt import plot_gantt
+        from pipeline.schedules import Action
+
+        events = [
+            (r, a if isinstance(a, Action) else Action.parse(str(a)), s, e)
+            for r, a, s, e in result["timeline"]
+        ]
+        plot_gantt(
+            events,
+            num_ranks=result["ranks"],
+            title=f"{args.model} · measured last step",
+            path=args.png,
+        )
+    if args.json:
+        summary = {k: v for k, v in result.items() if k != "timeline"}
+        summary["timeline"] = [[r, str(a), s, e] for r, a, s, e in result["timeline"]]
+        print(json.dumps(summary, default=str))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{args.model} on {result['ranks']} ranks")
+    table.add_column("step", justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("loss", justify="right")
+    for row in result["steps"]:
+        table.add_row(
+            str(row["step"]),
+            _human_time(row["time"]),
+            f"{row['loss']:.6f}" if row["loss"] is not None else "–",
+        )
+    console = _console()
+    console.print(table)
+    check = result.get("check")
+    if check:
+        console.print(
+            "largest difference from the same steps on one process: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in check.items() if isinstance(v, float))
+        )
+    return 0
+
+
 def _benchmarks() -> list[str]:
     import benchmarks
 
@@ -454,6 +534,73 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     simulate.set_defaults(func=_cmd_simulate)
 
+    run = sub.add_parser(
+        "run",
+        help="train a model on local ranks (or under torchrun) with a pipeline schedule",
+        epilog=_EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(run)
+    run.add_argument("--ranks", type=int, default=2, help="processes to spawn (default 2)")
+    run.add_argument(
+        "--plan", default=None, help="a plan JSON file (default: plan now with --schedule)"
+    )
+    run.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULE_NAMES,
+        help="schedule when no plan is given (default 1f1b)",
+    )
+    run.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="micro-batches per step (default: the plan's, else 4)",
+    )
+    run.add_argument(
+        "--virtual", type=int, default=None, help="stages per rank for the interleaved schedule"
+    )
+    run.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="also run on one process and report the largest loss / gradient / parameter differences",
+    )
+    run.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    run.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    run.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=("sgd", "adam", "adamw"),
+        help="optimizer (default sgd)",
+    )
+    run.add_argument(
+        "--loss",
+        default="mean",
+        choices=("mean", "sum"),
+        help="how micro-batch losses combine (default mean)",
+    )
+    run.add_argument("--clip", type=float, default=None, help="clip gradients to this global norm")
+    run.add_argument(
+        "--recompute", action="store_true", help="recompute activations in the backward"
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits for a peer before failing (default 300)",
+    )
+    run.add_argument(
+        "--png", default=None, help="draw the last step's measured Gantt chart to this PNG"
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: per-step times and losses, --check differences",
+    )
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(func=_cmd_run)
+
     bench = sub.add_parser(
         "bench",
         help="run a benchmark from benchmarks/ (`pipepart bench list` names them)",
@@ -472,6 +619,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """The line of an error that says what went wrong (a multi-rank report names the failed rank)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "failed"
+    for line in lines:
+        if (
+            line.startswith("rank ")
+            and "killed by the launcher" not in line
+            and "peer failed)" not in line
+        ):
+            return line
+    return lines[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pipepart`` command."""
     parser = _parser()
@@ -482,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PipepartError, OSError) as e:
         if args.debug:
             raise
-        print(f"pipepart {args.command}: error: {e}", file=sys.stderr)
+        print(f"pipepart {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pipepart {args.command}: interrupted", file=sys.stderr)

@@ -86,7 +86,7 @@ def test_errors_are_one_line_and_non_zero(
 
 
 def test_every_subcommand_has_help_with_an_example() -> None:
-    for command in ("plan", "show", "simulate", "bench"):
+    for command in ("plan", "show", "simulate", "run", "bench"):
         out = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", command, "--help"],
             capture_output=True,
@@ -142,3 +142,39 @@ def test_bench_lists_and_runs_with_json(capsys: pytest.CaptureFixture[str]) -> N
     data = _json(capsys, ["bench", "trace_cost", "--quick", "--json"])
     assert data["rows"][0]["blocks"] == 12
     assert main(["bench", "nope"]) == 2
+
+
+@pytest.mark.timeout(240)
+def test_run_json_reports_steps_and_check(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    png = tmp_path / "run.png"
+    argv = [
+        "run",
+        "gpt",
+        "--ranks",
+        "2",
+        "--steps",
+        "2",
+        "--check",
+        "--json",
+        "--timeout",
+        "60",
+        "--png",
+        str(png),
+    ]
+    data = _json(capsys, argv)
+    assert [s["step"] for s in data["steps"]] == [0, 1]
+    assert all(s["time"] > 0 and s["loss"] > 0 for s in data["steps"])
+    assert (
+        data["check"]["loss"] < 1e-5
+        and data["check"]["grads"] < 1e-5
+        and data["check"]["params"] < 1e-5
+    )
+    assert png.stat().st_size > 10_000
+
+
+def test_run_bad_batch_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "gpt", "--ranks", "2", "--batch", "7", "--timeout", "60"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch 7 is not divisible by 4 micro-batches" in err and "\n" not in err
