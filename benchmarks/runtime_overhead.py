@@ -7,12 +7,13 @@ compute times and free communication)? Goal: within 10 %.
 Run:  python -m benchmarks.runtime_overhead [--quick] [--ranks N] [--steps S] [--out PATH]
 
 Each schedule runs on the same spawned gloo ranks (one thread each, so use at most as many ranks
-as cores). Per stage, the median duration of its F, B, I and W actions over the measured steps
-gives the compute times the ideal is simulated with; the measured step is the median over steps
-of the slowest rank's ``Pipeline.step`` wall time, which also includes sending, waiting, the
-end-of-step flush and the optimizer step. The per-action timelines are saved in the JSON, for
-Gantt charts (``pipeline.gantt.plot_gantt``) and for comparisons with other runtimes. On a
-shared machine, compare rows from one run only.
+as cores). Per stage, the median duration of its F, B, I and W actions in a step gives the
+compute times that step's ideal is simulated with. Each measured step (the slowest rank's
+``Pipeline.step`` wall time, which also includes sending, waiting, the end-of-step flush and the
+optimizer step) is compared with its own ideal, so that a step slowed by another process on the
+machine meets an ideal slowed alike; the overhead is the median over steps. The per-action
+timelines are saved in the JSON, for Gantt charts (``pipeline.gantt.plot_gantt``, drawn beside
+it) and for comparisons with other runtimes. On a shared machine, compare rows from one run only.
 """
 
 from __future__ import annotations
@@ -97,40 +98,46 @@ def _stage_times(
     }
 
 
-def _analyse(result: dict[str, Any], ranks: int, microbatches: int) -> dict[str, Any]:
-    name, virtual = result["schedule"], result["virtual"]
-    schedule = build_schedule(name, ranks, microbatches, virtual)
-    times = _stage_times(result["timelines"], schedule.num_stages)
-    if name == "zb-h1":
+def _ideal(schedule: Any, times: dict[str, list[float]]) -> Any:
+    if schedule.name == "zb-h1":
         backward = [i + w for i, w in zip(times["I"], times["W"], strict=True)]
-        ideal = simulate(
+        return simulate(
             schedule, forward_time=times["F"], backward_time=backward, weight_time=times["W"]
         )
-    else:
-        ideal = simulate(schedule, forward_time=times["F"], backward_time=times["B"])
-    measured = statistics.median(result["times"])
-    ideal_timeline = ideal.timeline
-    comm = [
-        e - s
+    return simulate(schedule, forward_time=times["F"], backward_time=times["B"])
+
+
+def _analyse(result: dict[str, Any], ranks: int, microbatches: int) -> dict[str, Any]:
+    """Each step against its own ideal (so a step slowed by a neighbour on the machine is
+    compared with an ideal slowed alike), then medians over steps."""
+    name, virtual = result["schedule"], result["virtual"]
+    schedule = build_schedule(name, ranks, microbatches, virtual)
+    ideals = [
+        _ideal(schedule, _stage_times([tl], schedule.num_stages)).step_time
         for tl in result["timelines"]
-        for _, a, s, e in tl
-        if "S" in a[1:3] and a[1:3] in ("SF", "SB")
     ]
+    ratios = [m / i for m, i in zip(result["times"], ideals, strict=True)]
+    times = _stage_times(result["timelines"], schedule.num_stages)
+    ideal = _ideal(schedule, times)
+    sends = [e - s for tl in result["timelines"] for _, a, s, e in tl if a[1:3] in ("SF", "SB")]
     return {
         "schedule": name,
         "virtual": virtual,
-        "measured_step_s": measured,
-        "ideal_step_s": ideal.step_time,
-        "overhead": measured / ideal.step_time - 1.0,
+        "measured_step_s": statistics.median(result["times"]),
+        "ideal_step_s": statistics.median(ideals),
+        "overhead": statistics.median(ratios) - 1.0,
+        "overhead_per_step": [r - 1.0 for r in ratios],
         "ideal_bubble": ideal.bubble_fraction,
         "forward_s": times["F"],
         "backward_s": times["B"]
         if name != "zb-h1"
         else [i + w for i, w in zip(times["I"], times["W"], strict=True)],
-        "send_post_median_s": statistics.median(comm) if comm else 0.0,
+        "send_post_median_s": statistics.median(sends) if sends else 0.0,
         "step_times_s": result["times"],
         "timeline": result["timelines"][-1],
-        "_ideal_timeline": ideal_timeline,
+        "_ideal_timeline": _ideal(
+            schedule, _stage_times(result["timelines"][-1:], schedule.num_stages)
+        ).timeline,
     }
 
 

@@ -1,14 +1,16 @@
 """Launching a pipeline: spawn local ranks (or join ``torchrun``'s), run steps, check against one process.
 
 [Note: spawned ranks]
-`spawn_ranks` starts one process per rank (``spawn`` start method), each with
-``torch.set_num_threads(1)`` (CPU) and a process group joined through a file rendezvous in a fresh
-temporary directory: gloo on CPU, NCCL when every rank can have its own GPU. Each rank sends its
-outcome (a value, or the exception's types, message and traceback) through its own pipe. The
-parent waits on the pipes and on the processes themselves, so a rank killed by a signal is seen at
-once; with ``kill_on_failure`` the first failure kills every other rank, and a rank still running
-at ``timeout`` is killed and reported: the call never hangs. Ranks destroy their process group on
-the way out.
+`spawn_ranks` starts one process per rank, each with ``torch.set_num_threads(1)`` (CPU) and a
+process group joined through a file rendezvous in a fresh temporary directory: gloo on CPU, NCCL
+when every rank can have its own GPU. With the ``forkserver`` start method (what `run_pipeline`
+uses) torch is imported once, by the server, and every rank is forked from it in milliseconds;
+``spawn`` imports it again in every rank. Each rank sends its outcome (a value, or the
+exception's types, message and traceback) through its own pipe. The parent waits on the pipes and
+on the processes themselves, so a rank killed by a signal is seen at once; with
+``kill_on_failure`` the first failure kills every other rank, and a rank still running at
+``timeout`` is asked for its Python stacks (SIGUSR1, faulthandler) and killed: the call never
+hangs. Ranks destroy their process group on the way out (giving up after 10 s if peers are gone).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from partition.errors import InputError
+from partition.errors import InputError, StageError
 from partition.plan import Plan
 from pipeline.runtime import (
     ModelFactory,
@@ -48,6 +50,10 @@ from pipeline.runtime import (
 __all__ = ["RankOutcome", "run_pipeline", "spawn_ranks"]
 
 log = logging.getLogger(__name__)
+
+# What a fork server imports once for all the ranks it starts. torch._dynamo is imported when
+# parameters are initialised on meta, and takes seconds on its own.
+_PRELOAD = ("torch", "torch._dynamo", "pipeline.launch", "partition.planner")
 
 
 @dataclass
@@ -126,7 +132,7 @@ def spawn_ranks(
         )
     ctx: Any = mp.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "pipeline.launch", *preload])
+        ctx.set_forkserver_preload([*_PRELOAD, *preload])
     with tempfile.TemporaryDirectory(prefix="pipepart-") as tmp:
         init = Path(tmp) / "rendezvous"
         children = []
@@ -419,7 +425,8 @@ def run_pipeline(
         "check": {"loss", "grads", "params", "worst"}}`` (``check`` only when asked).
 
     Raises:
-        StageError or another error: a rank failed; the message holds its rank's report.
+        StageError: a rank failed; the message has every rank's outcome and the first failure's
+            traceback.
     """
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -441,13 +448,19 @@ def run_pipeline(
             return {}
     else:
         outcomes = spawn_ranks(
-            _rank_run, ranks, args, timeout=timeout * 2 + 60, pg_timeout=timeout, backend=backend
+            _rank_run,
+            ranks,
+            args,
+            timeout=timeout * 2 + 60,
+            pg_timeout=timeout,
+            backend=backend,
+            start_method="forkserver",
         )
         failed = [o for o in outcomes if not o.ok]
         if failed:
             first = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
             report = "\n".join(o.describe() for o in outcomes)
-            raise RuntimeError(f"{report}\n--- rank {first.rank} ---\n{first.traceback}")
+            raise StageError(f"{report}\n--- rank {first.rank} ---\n{first.traceback}")
         results = [o.value for o in outcomes]
     summary = _summary(results, steps)
     if check:

@@ -516,7 +516,10 @@ class Pipeline:
 
     def evaluate(self, inputs: Any = None, target: Any = None) -> Any:
         """Forward only, no autograd: on the last rank the loss if ``target`` is given, else the
-        model's output for the whole batch (micro-batch outputs concatenated); ``None`` elsewhere."""
+        model's output for the whole batch (micro-batch outputs concatenated); ``None`` elsewhere.
+
+        Modules keep their mode: call ``train(False)`` first to turn dropout off.
+        """
         mb_inputs, mb_targets = self._split_batch(inputs, target, need_target=False)
         outputs = self._run(self._eval_actions, mb_inputs, mb_targets, train=False)
         if not self.is_last:

@@ -23,9 +23,8 @@ from pipeline.launch import RankOutcome, spawn_ranks
 
 __all__ = ["RankOutcome", "run_ranks"]
 
-# Imported once by the fork server, so that ranks start in milliseconds instead of seconds
-# (torch._dynamo is pulled in by initialising parameters on meta).
-_PRELOAD = ("torch._dynamo", "pipeline.runtime", "partition.planner", "pytest", "harness")
+# Imported once by the fork server beside pipeline.launch's own list.
+_PRELOAD = ("pytest", "harness")
 
 
 def run_ranks(
