@@ -478,11 +478,13 @@ class Pipeline:
         return out
 
     def train(self, mode: bool = True) -> Pipeline:
+        """Put this rank's stage modules in training (or, with ``False``, evaluation) mode."""
         for e in self.executors.values():
             e.module.train(mode)
         return self
 
     def zero_grad(self) -> None:
+        """Drop this rank's gradients (`step` does it first)."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         for p in self.parameters:
