@@ -229,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "platform": platform.platform(),
                     "cpus": os.cpu_count(),
                     "torch": torch.__version__,
+                    "load_average_1m": os.getloadavg()[0],  # other processes share the cores
                 },
                 "model": {
                     "width": width,
