@@ -105,28 +105,34 @@ class Search:
 
     def window(
         self, s: int, a: int, b: int, bs: float, scale: float = 1.0
-    ) -> tuple[int, int, float]:
-        """The ends ``[jlo, jhi]`` stage ``s`` may reach from starts ``[a, b]``, and an event."""
+    ) -> tuple[int, int, float, float]:
+        """The ends ``[jlo, jhi]`` stage ``s`` may reach from starts ``[a, b]``, and two events:
+        the least stage time and the least cap scale above which the window could grow."""
         n, k, P, f = self.n, self.k, self.P, self.f[s]
         jlo, jhi = a + 1, n - (k - 1 - s)
         if s == k - 1:
             jlo = max(jlo, n)
-        event = _INF
+        event = scale_event = _INF
         jt = int(P.searchsorted(P[b] + bs * f, "right")) - 1
         if jt < jhi:
             jhi = jt
             event = float(P[jt + 1] - P[b]) / f
-        Q = self.Q[s]
-        jhi = min(jhi, int(Q.searchsorted(Q[b] + self.cap[s] * scale * (1 + 1e-12), "right")) - 1)
+        Q, cap = self.Q[s], self.cap[s]
+        jm = int(Q.searchsorted(Q[b] + cap * scale * (1 + 1e-12), "right")) - 1
+        if jm < jhi:
+            jhi = jm
+            scale_event = float(Q[jm + 1] - Q[b]) / cap
         if s < k - 1:
             jr = int(P.searchsorted(P[n] - bs * self.frest[s], "left"))
             if jr > jlo:
                 jlo = jr
                 event = min(event, float(P[n] - P[jr - 1]) / self.frest[s])
-            Qr = self.qrest[s]
-            rest = self.caprest[s] * scale * (1 + 1e-12)
-            jlo = max(jlo, int(Qr.searchsorted(Qr[n] - rest, "left")))
-        return jlo, jhi, event
+            Qr, caprest = self.qrest[s], self.caprest[s]
+            jq = int(Qr.searchsorted(Qr[n] - caprest * scale * (1 + 1e-12), "left"))
+            if jq > jlo:
+                jlo = jq
+                scale_event = min(scale_event, float(Qr[n] - Qr[jq - 1]) / caprest)
+        return jlo, jhi, event, scale_event
 
     def frame(
         self, s: int, a: int, b: int, j: IntArray | slice, bs: float, scale: float = 1.0
@@ -159,7 +165,7 @@ class Search:
     ) -> tuple[int, BoolArray | None, float]:
         """The reachable cuts after stage ``s`` from ``mask`` (cuts ``a + x``), and an event."""
         b = a + mask.size - 1
-        jlo, jhi, event = self.window(s, a, b, bs)
+        jlo, jhi, event, _ = self.window(s, a, b, bs)
         if jlo > jhi:
             return jlo, None, event
         fr = self.frame(s, a, b, slice(jlo, jhi + 1), bs)
@@ -285,14 +291,33 @@ class Search:
         return float(c.P[-1]) / min(self.f) + 2.0 * link
 
     def lower_bound(self) -> float:
-        """``(sum(compute) + sum_s f_s (least comm in + least comm out)) / sum(f)``."""
-        n, total = self.n, float(self.P[-1])
-        for s in range(self.k):
+        """A lower bound of every split's bottleneck, the largest of four.
+
+        The perfect balance with each stage's least link in and out,
+        ``(sum(compute) + sum_s f_s (least comm in + least comm out)) / sum(f)``; the least time
+        of the first stage and of the last stage on their own (whatever the other stages do,
+        O(n) each); and the largest node on the fastest device with the least link. The last
+        two find the bottleneck when one huge node sets it (an LM head on the last stage), so
+        the search's first probe is often feasible at once.
+        """
+        n, k, P, f = self.n, self.k, self.P, self.f
+        total = float(P[-1])
+        for s in range(k):
             inner = slice(1, n)
             least = float(self.cin[s][inner].min()) if s > 0 and n > 1 else 0.0
             least += float(self.cout[s][inner].min()) if s < self.k - 1 and n > 1 else 0.0
-            total += self.f[s] * least
-        return total / sum(self.f)
+            total += f[s] * least
+        bounds = [total / sum(f)]
+        if k == 1 or n < k:
+            return max(bounds)
+        ends = np.arange(1, n - k + 2)  # the first stage ends in [1, n - k + 1]
+        bounds.append(float((P[ends] / f[0] + self.cout[0][ends]).min()))
+        starts = np.arange(k - 1, n)  # the last stage starts in [k - 1, n - 1]
+        last = (P[n] - P[starts]) / f[k - 1] + self.cin[k - 1][starts]
+        bounds.append(float(last.min()))
+        links = min(float(self.cout[s][1:n].min()) for s in range(k - 1))
+        bounds.append(float(np.diff(P).max()) / max(f) + links)
+        return max(bounds)
 
     def proportional(self) -> Bounds:
         """Cuts where the compute prefix matches each stage's share of the speed (a first guess)."""

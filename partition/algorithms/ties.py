@@ -174,6 +174,14 @@ class _Ties:
     p0: IntArray
     p1: IntArray
     """Ends ``hq`` whose sure range holds tight starts ``order[p0:p1]``."""
+    end: IntArray
+    r: IntArray
+    """Per end: the last start before it, and the last usable one."""
+    tlo: IntArray
+    tsure: IntArray
+    """Per end: the first start that may be fast enough, and the first that surely is."""
+    keys: IntArray
+    """``rank * (size + 1) + position`` of the usable starts, sorted."""
 
 
 def _tight(
@@ -197,8 +205,9 @@ def _tight(
     usable = np.full(size, -1, dtype=np.int64)
     usable[ridx] = ridx
     r = np.maximum.accumulate(usable)[end]  # the last usable start before each end
-    lo = np.maximum(fr.pw.searchsorted(fr.t - fr.tm), fr.qw.searchsorted(fr.u - fr.mm))
-    sure = np.maximum(fr.pw.searchsorted(fr.t + fr.sure_t), fr.qw.searchsorted(fr.u + fr.sure_u))
+    tlo, tsure = fr.pw.searchsorted(fr.t - fr.tm), fr.pw.searchsorted(fr.t + fr.sure_t)
+    lo = np.maximum(tlo, fr.qw.searchsorted(fr.u - fr.mm))
+    sure = np.maximum(tsure, fr.qw.searchsorted(fr.u + fr.sure_u))
     q, i, starts = pairs(lo, np.minimum(sure - 1, r), ridx)
     ok = (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
     ranged = sure <= end
@@ -221,7 +230,19 @@ def _tight(
     base = best[hq] * width
     p0 = keys.searchsorted(base + sure[hq], "left")
     p1 = keys.searchsorted(base + end[hq], "right")
-    return _Ties(best=best, bq=q[keep], bi=i[keep], hq=hq, p0=p0, p1=p1)
+    return _Ties(
+        best=best,
+        bq=q[keep],
+        bi=i[keep],
+        hq=hq,
+        p0=p0,
+        p1=p1,
+        end=end,
+        r=r,
+        tlo=tlo,
+        tsure=tsure,
+        keys=keys,
+    )
 
 
 # --- the peak memory by bisection over the tight stages -----------------------------------------
@@ -231,8 +252,10 @@ def _bisect_peak(search: Search, tight: Labels, B: float) -> Bounds:
     """The least peak memory over splits of tight stages, to `PEAK_RTOL`: bisect a cap scale.
 
     Each step asks whether cut ``n`` is reachable through tight stages that fit ``mu`` times
-    their caps (`_reach_tight`, one pass of range searches, no sparse table); when it is, a walk
-    back gives a split, whose peak becomes the new upper end (it is often the optimum itself).
+    their caps (`_reach_tight`: range searches, no sparse table unless it fails). When it is, a
+    walk back gives a split whose peak becomes the upper end (often the optimum itself); when it
+    is not, the step's *event* — the least memory ratio of a tight stage left out from a reached
+    start — becomes the lower end, since nothing is reached anew below it.
     """
     best = tight.split
     hi = search.peak(best)
@@ -241,9 +264,9 @@ def _bisect_peak(search: Search, tight: Labels, B: float) -> Bounds:
         if top <= lo * (1 + PEAK_RTOL):
             break
         mid = 0.5 * (lo + top)
-        masks = _reach_tight(search, tight.stages, B, mid)
+        masks, event = _reach_tight(search, tight.stages, B, mid)
         if masks is None:
-            lo = mid
+            lo = max(mid, event * (1 - 1e-12))
             continue
         split = _walk_tight(search, tight.stages, masks, B, mid)
         value = search.peak(split)
@@ -255,26 +278,117 @@ def _bisect_peak(search: Search, tight: Labels, B: float) -> Bounds:
 
 def _reach_tight(
     search: Search, stages: list[_Stage], B: float, mu: float
-) -> list[BoolArray] | None:
-    """The cuts reachable through tight stages within ``mu`` times their caps, or None."""
+) -> tuple[list[BoolArray] | None, float]:
+    """The cuts reachable through tight stages within ``mu`` times their caps (None if not
+    ``n``), and the event: the least ``mu`` above which more could be reached.
+
+    Per stage: only the reached starts and the ends `Search.window` allows from them at this
+    scale (at ``mu < 1`` far fewer than at the tie-break's probe). A tight usable start in the
+    sure range exists iff the last usable start of the end's rank before it is at or after
+    ``sure(j)`` (a running maximum per rank the ends want, usually one); the band is tested start
+    by start.
+    """
     bs = B * (1 + RTOL)
     reached = np.ones(1, dtype=np.bool_)
     masks = [reached]
+    event = _INF
     for s, st in enumerate(stages):
-        a, rank = st.a, st.rank.astype(np.int64)
-        usable = reached & (rank >= 0)
-        order = st.order[usable[st.order]].astype(np.int64)
-        fr = search.frame(s, a, a + rank.size - 1, st.ends, bs, mu)
-        t = _tight(fr, a, np.flatnonzero(usable), rank, order, st.ends, st.best.astype(np.int64))
+        # Only the reached starts, and the ends the window allows from them at this scale.
+        live = np.flatnonzero(reached & (st.rank >= 0))
+        if live.size == 0:
+            return None, event
+        first, last = int(live[0]), int(live[-1])
+        a = st.a + first
+        jlo, jhi, _, grow = search.window(s, a, st.a + last, bs, mu)
+        event = min(event, grow)
+        e0, e1 = int(st.ends.searchsorted(jlo)), int(st.ends.searchsorted(jhi, "right"))
+        j, best = st.ends[e0:e1], st.best[e0:e1]
         hit = np.zeros(st.ends.size, dtype=np.bool_)
-        hit[t.hq[t.p0 < t.p1]] = True
-        hit[t.bq] = True
+        if j.size:
+            rank = st.rank[first : last + 1]
+            usable = reached[first : last + 1] & (rank >= 0)
+            fr = search.frame(s, a, st.a + last, j, bs, mu)
+            got, ev = _hits(search, s, a, fr, usable, rank, j, best, mu)
+            hit[e0:e1] = got
+            event = min(event, ev)
         if not hit.any():
-            return None
-        reached = np.zeros(int(st.ends[-1] - st.ends[0]) + 1, dtype=np.bool_)
-        reached[st.ends - st.ends[0]] = hit
+            return None, event
+        ends = st.ends
+        reached = np.zeros(int(ends[-1] - ends[0]) + 1, dtype=np.bool_)
+        reached[ends - ends[0]] = hit
         masks.append(reached)
-    return masks if reached[-1] else None
+    return (masks, event) if reached[-1] else (None, event)
+
+
+def _hits(
+    search: Search,
+    s: int,
+    a: int,
+    fr: Frame,
+    usable: BoolArray,
+    rank: npt.NDArray[np.int32],
+    j: IntArray,
+    best: npt.NDArray[np.int32],
+    mu: float,
+) -> tuple[BoolArray, float]:
+    """Which ends ``j`` a usable start of their best rank reaches within ``mu`` times the cap,
+    and the event of those missed (see `_event`)."""
+    size = rank.size
+    end = np.minimum(j - 1 - a, size - 1)
+    pos = np.arange(size)
+    r = np.maximum.accumulate(np.where(usable, pos, -1))[end]
+    tlo, tsure = fr.pw.searchsorted(fr.t - fr.tm), fr.pw.searchsorted(fr.t + fr.sure_t)
+    lo = np.maximum(tlo, fr.qw.searchsorted(fr.u - fr.mm))
+    sure = np.maximum(tsure, fr.qw.searchsorted(fr.u + fr.sure_u))
+    hit = np.zeros(j.size, dtype=np.bool_)
+    for want in np.unique(best[best >= 0]):
+        last = np.maximum.accumulate(np.where(usable & (rank == want), pos, -1))[end]
+        hit |= (best == want) & (last >= sure)
+    q, i, _ = pairs(lo, np.minimum(sure - 1, r))
+    ok = usable[i] & (rank[i] == best[q])
+    ok &= (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
+    hit[q[ok]] = True
+    missed = np.flatnonzero(~hit & (best >= 0))
+    if missed.size == 0:
+        return hit, _INF
+    cut = (tlo[missed], tsure[missed], end[missed], r[missed])
+    return hit, _event(search, s, a, fr, usable, rank, j, best, missed, cut, mu)
+
+
+def _event(
+    search: Search,
+    s: int,
+    a: int,
+    fr: Frame,
+    usable: BoolArray,
+    rank: npt.NDArray[np.int32],
+    j: IntArray,
+    best: npt.NDArray[np.int32],
+    missed: IntArray,
+    cut: tuple[IntArray, IntArray, IntArray, IntArray],
+    mu: float,
+) -> float:
+    """The least memory ratio of a stage into one of the ``missed`` ends from a usable tight
+    start fast enough for it (all of them too heavy at ``mu``, or the end would be reached)."""
+    cap = search.cap[s]
+    tlo, tsure, end, r = cut
+    want = best[missed]
+    event = _INF
+    # Starts that may be fast enough, tested one by one.
+    q, i, _ = pairs(tlo, np.minimum(tsure - 1, r))
+    ok = usable[i] & (rank[i] == want[q]) & (fr.key[i] >= fr.t[missed[q]])
+    if ok.any():
+        ratio = search.costs.memory(s, a + i[ok], j[missed[q[ok]]]) / cap
+        event = float(ratio.min())
+    # Starts surely fast enough: the lightest (largest mkey) of the end's rank, a range maximum.
+    ranged = tsure <= end
+    for w in np.unique(want[ranged]):
+        sel = np.flatnonzero(ranged & (want == w))
+        vals = np.where(usable & (rank == w), -fr.mkey, _INF)
+        heaviest = _range_min(vals, tsure[sel], end[sel])  # -(largest mkey), inf if none
+        u = fr.u[missed[sel]] + cap * mu  # a stage's bytes are u + cap mu - mkey
+        event = min(event, float(((u + heaviest) / cap).min()))
+    return event
 
 
 def _walk_tight(

@@ -175,6 +175,32 @@ def test_optimal_equals_brute_force_when_ties_are_bisected(problem: Problem) -> 
         ties_module.EDGE_BUDGET = old
 
 
+def test_peak_bisection_equals_brute_force_when_only_the_peak_decides() -> None:
+    # Identical devices and equal cut widths: every split of the least bottleneck ties on total
+    # time and communication, so the peak memory alone decides; without a budget it is bisected
+    # (events, snapping and the walk back all matter, unlike in the small random cases above).
+    rng = np.random.default_rng(3)
+    old = ties_module.EDGE_BUDGET
+    ties_module.EDGE_BUDGET = -(10**9)
+    try:
+        for _ in range(60):
+            n, count = int(rng.integers(5, 12)), int(rng.integers(2, 5))
+            graph = LinearGraph.from_arrays(
+                rng.integers(0, 4, n) / 4 + (np.arange(n) == n - 1) * rng.integers(0, 8),
+                rng.integers(0, 50, n).astype(float),
+                rng.integers(0, 20, n).astype(float),
+                [4.0] * (n - 1),
+            )
+            device = Device(name="d", memory=int(rng.integers(300, 900)), flops=1.0)
+            schedule = str(rng.choice(["gpipe", "1f1b"]))
+            problem = Problem(
+                graph=graph, devices=(device,) * count, schedule=schedule, microbatches=4
+            )
+            _check_against_brute_force(problem)
+    finally:
+        ties_module.EDGE_BUDGET = old
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(problems(max_nodes=60, max_stages=8))
 def test_optimal_equals_dynamic_programme_on_larger_graphs(problem: Problem) -> None:
