@@ -86,10 +86,13 @@ from partition.algorithms.reach import RTOL, Search
 from partition.algorithms.ties import tie_break
 from partition.devices import Device
 from partition.errors import InfeasibleError
+from partition.memory import inflight_microbatches
 
 __all__ = ["memory_fits", "min_devices", "optimal_split"]
 
 _MAX_PROBES = 200
+_RELAXED_COUNTS = 4096
+"""`min_devices` checks the relaxation one count at a time (O(count) each) up to this count."""
 _INF = math.inf
 
 
@@ -184,21 +187,21 @@ def min_devices(problem: Problem) -> int | None:
     The candidates with ``m`` devices are the first ``m`` given devices, then copies of the last
     one (for a homogeneous set: ``m`` copies of the spec). Fitting is not monotone in ``m`` (with
     1F1B every added stage keeps one more micro-batch in flight on each earlier one, and tiny
-    stages pay their cuts' buffers), so counts are tried one by one from the first whose total
-    memory suffices, for 64 counts; past that the count grows by a quarter at a time and the last
-    step is bisected. The result always fits and one fewer does not; it is the fewest unless a
-    fitting range narrower than a quarter lies beyond the first 64 counts.
+    stages pay their cuts' buffers), so counts are tried one by one from the first that the
+    relaxation `_relaxation_fits` admits (a lower bound, each count checked on its own), for 64
+    counts; past that the count grows by a quarter at a time and the last step is bisected. The
+    result always fits and one fewer does not; it is the fewest unless a fitting range narrower
+    than a quarter lies beyond the first 64 counts.
     """
     n, v = len(problem.graph), problem.virtual
-    c, g = problem.costs, problem.graph
+    g = problem.graph
     floor = problem.microbatches if problem.schedule == "gpipe" else 1
     biggest = max(d.memory for d in problem.devices) / v
     if np.any(problem.kappa * g.param_bytes + floor * g.saved_bytes > biggest):
         return None  # some node fits no device even alone
-    need = float(problem.kappa * c.W[-1] + floor * c.A[-1])
     limit = n // v
     m = 1
-    while m <= limit and sum(d.memory for d in _devices_for(problem, m)) < need:
+    while m <= min(limit, _RELAXED_COUNTS) and not _relaxation_fits(problem, m):
         m += 1
     scan = m + 64
     low = m - 1  # does not fit (or is zero)
@@ -216,6 +219,33 @@ def min_devices(problem: Problem) -> int | None:
         else:
             low = mid
     return m
+
+
+def _relaxation_fits(problem: Problem, count: int) -> bool:
+    """Whether ``count`` devices could hold the model if its bytes could be split freely.
+
+    A split that fits puts parameter state ``kappa W_s`` and activations ``A_s`` on each stage
+    with ``kappa W_s + inflight_s A_s <= cap_s``. Dropping contiguity, whole nodes and buffers,
+    the most activation bytes the stages can then hold is found by putting the parameter state
+    on the stages with the most micro-batches in flight first (where a byte of it displaces the
+    fewest activation bytes); if that is less than ``A``, no split fits.
+    """
+    devices = _devices_for(problem, count)
+    v, mb = problem.virtual, problem.microbatches
+    k = count * v
+    caps = np.array([devices[s % count].memory / v for s in range(k)], dtype=np.float64)
+    inflight = np.array(
+        [inflight_microbatches(problem.schedule, s, k, mb, v) for s in range(k)], dtype=np.float64
+    )
+    c = problem.costs
+    params, acts = problem.kappa * float(c.W[-1]), float(c.A[-1])
+    if params > caps.sum():
+        return False
+    order = np.argsort(-inflight, kind="stable")
+    caps, inflight = caps[order], inflight[order]
+    before = np.concatenate([[0.0], np.cumsum(caps)[:-1]])
+    placed = np.clip(params - before, 0.0, caps)
+    return float(((caps - placed) / inflight).sum()) >= acts
 
 
 def _fits_with(problem: Problem, count: int) -> bool:

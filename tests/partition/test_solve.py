@@ -423,6 +423,36 @@ def test_a_device_more_can_break_the_fit() -> None:
         solve(graph, [device] * 3, microbatches=4, memory=none)
 
 
+def test_min_devices_equals_a_scan_and_its_relaxation_never_rejects_a_fit() -> None:
+    # min_devices starts its scan where a fractional relaxation first admits the count; that is
+    # only right if the relaxation admits every count that fits.
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        n = int(rng.integers(4, 16))
+        graph = LinearGraph.from_arrays(
+            [1.0] * n, rng.uniform(0, 10, n), rng.uniform(0, 10, n), rng.uniform(0, 3, n - 1)
+        )
+        schedule = str(rng.choice(SCHEDULES))
+        virtual = 2 if schedule == "interleaved" else 1
+        devices = tuple(
+            Device(name=f"d{i}", memory=int(rng.integers(40, 200)), flops=1.0)
+            for i in range(int(rng.integers(1, 4)))
+        )
+        problem = Problem(
+            graph=graph,
+            devices=devices,
+            schedule=schedule,
+            microbatches=int(rng.integers(1, 6)),
+            virtual=virtual,
+            memory=MemoryModel(optimizer="none"),
+        )
+        fits = [optimal_module._fits_with(problem, m) for m in range(1, len(graph) // virtual + 1)]
+        for m, ok in enumerate(fits, start=1):
+            assert not ok or optimal_module._relaxation_fits(problem, m), (m, problem)
+        scan = fits.index(True) + 1 if True in fits else None
+        assert min_devices(problem) == scan
+
+
 def test_more_stages_than_nodes_is_infeasible_for_every_algorithm() -> None:
     graph = LinearGraph.from_arrays([1.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 2)
     for algorithm in ALGORITHMS:
