@@ -310,12 +310,10 @@ class _SpecFactory:
         return self.spec.build()
 
 
-def _optimizer(name: str, lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    return _OptimizerFactory(name, lr)
-
-
 @dataclass(frozen=True)
 class _OptimizerFactory:
+    """A picklable ``optimizer_factory`` by name: ``sgd`` or ``adamw``."""
+
     name: str
     lr: float
 
@@ -364,7 +362,7 @@ def _rank_run(
     collect: bool,
 ) -> dict[str, Any]:
     pipe = Pipeline(
-        factory, plan=plan, options=options, optimizer_factory=_optimizer(optimizer, lr)
+        factory, plan=plan, options=options, optimizer_factory=_OptimizerFactory(optimizer, lr)
     )
     losses, times, timelines = [], [], []
     for _ in range(steps):
@@ -523,7 +521,7 @@ def _check(
     built = reference_model(factory, seed=options.seed)
     model, loss_fn = built.model, built.loss_fn
     assert loss_fn is not None
-    opt = _optimizer(optimizer, lr)(list(model.parameters()))
+    opt = _OptimizerFactory(optimizer, lr)(list(model.parameters()))
     ref_losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
