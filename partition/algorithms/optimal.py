@@ -278,43 +278,67 @@ def _homogeneous(devices: tuple[Device, ...]) -> bool:
     )
 
 
-def _gb(x: float) -> str:
-    return f"{x / 1e9:.3g} GB"
+_UNITS = (("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10))
+
+
+def _size(x: float) -> str:
+    """Bytes with 3 significant digits in binary units: ``131 KiB``, ``2.66 GiB``.
+
+    Binary, as `partition.devices` reads them: ``GiB`` is 2^30 bytes and ``GB`` 10^9, so an
+    ``80GB`` device prints as ``74.5 GiB``.
+    """
+    for i, (unit, scale) in enumerate(_UNITS):
+        if abs(x) >= scale:
+            if abs(x) / scale >= 999.5 and i > 0:  # rounds to 1000: one unit up
+                unit, scale = _UNITS[i - 1]
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def _infeasible_message(problem: Problem) -> str:
     g, c = problem.graph, problem.costs
     big = _too_large(problem)
-    where = f"under {problem.schedule} with {problem.microbatches} micro-batches"
+    where = f"under {problem.schedule} with {_count(problem.microbatches, 'micro-batch')}"
+    v = problem.virtual
     if big is not None:
         node, s = big
         params = problem.kappa * float(g.param_bytes[node])
         acts = float(c.inflight[s] * g.saved_bytes[node])
         path = g.module_paths[node] or "(no module)"
+        holds = f"the largest stage holds {_size(float(c.cap.max()))}"
+        if v > 1:
+            holds += (
+                f" (its device's memory over virtual={v}: each interleaved chunk gets an equal "
+                "share)"
+            )
         return (
-            f"node {g.names[node]!r} (module {path}) needs {_gb(params + acts)} on its own "
-            f"({_gb(params)} of weights, gradients and optimizer state + {_gb(acts)} of "
-            f"activations for {int(c.inflight[s])} micro-batches in flight {where}) but the "
-            f"largest stage holds {_gb(float(c.cap.max()))}: no device can hold it. Use devices "
-            "with more memory, fewer micro-batches in flight, activation checkpointing or a "
-            "lighter optimizer"
+            f"node {g.names[node]!r} (module {path}) needs {_size(params + acts)} on its own "
+            f"({_size(params)} of weights, gradients and optimizer state + {_size(acts)} of "
+            f"activations for {_count(int(c.inflight[s]), 'micro-batch')} in flight {where}) but "
+            f"{holds}: no stage can hold it. Use devices with more memory, fewer micro-batches "
+            "in flight, activation checkpointing or a lighter optimizer"
+            + (", or fewer virtual stages" if v > 1 else "")
         )
     spec = problem.devices[-1]
     m = min_devices(problem)
     total = float(problem.kappa * c.W[-1] + c.A[-1])
     head = (
         f"no split of the {len(g)} nodes fits {len(problem.devices)} device(s) {where}: the model "
-        f"needs at least {_gb(total)} (weights, optimizer state and one micro-batch of "
-        f"activations) against {_gb(sum(d.memory for d in problem.devices))} in all"
+        f"needs at least {_size(total)} (weights, optimizer state and one micro-batch of "
+        f"activations) against {_size(sum(d.memory for d in problem.devices))} in all"
     )
     if m is None:
         return (
-            f"{head}, and no number of {spec.name!r} devices ({_gb(spec.memory)} each) fits: "
+            f"{head}, and no number of {spec.name!r} devices ({_size(spec.memory)} each) fits: "
             "some stage's received activations and gradients alone exceed a device. Use devices "
             "with more memory or fewer micro-batches"
         )
     if _homogeneous(problem.devices):
-        like = f"{spec.name!r} devices of {_gb(spec.memory)}"
+        like = f"{spec.name!r} devices of {_size(spec.memory)}"
     else:
         like = f"the given devices in order, then copies of the last, {spec.name!r}"
     return (

@@ -357,18 +357,34 @@ def _homogeneous(memory: int, count: int) -> list[Device]:
 
 def test_a_node_too_large_for_every_device_is_named() -> None:
     params = [1e6] * 8
-    params[5] = 5e9  # x4 for Adam: 20 GB, against 16 GB devices
+    params[5] = 5e9  # x4 for Adam: 20 GB (18.6 GiB), against 16 GB (14.9 GiB) devices
     graph = LinearGraph.from_arrays([1e9] * 8, params, [1e6] * 8, [1e6] * 7)
     graph = replace(graph, module_paths=tuple(f"layers.{i}.mlp" for i in range(8)))
     with pytest.raises(InfeasibleError) as err:
         solve(graph, _homogeneous(16 * 10**9, 4))
     message = str(err.value)
     assert "'n5'" in message and "layers.5.mlp" in message
-    assert "20 GB" in message and "16 GB" in message
+    assert "needs 18.6 GiB on its own" in message and "holds 14.9 GiB" in message
     problem = Problem(
         graph=graph, devices=tuple(_homogeneous(16 * 10**9, 4)), schedule="1f1b", microbatches=8
     )
     assert min_devices(problem) is None
+
+
+def test_sizes_print_in_binary_units_with_three_digits() -> None:
+    # They printed as "0.000131 GB" and "2.66e-05 GB"; GB is 10^9 bytes in `partition.devices`.
+    size = optimal_module._size
+    assert [size(x) for x in (0, 512, 1023, 1024, 131_000, 26_600, 2.66 * 2**30)] == [
+        "0 B",
+        "512 B",
+        "1023 B",
+        "1 KiB",
+        "128 KiB",
+        "26 KiB",
+        "2.66 GiB",
+    ]
+    assert size(80 * 10**9) == "74.5 GiB" and size(2**20 - 1) == "1 MiB"
+    assert size(1023.7 * 2**20) == "1 GiB"
 
 
 def test_too_few_devices_says_the_fewest_that_fit() -> None:
