@@ -15,6 +15,14 @@ with about 40 % headroom under 1F1B. Each case is the median of ``--repeats`` so
 largest fewer); numbers are wall-clock seconds (and, for optimal, CPU seconds, steadier on a
 shared machine) on the machine that runs it, so compare rows of one run. ``--quick`` skips the
 100k-node rows and runs in well under a minute.
+
+Worst cases, timed apart (optimal only): ``huge head`` — the last node (the LM head) given three
+times a perfect stage's compute, so it alone sets the bottleneck, every other stage has slack and
+the reachable windows span most of the graph; ``equal cuts`` — the same with every cut of one
+width, so on identical devices every split of that bottleneck ties on total time and
+communication and the peak-memory tie-break is bisected; ``min_devices`` — devices with a third
+of the memory of the 64-stage rows, so the model needs about 130 of them and the error message
+looks for the fewest (`partition.solve.min_devices`).
 """
 
 from __future__ import annotations
@@ -27,15 +35,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from partition.algorithms.objective import Problem
 from partition.devices import Device
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
-from partition.solve import ALGORITHMS, Solution, solve
+from partition.solve import ALGORITHMS, Solution, min_devices, solve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS: dict[tuple[str | int, int], float] = {
@@ -142,6 +152,24 @@ def devices_for(
     ]
 
 
+def huge_head(graph: LinearGraph, k: int, equal_cuts: bool = False) -> LinearGraph:
+    """``graph`` with its last node's compute three times a perfect stage's (and, with
+    ``equal_cuts``, every interior cut the median width): the worst cases of the search."""
+    compute = graph.compute.copy()
+    compute[-1] = 3.0 * float(compute.sum()) / k
+    cuts = graph.cut_bytes[1:-1].copy()
+    if equal_cuts:
+        cuts[:] = float(np.median(cuts))
+    return LinearGraph.from_arrays(
+        compute,
+        graph.param_bytes,
+        graph.saved_bytes,
+        cuts,
+        forward=compute / 3.0,
+        names=graph.names,
+    )
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
     """Median wall-clock and CPU seconds of ``repeats`` calls, and the last result."""
     wall, cpu, out = [], [], None
@@ -173,6 +201,37 @@ def _case(label: str | int, graph: LinearGraph, k: int, repeats: int) -> dict[st
     return row
 
 
+def _worst(label: str, graph: LinearGraph, repeats: int) -> dict[str, Any]:
+    k = 64
+    row: dict[str, Any] = {"case": label, "nodes": len(graph), "stages": k}
+    if label == "min_devices":
+        spec = devices_for(graph, k)[0]
+        spec = replace(spec, memory=spec.memory // 3)
+        problem = Problem(graph=graph, devices=(spec,) * k, schedule="1f1b", microbatches=8)
+        seconds, cpu, count = _timed(lambda: min_devices(problem), repeats)
+        row.update(seconds=round(seconds, 4), cpu_seconds=round(cpu, 4), result=f"{count} devices")
+        return row
+    devices = devices_for(graph, k)
+    seconds, cpu, sol = _timed(lambda: solve(graph, devices), repeats)
+    assert isinstance(sol, Solution)
+    ratio = sol.evaluation.balance_ratio
+    row.update(seconds=round(seconds, 4), cpu_seconds=round(cpu, 4), result=f"ratio {ratio:.4f}")
+    return row
+
+
+def run_worst(quick: bool, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in SIZES[1:]:
+        if quick and n > 10_000:
+            continue
+        base = transformer(n, hidden=2048, tokens=4096)
+        reps = repeats if n < 100_000 else max(1, repeats // 2)
+        rows.append(_worst("huge head", huge_head(base, 64), reps))
+        rows.append(_worst("equal cuts", huge_head(base, 64, equal_cuts=True), reps))
+        rows.append(_worst("min_devices", base, reps))
+    return rows
+
+
 def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
     rows = []
     gpt = transformer(96 * len(_BLOCK) + 4, hidden=12288, tokens=2048, seq=2048)
@@ -202,6 +261,17 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
             line += f"  target {target:g} s: " + ("ok" if opt["seconds"] < target else "SLOW")
         lines.append(line)
     lines.append("ratio = bottleneck / perfect balance (1 is perfect); * = does not fit memory")
+    return "\n".join(lines)
+
+
+def _worst_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'worst case':>12} {'nodes':>7} {'k':>3} | {'optimal s':>9} {'cpu s':>7} | result"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['case']:>12} {r['nodes']:>7} {r['stages']:>3} | {r['seconds']:>9.4f} "
+            f"{r['cpu_seconds']:>7.4f} | {r['result']}"
+        )
     return "\n".join(lines)
 
 
@@ -250,13 +320,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = run(args.quick, max(1, args.repeats))
     print(_table(rows))
+    worst = run_worst(args.quick, max(1, args.repeats))
+    print()
+    print(_worst_table(worst))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "machine": platform.platform(),
     }
-    data = {"meta": meta, "quick": args.quick, "rows": rows}
+    data = {"meta": meta, "quick": args.quick, "rows": rows, "worst": worst}
     (args.out / "partition_speed.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot(rows, args.out / "partition_speed.png")
     print(f"wrote {args.out / 'partition_speed.json'} and {args.out / 'partition_speed.png'}")

@@ -30,9 +30,13 @@ the rest within the later caps). Near the optimum the windows are a small fracti
 
 **Search.** The optimum ``B*`` is one of the stage times ``T_s(i, j)``. The search keeps
 ``lo`` (every bottleneck below it is infeasible) and ``hi`` (the exact bottleneck of the best
-split found) and bisects between them. It starts from ``lo`` = the perfect balance plus each
-stage's least possible communication, and ``hi`` = the split proportional to the devices'
-speeds if that fits (else it climbs geometrically from ``lo``). A feasible probe snaps ``hi``
+split found) and bisects between them. It starts from ``lo`` = the largest of four lower bounds
+(`Search.lower_bound`: the perfect balance plus each stage's least possible communication, the
+first stage's and the last stage's least time on their own, and the largest node on the fastest
+device), and ``hi`` = the split proportional to the devices' speeds if that fits (else it climbs
+geometrically from ``lo``). The first probe is at ``lo``: when one huge node sets the bottleneck
+(an LM head on the last stage), the last-stage bound is ``B*`` and that probe ends the search.
+A feasible probe snaps ``hi``
 down to the bottleneck of a split recovered by walking the reachable sets back from ``n``, each
 stage as fast as the sets allow — often ``B*`` itself. An infeasible probe returns its *next
 event*: over the ends it missed, the least ``pw_j + comm_out_j - key_i`` of a reachable start
@@ -58,10 +62,14 @@ sparse table), and the band ``[L(j), sure(j))`` is tested start by start. A star
 peak memory (a max along the path, so again the best prefix per cut suffices) is then minimised
 over the tight stages: enumerated (the tight starts of a sure range are a span of the starts
 sorted by (rank, position)), or, past ``EDGE_BUDGET`` tight starts, bisected to ``1e-9``
-relative: each step asks whether cut ``n`` is reachable through tight stages within ``mu`` times
-their caps (range searches on the same sorted starts, no sparse table) and a feasible step snaps
-``mu`` down to the peak of a split walked back through the sets. Remaining ties go to the
-earliest start, from the last stage back. See [Note: what optimal guarantees] in
+relative, like the bottleneck: each step asks whether cut ``n`` is reachable through tight
+stages within ``mu`` times their caps, over only the reached starts and the ends the window
+admits at that scale (per end, the last usable start of its best rank against ``sure(j)``, a
+running maximum; the band start by start). A feasible step snaps ``mu`` down to the peak of a
+split walked back through the sets (each stage the lightest the sets allow); an infeasible one
+returns its event — the least memory ratio of a tight stage from a reached start into an end it
+missed, or of an end the window would admit — and the lower end jumps to it. Remaining ties go
+to the earliest start, from the last stage back. See [Note: what optimal guarantees] in
 `partition.solve`.
 
 Compared with the design note's prototype (a deque per stage, bisection to 1e-4, 0.8 s for 10k

@@ -59,8 +59,6 @@ class _Stage:
     a: int
     rank: npt.NDArray[np.int32]
     """Rank of each start's label (total time, communication) among the stage's; -1: none."""
-    order: npt.NDArray[np.int32]
-    """The starts with a label, sorted by (rank, position)."""
     ends: IntArray
     """The cuts the stage may end at."""
     best: npt.NDArray[np.int32]
@@ -147,7 +145,6 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
                 _Stage(
                     a=a,
                     rank=rank.astype(np.int32),
-                    order=order.astype(np.int32),
                     ends=j,
                     best=best.astype(np.int32),
                 )
@@ -174,14 +171,6 @@ class _Ties:
     p0: IntArray
     p1: IntArray
     """Ends ``hq`` whose sure range holds tight starts ``order[p0:p1]``."""
-    end: IntArray
-    r: IntArray
-    """Per end: the last start before it, and the last usable one."""
-    tlo: IntArray
-    tsure: IntArray
-    """Per end: the first start that may be fast enough, and the first that surely is."""
-    keys: IntArray
-    """``rank * (size + 1) + position`` of the usable starts, sorted."""
 
 
 def _tight(
@@ -191,9 +180,8 @@ def _tight(
     rank: IntArray,
     order: IntArray,
     j: IntArray,
-    best: IntArray | None = None,
 ) -> _Ties:
-    """Every end's least rank of a valid start (unless ``best`` gives it) and its tight starts.
+    """Every end's least rank of a valid start, and its tight starts (those of that rank).
 
     ``ridx`` are the usable starts (window positions), ``order`` the same sorted by (rank,
     position). Starts at or after ``sure(j)`` are valid whatever their own cut, so the least rank
@@ -205,24 +193,22 @@ def _tight(
     usable = np.full(size, -1, dtype=np.int64)
     usable[ridx] = ridx
     r = np.maximum.accumulate(usable)[end]  # the last usable start before each end
-    tlo, tsure = fr.pw.searchsorted(fr.t - fr.tm), fr.pw.searchsorted(fr.t + fr.sure_t)
-    lo = np.maximum(tlo, fr.qw.searchsorted(fr.u - fr.mm))
-    sure = np.maximum(tsure, fr.qw.searchsorted(fr.u + fr.sure_u))
+    lo = np.maximum(fr.pw.searchsorted(fr.t - fr.tm), fr.qw.searchsorted(fr.u - fr.mm))
+    sure = np.maximum(fr.pw.searchsorted(fr.t + fr.sure_t), fr.qw.searchsorted(fr.u + fr.sure_u))
     q, i, starts = pairs(lo, np.minimum(sure - 1, r), ridx)
     ok = (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
     ranged = sure <= end
-    if best is None:
-        least = np.full(j.size, _INF)
-        has = np.flatnonzero(ranged)
-        if has.size:
-            rankf = np.full(size, _INF)
-            rankf[ridx] = rank[ridx]
-            least[has] = _range_min(rankf, sure[has], end[has])
-        if q.size:
-            g = q[starts]
-            vals = np.where(ok, rank[i], _INF)
-            least[g] = np.minimum(least[g], np.minimum.reduceat(vals, starts))
-        best = np.where(np.isfinite(least), least, -1).astype(np.int64)
+    least = np.full(j.size, _INF)
+    has = np.flatnonzero(ranged)
+    if has.size:
+        rankf = np.full(size, _INF)
+        rankf[ridx] = rank[ridx]
+        least[has] = _range_min(rankf, sure[has], end[has])
+    if q.size:
+        g = q[starts]
+        vals = np.where(ok, rank[i], _INF)
+        least[g] = np.minimum(least[g], np.minimum.reduceat(vals, starts))
+    best = np.where(np.isfinite(least), least, -1).astype(np.int64)
     keep = ok & (rank[i] == best[q]) & (best[q] >= 0)
     width = size + 1
     keys = rank[order].astype(np.int64) * width + order
@@ -230,19 +216,7 @@ def _tight(
     base = best[hq] * width
     p0 = keys.searchsorted(base + sure[hq], "left")
     p1 = keys.searchsorted(base + end[hq], "right")
-    return _Ties(
-        best=best,
-        bq=q[keep],
-        bi=i[keep],
-        hq=hq,
-        p0=p0,
-        p1=p1,
-        end=end,
-        r=r,
-        tlo=tlo,
-        tsure=tsure,
-        keys=keys,
-    )
+    return _Ties(best=best, bq=q[keep], bi=i[keep], hq=hq, p0=p0, p1=p1)
 
 
 # --- the peak memory by bisection over the tight stages -----------------------------------------
