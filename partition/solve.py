@@ -28,9 +28,11 @@ For the ``optimal`` algorithm, with ``B*`` the least bottleneck over the splits 
 6. what is still tied goes to the earliest cut, stage by stage from the last; the result is
    deterministic.
 
-Nothing else is optimised: the simulated step time is not (the objective's ``(m - 1) B + S`` is
-its model, with communication in series with compute where the simulator overlaps it), nor the
-balance of the non-bottleneck stages beyond ``S``.
+Nothing else is optimised. The simulated step time is not: its model is about ``(m - 1) B + S``,
+which the order above minimises only among splits of the least ``B`` — when ``m`` is close to
+``k`` on mixed devices a larger ``B`` with a smaller ``S`` can predict a faster step — and the
+simulator overlaps sends with compute where ``T_s`` adds them. Nor is the balance of the
+non-bottleneck stages beyond ``S``.
 
 Baselines ignore memory: their split is returned even when `Evaluation.fits` is false.
 """

@@ -29,7 +29,11 @@ state, then the fill and drain), so among splits of one bottleneck the one with 
 slow devices and fewer slow links is faster. Without (2) a baseline could tie the bottleneck and
 still beat "optimal" on the predicted step (the LM head of a GPT, alone on the last stage, set
 the bottleneck of every split over H100s and A100s; the least-communication tie left the work on
-the A100s).
+the A100s). It stays a tie-break, not a trade: a split with a larger bottleneck can still have a
+smaller ``(m - 1) B + S`` when ``m`` is not much larger than ``k`` and the devices differ (on the
+Llama-7B shape over 4 H100s + 4 A100s with ``m = k = 8``, the best split at block boundaries has
+a 10 % larger bottleneck, lets the H100s take more, and predicts a 5 % faster step;
+`benchmarks/results/partitioners.txt`).
 
 *Comparing S exactly.* ``S`` is a sum of quotients; two splits with equal ``S`` in exact
 arithmetic may differ in the last bits, and a relative tolerance (``|S - S'| <= eps S``) is not
@@ -40,9 +44,9 @@ therefore compared in integer *units* of ``u`` seconds (`Costs.unit`), each term
     R_s(j) = rint(P_j / flops_s / u)          L_s(j) = rint(comm(c_j, device of s) / u)
 
 — the same separation as ``T_s``, so a dynamic programme adds the same integers as a brute force,
-exactly. ``u`` is the power of two ``2^(e + m - 52)`` with ``2^e`` above every stage time
-(``max_s P_n / flops_s`` plus the slowest link) and ``2^m > k + 3``, so that every partial sum
-stays below ``2^53``. Two splits are *S-tied* iff their units are equal: always when they differ
+exactly. ``u`` is the power of two ``2^(e + m - 52)`` with ``2^e > max_s P_n / flops_s`` plus
+the slowest link (so a stage is at most ``2^(53 - m)`` units) and ``2^m > k + 3``, so that every
+partial sum of a dynamic programme stays below ``2^53``. Two splits are *S-tied* iff their units are equal: always when they differ
 only in where zero-compute nodes between equal cuts go or, on identical devices, in where compute
 goes (the ``R`` terms telescope); never when their ``S`` differ by more than ``4 k u`` (each
 split's units are within ``2 k u`` of its ``S``; ``4 k u`` is about ``1.5e-11`` of the largest
