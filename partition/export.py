@@ -30,6 +30,8 @@ class ExportRoot(nn.Module):
 
     def __init__(self, model: nn.Module, constants: dict[str, torch.Tensor]) -> None:
         super().__init__()
+        self.model_class = type(model).__name__
+        """The traced model's class name (plans and messages name the user's class)."""
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, param in model.named_parameters(recurse=False):

@@ -15,9 +15,11 @@ through ``torch.load(mmap=True)``, so a rank reads only the tensors its stage ow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,29 +37,67 @@ def module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _owners(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    for name, sub in module.named_modules(remove_duplicate=True):
-        if any(True for _ in sub.parameters(recurse=False)) or any(
-            True for _ in sub.buffers(recurse=False)
-        ):
-            yield name, sub
+def _post_order(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Submodules children-first, the order ``nn.Module.apply`` calls an init hook in."""
+    for name, child in module.named_children():
+        yield from _post_order(child, f"{prefix}.{name}" if prefix else name)
+    yield prefix, module
 
 
-def initialize(module: nn.Module, *, seed: int = 0, init_hook: InitHook | None = None) -> None:
-    """Initialise every parameter-owning submodule of ``module``; see [Note: split-independent initialisation].
+def initialize(
+    module: nn.Module,
+    *,
+    seed: int = 0,
+    init_hook: InitHook | None = None,
+    model: nn.Module | None = None,
+) -> None:
+    """Initialise ``module``'s tensors; see [Note: split-independent initialisation].
 
-    Names are ``module``'s own qualified names, which for a stage module are the whole model's.
+    Args:
+        module: a whole model, or a stage module whose tensors carry the model's qualified names.
+        seed: the global seed.
+        init_hook: the model's per-module init (``model._init_weights``); without it, each module
+            that directly owns tensors runs its ``reset_parameters``.
+        model: the whole model the names refer to (on meta is fine). A stage module holds its
+            tensors in plain containers, so the hook, which dispatches on module types, is run on
+            ``model``'s own modules with the stage's tensors swapped in for the call.
     """
+    root = model if model is not None else module
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    for t in tensors.values():  # transformers skips tensors it marked as initialised
+        if hasattr(t, "_is_hf_initialized"):
+            del t._is_hf_initialized
+    below: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        atoms = name.split(".")
+        for depth in range(len(atoms)):
+            below.setdefault(".".join(atoms[:depth]), {})[".".join(atoms[depth:])] = tensor
     with torch.no_grad():
-        for name, sub in _owners(module):
-            devices = [p.device for p in sub.parameters(recurse=False)] or [torch.device("cpu")]
-            cuda = [d for d in devices if d.type == "cuda"]
-            with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"):
+        for name, sub in _post_order(root):
+            local = below.get(name)
+            if not local:
+                continue
+            direct = any("." not in key for key in local)
+            reset = getattr(sub, "reset_parameters", None)
+            if init_hook is None and not (direct and callable(reset)):
+                continue
+            devices = [t.device for t in local.values() if t.device.type == "cuda"]
+            with (
+                _swapped(sub, local, root is not module),
+                torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"),
+            ):
                 torch.manual_seed(module_seed(seed, name))
                 if init_hook is not None:
                     init_hook(sub)
-                elif callable(reset := getattr(sub, "reset_parameters", None)):
+                elif callable(reset):
                     reset()
+
+
+def _swapped(module: nn.Module, tensors: dict[str, torch.Tensor], swap: bool) -> Any:
+    if not swap:
+        return contextlib.nullcontext()
+    return torch.nn.utils.stateless._reparametrize_module(module, tensors, strict=False)
 
 
 def materialize(
@@ -67,16 +107,18 @@ def materialize(
     seed: int = 0,
     init_hook: InitHook | None = None,
     checkpoint: str | Path | None = None,
+    model: nn.Module | None = None,
 ) -> nn.Module:
     """Allocate ``module``'s meta tensors on ``device`` and fill them (init or checkpoint).
 
-    Tensors already on a real device are moved to ``device`` and kept as they are.
+    Tensors already on a real device are moved to ``device`` and kept as they are. ``model`` is
+    the whole model ``module``'s names refer to; see `initialize`.
     """
     on_meta = any(t.device.type == "meta" for t in module.state_dict().values())
     if on_meta:
         module.to_empty(device=device)
         if checkpoint is None:
-            initialize(module, seed=seed, init_hook=init_hook)
+            initialize(module, seed=seed, init_hook=init_hook, model=model)
     else:
         module.to(device)
     if checkpoint is not None:

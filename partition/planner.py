@@ -92,7 +92,9 @@ class Analysis:
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
-            class_name=type(self.traced.model).__name__,
+            class_name=str(
+                getattr(self.traced.model, "model_class", type(self.traced.model).__name__)
+            ),
             graph_hash=self.graph_hash,
             num_nodes=len(self.graph),
             num_parameters=self.costs.param_numel,
@@ -426,5 +428,5 @@ def plan_model(
 
 def stages_for_plan(analysis: Analysis, plan: Plan) -> list[Stage]:
     """The stage modules of ``plan``, after checking it was made for this model."""
-    plan.check_model(type(analysis.traced.model).__name__, analysis.graph_hash, len(analysis.graph))
+    plan.check_model(analysis.model_info().class_name, analysis.graph_hash, len(analysis.graph))
     return split(analysis.traced, analysis.graph, plan.bounds)

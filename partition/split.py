@@ -247,8 +247,7 @@ def _build_stage(
                 env[node] = node.meta.get("val")
             continue
         if node.name in traced.param_placeholders or node.op == "get_attr":
-            lookup(node)
-            continue
+            continue  # made where a node of this stage reads it (see `lookup`), never sent
         env[node] = graph.node_copy(node, lookup)
         if node.op == "call_module":
             prefix = f"{node.target}."

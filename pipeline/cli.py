@@ -625,11 +625,7 @@ def _one_line(message: str) -> str:
     if not lines:
         return "failed"
     for line in lines:
-        if (
-            line.startswith("rank ")
-            and "killed by the launcher" not in line
-            and "peer failed)" not in line
-        ):
+        if line.startswith("rank ") and "killed by the launcher" not in line:
             return line
     return lines[0]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import faulthandler
+import inspect
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -43,7 +44,9 @@ from pipeline.runtime import (
     ModelFactory,
     Pipeline,
     PipelineOptions,
+    batch_size,
     build_meta_model,
+    check_divisible,
     reference_model,
 )
 
@@ -325,7 +328,7 @@ class _OptimizerFactory:
         raise InputError(f"unknown optimizer {self.name!r}; choose sgd or adamw")
 
 
-def _data(factory: ModelFactory, seed: int) -> tuple[tuple[Any, ...], Any]:
+def _data(factory: ModelFactory, seed: int) -> tuple[tuple[Any, ...] | dict[str, Any], Any]:
     """A synthetic batch and target shaped like the factory's example (built on meta, so the
     whole model is never allocated here): normal floats, integers in ``[0, vocab_size)`` when the
     model has a ``config.vocab_size``, else in ``[0, 2)``."""
@@ -341,13 +344,18 @@ def _data(factory: ModelFactory, seed: int) -> tuple[tuple[Any, ...], Any]:
         return torch.randint(0, vocab, t.shape, generator=generator, dtype=t.dtype)
 
     args = tuple(make(t) for t in built.args or ())
-    kwargs = {k: make(t) for k, t in built.kwargs.items()}
+    kwargs = {k: make(t) for k, t in built.kwargs.items() if isinstance(t, Tensor)}
     if built.target is None:
         raise InputError(
             "the model factory gives no target to train against; return "
             "(model, inputs, loss_fn, target) or use a bundled model"
         )
-    return (*args, *kwargs.values()), make(built.target)
+    if kwargs:  # keyword inputs (input_ids=..., attention_mask=...) go by name
+        if args:
+            names = list(inspect.signature(built.model.forward).parameters)
+            kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        return kwargs, make(built.target)
+    return args, make(built.target)
 
 
 def _rank_run(
@@ -357,7 +365,7 @@ def _rank_run(
     optimizer: str,
     lr: float,
     steps: int,
-    inputs: tuple[Any, ...],
+    inputs: tuple[Any, ...] | dict[str, Any],
     target: Any,
     collect: bool,
 ) -> dict[str, Any]:
@@ -439,6 +447,10 @@ def run_pipeline(
         recompute=recompute,
     )
     inputs, target = _data(factory, seed + 1)
+    m = microbatches or (plan.microbatches if plan is not None else None)
+    if m:  # fail here, at once, rather than on every rank after start-up
+        first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+        check_divisible(batch_size(first), m)
     args = (factory, plan, options, optimizer, lr, steps, inputs, target, check)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         results = _under_torchrun(args, timeout, backend)
@@ -514,7 +526,7 @@ def _check(
     optimizer: str,
     lr: float,
     steps: int,
-    inputs: tuple[Any, ...],
+    inputs: tuple[Any, ...] | dict[str, Any],
     target: Any,
 ) -> dict[str, Any]:
     """Run the same steps on the whole model in this process; the largest absolute differences."""
@@ -525,7 +537,8 @@ def _check(
     ref_losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(*inputs), target)
+        output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        loss = loss_fn(output, target)
         loss.backward()
         if options.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)

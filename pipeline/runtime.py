@@ -74,7 +74,9 @@ __all__ = [
     "ModelFactory",
     "Pipeline",
     "PipelineOptions",
+    "batch_size",
     "build_meta_model",
+    "check_divisible",
     "reference_model",
     "unpack_model",
 ]
@@ -236,7 +238,9 @@ def _materialize(
                     places[id(p)].append((f"{prefix}.{name}" if prefix else name, module, name))
     init_hook = getattr(model, "_init_weights", None)
     for part in modules:
-        materialize(part, device, seed=seed, init_hook=init_hook, checkpoint=checkpoint)
+        materialize(
+            part, device, seed=seed, init_hook=init_hook, checkpoint=checkpoint, model=model
+        )
     named: dict[str, nn.Parameter] = {}
     for pid, where in places.items():
         chosen = next(
@@ -346,7 +350,10 @@ class Pipeline:
         self._receives_train = self._receives(self._actions)
         self._receives_eval = self._receives(self._eval_actions)
         self.optimizer = (
-            optimizer_factory(self.parameters) if optimizer_factory is not None else None
+            # a stage of reshapes and activations has no parameters: nothing to step
+            optimizer_factory(self.parameters)
+            if optimizer_factory is not None and self.parameters
+            else None
         )
         self.lr_scheduler = (
             lr_scheduler_factory(self.optimizer)
@@ -766,18 +773,18 @@ class Pipeline:
                     f"({', '.join(s.describe() for s in self.input_specs)}), got {len(inputs)}"
                 )
             sizes += [
-                (f"input {s.name!r}", _batch_of(t))
+                (f"input {s.name!r}", batch_size(t))
                 for s, t in zip(self.input_specs, inputs, strict=True)
             ]
         if target is not None:
-            sizes += [("target", _batch_of(t)) for t in _tensors(target)]
+            sizes += [("target", batch_size(t)) for t in _tensors(target)]
         batches = {b for _, b in sizes}
         if len(batches) > 1:
             raise BatchError(
                 f"inputs and target disagree on the batch size (dimension 0): {', '.join(f'{n} {b}' for n, b in sizes)}"
             )
         if batches:
-            _check_divisible(batches.pop(), m)
+            check_divisible(batches.pop(), m)
         mb_inputs = None
         if inputs is not None:
             for spec, t in zip(self.input_specs, inputs, strict=True):
@@ -815,7 +822,7 @@ def _chunk(value: Any, m: int, i: int, device: torch.device) -> Any:
     return value
 
 
-def _batch_of(t: Any) -> int:
+def batch_size(t: Any) -> int:
     if not isinstance(t, Tensor) or t.dim() == 0:
         raise BatchError(
             f"every input and target must be a tensor with a batch dimension, got {type(t).__name__}{'' if not isinstance(t, Tensor) else ' of 0 dimensions'}"
@@ -823,7 +830,7 @@ def _batch_of(t: Any) -> int:
     return int(t.shape[0])
 
 
-def _check_divisible(batch: int, m: int) -> None:
+def check_divisible(batch: int, m: int) -> None:
     if batch > 0 and batch % m == 0:
         return
     options = ", ".join(str(m * k) for k in range(1, 4))
@@ -944,17 +951,20 @@ def _shared_params(
     stages: list[Stage], schedule: Schedule, init_source: dict[int, str]
 ) -> list[_Shared]:
     """Parameters held by stages on more than one rank, with the rank whose value wins."""
-    holders: dict[int, dict[str, int]] = collections.defaultdict(dict)  # id -> name -> stage
+    # id -> [(name, stage)]: one name may sit in several stages (an export graph reads a tied
+    # weight under one name wherever it is used)
+    holders: dict[int, list[tuple[str, int]]] = collections.defaultdict(list)
     for stage in stages:
         for name, p in stage.module.named_parameters(remove_duplicate=False):
-            holders[id(p)].setdefault(name, stage.index)
+            holders[id(p)].append((name, stage.index))
     shared = []
-    for pid, names in holders.items():
-        ranks = sorted({schedule.stage_to_rank(s) for s in names.values()})
+    for pid, places in holders.items():
+        ranks = sorted({schedule.stage_to_rank(s) for _, s in places})
         if len(ranks) < 2:
             continue
+        names = dict(places)  # name -> the last stage holding it
         source_name = init_source.get(pid, "")
-        source_stage = names.get(source_name, max(names.values()))
+        source_stage = names.get(source_name, max(s for _, s in places))
         shared.append(
             _Shared(tuple(sorted(names)), tuple(ranks), schedule.stage_to_rank(source_stage))
         )
