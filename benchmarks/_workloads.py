@@ -1,0 +1,111 @@
+"""The CPU-sized models the runtime benchmarks train, their data, and per-rank memory readings.
+
+Both `benchmarks.schedules` and `benchmarks.vs_pipelining` run these, so that their numbers
+describe the same work. A `Workload` is a picklable model factory (spawned ranks call it under
+``torch.device("meta")``) returning ``(model, args, kwargs, loss_fn, target)`` like
+`partition.registry`; its sizes make each stage's compute dominate a step on one CPU thread:
+
+* ``gpt``: the bundled GPT, width 256, 4 heads, a small vocabulary (1,024) so that blocks, not
+  the LM head, hold the time; ``rows`` sequences of ``seq`` tokens per micro-batch.
+* ``skipnet``: the bundled `SkipNet` widened (width 1,024): a tensor skips every stage boundary
+  from the first layer to the last, so every cut carries two tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from partition import examples
+
+__all__: list[str] = []
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and its batch shape: ``rows`` examples per micro-batch, ``microbatches`` per step."""
+
+    model: str
+    """``gpt`` or ``skipnet``."""
+    width: int
+    layers: int
+    rows: int
+    microbatches: int
+    seq: int = 64
+    """Tokens per sequence (``gpt`` only)."""
+    vocab: int = 1024
+    """Vocabulary (``gpt`` only)."""
+
+    @property
+    def batch(self) -> int:
+        return self.rows * self.microbatches
+
+    @property
+    def loss_fn(self) -> Any:
+        """The loss of ``model``'s factory in `partition.examples` (no model built)."""
+        return examples.lm_loss if self.model == "gpt" else torch.nn.functional.mse_loss
+
+    def describe(self) -> str:
+        if self.model == "gpt":
+            return (
+                f"GPT d={self.width}, {self.layers} blocks, 4 heads, vocab {self.vocab}, "
+                f"{self.rows}x{self.seq} tokens per micro-batch"
+            )
+        return f"SkipNet width {self.width}, {self.layers} layers, {self.rows} rows per micro-batch"
+
+    def __call__(self) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, torch.Tensor]:
+        """``(model, args, kwargs, loss_fn, target)``; under ``torch.device("meta")``, no weights."""
+        meta = torch.empty(0).device.type == "meta"
+        model: torch.nn.Module
+        if self.model == "gpt":
+            config = examples.GPTConfig(
+                vocab_size=self.vocab,
+                block_size=self.seq,
+                n_layer=self.layers,
+                n_head=4,
+                n_embd=self.width,
+            )
+            model, args, loss_fn = examples.gpt(config, batch=self.batch, seq=self.seq)
+            target = (
+                torch.empty_like(args[0]) if meta else torch.randint(0, self.vocab, args[0].shape)
+            )
+        elif self.model == "skipnet":
+            model, args, loss_fn = examples.skipnet(
+                batch=self.batch, width=self.width, depth=self.layers
+            )
+            target = torch.empty_like(args[0]) if meta else torch.randn(args[0].shape)
+        else:
+            raise ValueError(f"unknown workload model {self.model!r}; use gpt or skipnet")
+        return model, tuple(args), {}, loss_fn, target
+
+
+def gpt(microbatches: int, *, layers: int = 8, rows: int = 2, width: int = 256) -> Workload:
+    return Workload("gpt", width, layers, rows, microbatches)
+
+
+def skipnet(microbatches: int, *, layers: int = 8, rows: int = 64, width: int = 1024) -> Workload:
+    return Workload("skipnet", width, layers, rows, microbatches)
+
+
+def batch(workload: Workload, seed: int = 1) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A deterministic batch and target for ``workload`` (the same on every rank and run)."""
+    generator = torch.Generator().manual_seed(seed)
+    if workload.model == "gpt":
+        shape = (workload.batch, workload.seq)
+        idx = torch.randint(0, workload.vocab, shape, generator=generator)
+        return (idx,), torch.randint(0, workload.vocab, shape, generator=generator)
+    shape2 = (workload.batch, workload.width)
+    return (torch.randn(shape2, generator=generator),), torch.randn(shape2, generator=generator)
+
+
+def rss_mib() -> tuple[float, float]:
+    """This process's ``(current, peak)`` resident set in MiB (``VmRSS``, ``VmHWM``)."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024
+    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
