@@ -147,9 +147,15 @@ def analyze(
     concrete_args: Mapping[str, Any] | None = None,
     tracer_class: Any = None,
     order: str = "auto",
+    profile_on: Device | None = None,
+    profile_device: str = "cpu",
     progress: Progress | None = None,
 ) -> Analysis:
-    """Trace and cost ``model`` at micro-batch shape (the inputs are a full batch)."""
+    """Trace and cost ``model`` at micro-batch shape (the inputs are a full batch).
+
+    With ``profile_on`` (the spec of the device this process runs on), node times are measured
+    on ``profile_device`` instead of derived from FLOPs; see `partition.profile`.
+    """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args, kwargs = microbatch_inputs(example_inputs, example_kwargs, microbatches)
@@ -167,6 +173,10 @@ def analyze(
     if progress:
         progress(f"costing {len(traced.graph.nodes)} nodes")
     costs = cost_model(traced)
+    if profile_on is not None:
+        from partition.profile import profile
+
+        costs = profile(costs, profile_on, torch_device=profile_device, progress=progress)
     graph = linearize(costs, order)
     specs = tuple(
         TensorSpec.of(node.name, node.meta["val"])
@@ -386,6 +396,7 @@ def plan_model(
     leaf_modules: Sequence[Any] = (),
     concrete_args: Mapping[str, Any] | None = None,
     order: str = "auto",
+    profile: bool = False,
     progress: Progress | None = None,
 ) -> Plan:
     """Plan ``model`` over ``devices``: the one call most users need.
@@ -400,6 +411,8 @@ def plan_model(
         memory: what training keeps per parameter (optimizer state; default Adam, no fp32 master).
         algorithm: ``optimal`` (the exact partitioner) or a baseline: ``uniform``, ``params``,
             ``time``.
+        profile: measure node times on this machine (CUDA if available, else CPU) taking
+            ``devices[0]`` as the kind of device it is, instead of pricing FLOPs.
 
     Raises:
         InputError, TraceError: the inputs or the model cannot be traced.
@@ -417,6 +430,8 @@ def plan_model(
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
         order=order,
+        profile_on=devices[0] if profile else None,
+        profile_device="cuda" if profile and torch.cuda.is_available() else "cpu",
         progress=progress,
     )
     if progress:

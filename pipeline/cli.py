@@ -142,6 +142,12 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
         help="optimizer state to budget for (default adam)",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure every node on this machine (CUDA if present, else CPU) instead of pricing "
+        "FLOPs; the first --device-spec says what kind of device this machine is",
+    )
+    parser.add_argument(
         "--master-weights",
         action="store_true",
         help="budget fp32 master weights and fp32 optimizer state",
@@ -361,6 +367,7 @@ def _make_plan(args: argparse.Namespace) -> Plan:
             algorithm=args.algorithm,
             method=args.trace,
             leaf_modules=args.leaf,
+            profile=args.profile,
             progress=progress,
         )
 
