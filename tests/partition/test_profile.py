@@ -22,7 +22,9 @@ def test_every_compute_node_is_timed_and_costs_follow_the_times() -> None:
     graph = linearize(timed)
     at = graph.names.index("lm_head")
     head = timed.nodes["lm_head"]
-    assert graph.compute[at] == pytest.approx((head.fwd_time + head.bwd_time) * PRESETS["cpu"].flops)
+    assert graph.compute[at] == pytest.approx(
+        (head.fwd_time + head.bwd_time) * PRESETS["cpu"].flops
+    )
     assert timed.profiled_flops == PRESETS["cpu"].flops
 
 
