@@ -100,6 +100,24 @@ def batch(workload: Workload, seed: int = 1) -> tuple[tuple[torch.Tensor, ...], 
     return (torch.randn(shape2, generator=generator),), torch.randn(shape2, generator=generator)
 
 
+def revision() -> str:
+    """The repository's commit, with ``+dirty`` if the runtime (``pipeline/``) has local edits."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "pipeline"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def rss_mib() -> tuple[float, float]:
     """This process's ``(current, peak)`` resident set in MiB (``VmRSS``, ``VmHWM``)."""
     found = {}

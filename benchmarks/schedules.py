@@ -485,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "load_average": list(load),
+            "revision": _workloads.revision(),
         },
         "summary": summary,
         "gantt": png.name if gantt is not None else None,
