@@ -276,8 +276,12 @@ class StageExecutor:
                 for h in pins:
                     h.remove()
             for param, g in zip(group.params, found, strict=True):
-                if g is not None:
-                    param.grad = g if param.grad is None else param.grad + g
+                if g is None:
+                    continue
+                if param.grad is None:
+                    param.grad = g  # a fresh tensor from autograd: ours to keep
+                else:
+                    param.grad.add_(g)  # in place: no second gradient-sized buffer
         if pending.roots:
             grads_or_none = None if any(g is None for g in pending.grads) else pending.grads
             torch.autograd.backward(pending.roots, grads_or_none)
