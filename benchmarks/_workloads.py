@@ -127,3 +127,19 @@ def rss_mib() -> tuple[float, float]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0]) / 1024
     return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
+
+
+def machine(load: Any) -> dict[str, Any]:
+    """Where a benchmark ran: platform, cores, versions, load average and the code's revision."""
+    import os
+    import platform
+    import sys
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "load_average": list(load),
+        "revision": revision(),
+    }

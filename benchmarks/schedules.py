@@ -42,9 +42,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -479,14 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "question": "measured step, bubble and memory of each schedule vs the simulator's prediction",
         "command": "python -m benchmarks.schedules" + (" --quick" if args.quick else ""),
         "quick": args.quick,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "load_average": list(load),
-            "revision": _workloads.revision(),
-        },
+        "machine": _workloads.machine(load),
         "summary": summary,
         "gantt": png.name if gantt is not None else None,
         "rows": rows,

@@ -49,9 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -663,14 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "question": "pipepart / torch.distributed.pipelining: step time and peak RSS on the same split",
         "command": "python -m benchmarks.vs_pipelining" + (" --quick" if args.quick else ""),
         "quick": args.quick,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "load_average": list(load),
-            "revision": _workloads.revision(),
-        },
+        "machine": _workloads.machine(load),
         "summary": summary,
         "rows": rows,
     }
