@@ -235,9 +235,10 @@ def build_plan(
         problem.schedule, problem.virtual, problem.microbatches, stage_plans
     )
     holders: dict[str, list[int]] = {}
+    first_name = _first_names(analysis)
     for stage in stages:
         for name in stage.params:
-            holders.setdefault(_tensor_id_name(analysis, name), []).append(stage.index)
+            holders.setdefault(first_name.get(name, name), []).append(stage.index)
     shared = {name: sorted(set(ids)) for name, ids in holders.items() if len(set(ids)) > 1}
     return Plan(
         model=analysis.model_info(),
@@ -255,16 +256,13 @@ def build_plan(
     )
 
 
-def _tensor_id_name(analysis: Analysis, name: str) -> str:
-    """The first qualified name of the tensor ``name`` refers to (tied weights share one)."""
-    state = analysis.traced.meta_state
-    if not state.has(name):
-        return name
-    target = state.tensor(name)
-    for q, _ in analysis.traced.model.named_parameters(remove_duplicate=False):
-        if state.has(q) and state.tensor(q) is target:
-            return q
-    return name
+def _first_names(analysis: Analysis) -> dict[str, str]:
+    """Every parameter name → the first name of the same tensor (tied weights share one)."""
+    first: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for name, tensor in analysis.traced.model.named_parameters(remove_duplicate=False):
+        names[name] = first.setdefault(id(tensor), name)
+    return names
 
 
 def _first_path(paths: Any) -> str:
