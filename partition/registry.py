@@ -22,7 +22,7 @@ from torch import nn
 from partition import examples
 from partition.errors import InputError
 
-__all__ = ["BUNDLED", "ModelSpec", "resolve"]
+__all__ = ["BUNDLED", "ModelSpec", "normalise", "resolve"]
 
 Built = tuple[
     nn.Module,
@@ -85,7 +85,7 @@ class ModelSpec:
         """``(model, args, kwargs, loss_fn, target)``; call under ``torch.device("meta")`` to skip weights."""
         factory = _factory(self.name)
         result = factory(size=self.size, batch=self.batch, seq=self.seq, **self.options)
-        return _normalise(self.name, result)
+        return normalise(self.name, result)
 
 
 def resolve(
@@ -127,7 +127,8 @@ def _factory(name: str) -> Callable[..., Any]:
     )
 
 
-def _normalise(name: str, result: Any) -> Built:
+def normalise(name: str, result: Any) -> Built:
+    """``(model, args, kwargs, loss_fn, target)`` from what a factory returned; see the module docstring."""
     if not isinstance(result, tuple) or len(result) not in (2, 3, 4):
         raise InputError(
             f"model factory {name!r} returned {type(result).__name__}; it must return "

@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_map
 from partition.errors import InputError, PlanError, StageError
 from partition.materialize import materialize
 from partition.plan import Plan
+from partition.registry import normalise
 from partition.split import Stage, TensorSpec
 from partition.trace import TraceMethod
 from pipeline.comm import BufferPool, Link, Transport, gradient_specs
@@ -169,22 +170,10 @@ def unpack_model(built: Any) -> BuiltModel:
     """
     if isinstance(built, nn.Module):
         return BuiltModel(built)
-    if isinstance(built, tuple) and 2 <= len(built) <= 5 and isinstance(built[0], nn.Module):
-        if len(built) == 5:
-            model, args, kwargs, loss_fn, target = built
-            return BuiltModel(model, tuple(args), dict(kwargs or {}), loss_fn, target)
-        inputs = built[1]
-        loss_fn = built[2] if len(built) > 2 else None
-        target = built[3] if len(built) > 3 else None
-        if isinstance(inputs, Tensor):
-            return BuiltModel(built[0], (inputs,), {}, loss_fn, target)
-        if isinstance(inputs, dict):
-            return BuiltModel(built[0], (), dict(inputs), loss_fn, target)
-        return BuiltModel(built[0], tuple(inputs), {}, loss_fn, target)
-    raise InputError(
-        f"the model factory returned {type(built).__name__}; return an nn.Module or "
-        "(model, example_inputs[, loss_fn[, target]]) like partition.examples.gpt"
-    )
+    if isinstance(built, tuple) and len(built) == 5 and isinstance(built[0], nn.Module):
+        model, args, kwargs, loss_fn, target = built  # a registry spec's build()
+        return BuiltModel(model, tuple(args), dict(kwargs or {}), loss_fn, target)
+    return BuiltModel(*normalise("the model factory", built))
 
 
 def build_meta_model(model_fn: ModelFactory) -> BuiltModel:
