@@ -79,7 +79,9 @@ def initialize(
             if not local:
                 continue
             direct = any("." not in key for key in local)
-            reset = getattr(sub, "reset_parameters", None)
+            reset = getattr(sub, "reset_parameters", None) or getattr(
+                sub, "_reset_parameters", None
+            )  # nn.MultiheadAttention's
             if init_hook is None and not (direct and callable(reset)):
                 continue
             devices = [t.device for t in local.values() if t.device.type == "cuda"]

@@ -4,12 +4,15 @@ A spec resolves to a factory returning ``(model, example_inputs)``,
 ``(model, example_inputs, loss_fn)`` or ``(model, example_inputs, loss_fn, target)``;
 `resolve` normalises them to a `ModelSpec` whose `build` may be called under
 ``torch.device("meta")``. Example inputs are a tuple of positional tensors or a dict of keyword
-tensors. Bundled and ``hf:`` models come with a synthetic target for training runs.
+tensors. Bundled and ``hf:`` models come with a synthetic target for training runs. A
+``loss_fn(output)`` of the output alone needs no target; a factory that gives no loss gets
+`default_loss` (the output's own ``loss`` if it has one, else the mean square of its outputs).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from torch import nn
 from partition import examples
 from partition.errors import InputError
 
-__all__ = ["BUNDLED", "ModelSpec", "normalise", "resolve"]
+__all__ = ["BUNDLED", "ModelSpec", "OutputLoss", "default_loss", "normalise", "resolve", "target_free"]
 
 Built = tuple[
     nn.Module,
@@ -127,6 +130,64 @@ def _factory(name: str) -> Callable[..., Any]:
     )
 
 
+def default_loss(output: Any) -> torch.Tensor:
+    """The loss of a factory that gives none: the output's own ``loss`` when it has one (a
+    transformers model given labels), else the mean of the squares of its floating-point tensors
+    (summed over the tensors) — a smoke-test loss that reaches every parameter."""
+    own = getattr(output, "loss", None)
+    if own is None and isinstance(output, dict):
+        own = output.get("loss")
+    if isinstance(own, torch.Tensor):
+        return own
+    leaves = [t for t in _leaves(output) if t.is_floating_point()]
+    if not leaves:
+        raise InputError("the model's output has no floating-point tensor to take a loss of")
+    return sum((t.float().pow(2).mean() for t in leaves), torch.zeros((), device=leaves[0].device))
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+class OutputLoss:
+    """A loss of the output alone, called like the others as ``loss_fn(output, target)``."""
+
+    target_free = True
+
+    def __init__(self, fn: Callable[[Any], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, output: Any, target: Any = None) -> torch.Tensor:
+        return self.fn(output)
+
+    def __repr__(self) -> str:
+        return f"OutputLoss({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def target_free(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` needs no target (`OutputLoss`)."""
+    return bool(getattr(loss_fn, "target_free", False))
+
+
+def _takes_output_only(fn: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 1 or (
+        len(positional) >= 2 and positional[1].default is not inspect.Parameter.empty
+    )
+
+
 def normalise(name: str, result: Any) -> Built:
     """``(model, args, kwargs, loss_fn, target)`` from what a factory returned; see the module docstring."""
     if not isinstance(result, tuple) or len(result) not in (2, 3, 4):
@@ -138,6 +199,10 @@ def normalise(name: str, result: Any) -> Built:
     model, inputs = result[0], result[1]
     loss_fn = result[2] if len(result) >= 3 else None
     target = result[3] if len(result) == 4 else None
+    if loss_fn is None:
+        loss_fn = OutputLoss(default_loss)
+    elif not target_free(loss_fn) and target is None and _takes_output_only(loss_fn):
+        loss_fn = OutputLoss(loss_fn)
     if not isinstance(model, nn.Module):
         raise InputError(f"model factory {name!r} returned a {type(model).__name__} as the model")
     kwargs: dict[str, Any] = {}

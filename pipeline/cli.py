@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from partition.devices import Device, parse_devices
 from partition.errors import PipepartError
 from partition.memory import OPTIMIZERS, SCHEDULE_NAMES, MemoryModel
 from partition.plan import Plan
+from pipeline.check import DEFAULT_TOLERANCE
+from pipeline.optim import OPTIMIZERS as RUN_OPTIMIZERS
 
 __all__ = ["main"]
 
@@ -36,7 +39,17 @@ _EPILOG_SIMULATE = """examples:
   pipepart simulate gpt --size 7b --seq 4096 --batch 32 --device-spec h100 --devices 8 --schedule interleaved --virtual 2 --microbatches 16
 """
 
-_EPILOG_RUN = """examples:
+_EPILOG_RUN = """The model trains on its own weights: the factory's model is built once (torch.manual_seed(--seed),
+then the factory), and each rank reads only its stage's tensors; --weights init uses the model's
+per-module init rules instead, for a model too big for host memory. A factory giving no loss is
+trained on the output's own `loss` if it has one, else on the mean square of its outputs; a
+loss_fn(output) of the output alone needs no target.
+
+--check trains the factory's own model in this process the plain way, over the same
+micro-batches, and fails (exit code 1) when a loss, gradient, parameter or buffer differs by more
+than --check-tol (relative) or is not finite.
+
+examples:
   pipepart run gpt --ranks 2 --steps 3 --check
   pipepart run gpt --ranks 4 --schedule interleaved --virtual 2 --microbatches 8 --json
   pipepart run gpt --ranks 2 --plan plan.json --steps 10 --png run.png
@@ -390,6 +403,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             virtual=args.virtual,
             steps=args.steps,
             check=args.check,
+            check_tol=args.check_tol,
+            weights=args.weights,
+            checkpoint=args.checkpoint,
             seed=args.seed,
             lr=args.lr,
             optimizer=args.optimizer,
@@ -420,8 +436,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         summary = {k: v for k, v in result.items() if k != "timeline"}
         summary["timeline"] = [[r, str(a), s, e] for r, a, s, e in result["timeline"]]
-        print(json.dumps(summary, default=str))
-        return 0
+        print(json.dumps(_finite(summary), default=str))
+        return _check_status(result)
     from rich.table import Table
 
     table = Table(title=f"{args.model} on {result['ranks']} ranks")
@@ -438,11 +454,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(table)
     check = result.get("check")
     if check:
-        console.print(
-            "largest difference from the same steps on one process: "
-            + ", ".join(f"{k} {v:.3g}" for k, v in check.items() if isinstance(v, float))
+        shown = ", ".join(
+            f"{k} {_fmt_diff(check[k])}" for k in ("loss", "grads", "params", "buffers")
         )
-    return 0
+        verdict = (
+            "[green]passed[/green]"
+            if check["passed"]
+            else f"[red]FAILED[/red]: {'; '.join(check['failures'])}"
+        )
+        console.print(
+            f"largest relative difference from the factory's model trained on one process: "
+            f"{shown} (tolerance {check['tolerance']:g}) — {verdict}"
+        )
+    return _check_status(result)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``
+    (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _fmt_diff(value) if not value < 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _fmt_diff(d: float) -> str:
+    return "nan" if math.isnan(d) else ("inf" if math.isinf(d) else f"{d:.3g}")
+
+
+def _check_status(result: dict[str, Any]) -> int:
+    """1 when --check ran and failed; see [Note: an independent check] in `pipeline.check`."""
+    check = result.get("check")
+    return 1 if check is not None and not check["passed"] else 0
 
 
 def _benchmarks() -> list[str]:
@@ -571,14 +617,36 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--check",
         action="store_true",
-        help="also run on one process and report the largest loss / gradient / parameter differences",
+        help="also train the factory's model in one process the plain way and compare: the "
+        "largest relative loss / gradient / parameter / buffer differences; exit 1 past --check-tol",
     )
-    run.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    run.add_argument(
+        "--check-tol",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest relative difference --check accepts (default {DEFAULT_TOLERANCE:g}, for fp32)",
+    )
+    run.add_argument(
+        "--weights",
+        default="auto",
+        choices=("auto", "factory", "init"),
+        help="where the weights come from: the factory's model built once (factory), the model's "
+        "init rules on each rank's tensors only (init), or factory when it fits in host memory "
+        "(auto, the default)",
+    )
+    run.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a whole-model state_dict (.pt) or .safetensors file; each rank reads only its tensors",
+    )
+    run.add_argument(
+        "--seed", type=int, default=0, help="torch.manual_seed before the factory, and the data seed"
+    )
     run.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     run.add_argument(
         "--optimizer",
         default="sgd",
-        choices=("sgd", "adam", "adamw"),
+        choices=tuple(RUN_OPTIMIZERS),
         help="optimizer (default sgd)",
     )
     run.add_argument(

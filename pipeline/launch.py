@@ -36,19 +36,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from partition.errors import InputError, StageError
 from partition.plan import Plan
+from partition.registry import target_free
+from pipeline.check import DEFAULT_TOLERANCE, compare, run_reference
+from pipeline.optim import OptimizerFactory
 from pipeline.runtime import (
+    BuiltModel,
     ModelFactory,
     Pipeline,
     PipelineOptions,
     batch_size,
     build_meta_model,
     check_divisible,
-    reference_model,
+    unpack_model,
 )
+from pipeline.weights import WeightsMode, build_eager, fits_in_host, model_bytes, save_tensors
 
 __all__ = ["RankOutcome", "run_pipeline", "spawn_ranks"]
 
@@ -313,49 +318,36 @@ class _SpecFactory:
         return self.spec.build()
 
 
-@dataclass(frozen=True)
-class _OptimizerFactory:
-    """A picklable ``optimizer_factory`` by name: ``sgd`` or ``adamw``."""
-
-    name: str
-    lr: float
-
-    def __call__(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if self.name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr)
-        if self.name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr)
-        raise InputError(f"unknown optimizer {self.name!r}; choose sgd or adamw")
-
-
-def _data(factory: ModelFactory, seed: int) -> tuple[tuple[Any, ...] | dict[str, Any], Any]:
-    """A synthetic batch and target shaped like the factory's example (built on meta, so the
-    whole model is never allocated here): normal floats, integers in ``[0, vocab_size)`` when the
-    model has a ``config.vocab_size``, else in ``[0, 2)``."""
-    built = build_meta_model(factory)
+def _synthetic(built: BuiltModel, seed: int) -> tuple[tuple[Any, ...] | dict[str, Any], Any]:
+    """A batch and target shaped like the factory's example: the example itself when the factory
+    built real tensors, else (a meta build) normal floats and integers in ``[0, vocab_size)``
+    when the model has a ``config.vocab_size``, else in ``[0, 2)``."""
     vocab = int(getattr(getattr(built.model, "config", None), "vocab_size", 2))
     generator = torch.Generator().manual_seed(seed)
 
     def make(t: Any) -> Any:
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) or t.device.type != "meta":
             return t
         if t.dtype.is_floating_point:
             return torch.randn(t.shape, generator=generator).to(t.dtype)
+        if t.dtype == torch.bool:
+            return torch.ones(t.shape, dtype=torch.bool)
         return torch.randint(0, vocab, t.shape, generator=generator, dtype=t.dtype)
 
     args = tuple(make(t) for t in built.args or ())
     kwargs = {k: make(t) for k, t in built.kwargs.items() if isinstance(t, Tensor)}
-    if built.target is None:
+    target = make(built.target) if built.target is not None else None
+    if target is None and not target_free(built.loss_fn):
         raise InputError(
-            "the model factory gives no target to train against; return "
-            "(model, inputs, loss_fn, target) or use a bundled model"
+            "the model factory gives a loss_fn(output, target) but no target to train against; "
+            "return (model, inputs, loss_fn, target), or a loss_fn(output) of the output alone"
         )
     if kwargs:  # keyword inputs (input_ids=..., attention_mask=...) go by name
         if args:
             names = list(inspect.signature(built.model.forward).parameters)
             kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
-        return kwargs, make(built.target)
-    return args, make(built.target)
+        return kwargs, target
+    return args, target
 
 
 def _rank_run(
@@ -370,7 +362,7 @@ def _rank_run(
     collect: bool,
 ) -> dict[str, Any]:
     pipe = Pipeline(
-        factory, plan=plan, options=options, optimizer_factory=_OptimizerFactory(optimizer, lr)
+        factory, plan=plan, options=options, optimizer_factory=OptimizerFactory(optimizer, lr)
     )
     losses, times, timelines = [], [], []
     for _ in range(steps):
@@ -382,14 +374,17 @@ def _rank_run(
     out: dict[str, Any] = {
         "rank": pipe.rank,
         "stages": list(pipe.my_stages),
+        "microbatches": pipe.num_microbatches,
         "losses": losses,
         "times": times,
+        "weights": sorted(set(pipe.weight_sources.values())),
     }
     out["timelines"] = timelines
     if collect:
         named = pipe.named_parameters()
         out["params"] = {n: p.detach().cpu() for n, p in named.items()}
         out["grads"] = {n: p.grad.detach().cpu() for n, p in named.items() if p.grad is not None}
+        out["buffers"] = {n: b.detach().cpu() for n, b in pipe.named_buffers().items()}
     return out
 
 
@@ -403,6 +398,7 @@ def run_pipeline(
     virtual: int | None = None,
     steps: int = 1,
     check: bool = False,
+    check_tol: float = DEFAULT_TOLERANCE,
     seed: int = 0,
     lr: float = 1e-3,
     optimizer: str = "sgd",
@@ -414,21 +410,30 @@ def run_pipeline(
     max_grad_norm: float | None = None,
     recompute: bool = False,
     backend: str | None = None,
+    weights: WeightsMode = "auto",
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps on ``ranks`` local processes (or in ``torchrun``'s group).
+
+    Locally, the model is built for real once, here (``torch.manual_seed(seed)``, then the
+    factory), when it fits in host memory: its tensors go to the ranks through a temporary file
+    (see [Note: the model's own weights] in `pipeline.weights`) and its own example inputs and
+    target are the batch. Under torchrun the ranks build it once per machine, and the batch is
+    synthetic (shaped like the example).
 
     Args:
         model: a factory, a ``package.module:callable`` string, or a bundled name (``gpt``).
         plan: a `Plan` or a plan file; without one, ``schedule`` and ``microbatches`` are used and
             the partitioner splits the model.
-        check: also run the same steps on the whole model in one process and report the largest
-            absolute differences of the loss, the gradients and the parameters.
+        check: also train the factory's own model in this process, the plain way, and compare;
+            see [Note: an independent check] in `pipeline.check`.
+        check_tol: the largest relative difference the check accepts.
         timeout: the process group's timeout in seconds (how long a rank waits for a peer).
 
     Returns:
-        ``{"ranks", "schedule", "microbatches", "steps": [{"step", "time", "loss"}], "timeline"
-        (the last step's ``(rank, action, start, end)`` from every rank, seconds from its start),
-        "check": {"loss", "grads", "params", "worst"}}`` (``check`` only when asked).
+        ``{"ranks", "stages", "weights", "steps": [{"step", "time", "loss"}], "timeline" (the
+        last step's ``(rank, action, start, end)`` from every rank, seconds from its start),
+        "check"}`` (``check`` only when asked: see `pipeline.check.compare`).
 
     Raises:
         StageError: a rank failed; the message has every rank's outcome and the first failure's
@@ -437,44 +442,66 @@ def run_pipeline(
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     factory = _factory(model, size, batch, seq)
-    options = PipelineOptions(
-        schedule=schedule,
-        microbatches=microbatches,
-        virtual=virtual,
-        seed=seed,
-        loss_reduction=loss_reduction,  # type: ignore[arg-type]
-        max_grad_norm=max_grad_norm,
-        recompute=recompute,
-    )
-    inputs, target = _data(factory, seed + 1)
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    meta = build_meta_model(factory)
+    eager: BuiltModel | None = None
+    if not torchrun and (check or weights == "factory" or (
+        weights == "auto" and checkpoint is None and fits_in_host(model_bytes(meta.model))
+    )):
+        eager = unpack_model(build_eager(factory, seed))
+    inputs, target = _synthetic(eager or meta, seed + 1)
     m = microbatches or (plan.microbatches if plan is not None else None)
     if m:  # fail here, at once, rather than on every rank after start-up
         first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
         check_divisible(batch_size(first), m)
-    args = (factory, plan, options, optimizer, lr, steps, inputs, target, check)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        results = _under_torchrun(args, timeout, backend)
-        if results is None:
-            return {}
-    else:
-        outcomes = spawn_ranks(
-            _rank_run,
-            ranks,
-            args,
-            timeout=timeout * 2 + 60,
-            pg_timeout=timeout,
-            backend=backend,
-            start_method="forkserver",
+    with contextlib.ExitStack() as cleanup:
+        weights_file = None
+        if eager is not None and weights != "init":
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pipepart-"))
+            weights_file = str(Path(folder) / "factory.safetensors")
+            save_tensors(eager.model, weights_file)
+        options = PipelineOptions(
+            schedule=schedule,
+            microbatches=microbatches,
+            virtual=virtual,
+            seed=seed,
+            loss_reduction=loss_reduction,  # type: ignore[arg-type]
+            max_grad_norm=max_grad_norm,
+            recompute=recompute,
+            weights=weights,
+            checkpoint=checkpoint,
+            factory_weights=weights_file,
         )
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            first = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
-            report = "\n".join(o.describe() for o in outcomes)
-            raise StageError(f"{report}\n--- rank {first.rank} ---\n{first.traceback}")
-        results = [o.value for o in outcomes]
+        args = (factory, plan, options, optimizer, lr, steps, inputs, target, check)
+        if torchrun:
+            results = _under_torchrun(args, timeout, backend)
+            if results is None:
+                return {}
+        else:
+            outcomes = spawn_ranks(
+                _rank_run,
+                ranks,
+                args,
+                timeout=timeout * 2 + 60,
+                pg_timeout=timeout,
+                backend=backend,
+                start_method="forkserver",
+            )
+            failed = [o for o in outcomes if not o.ok]
+            if failed:
+                first_failure = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
+                report = "\n".join(o.describe() for o in outcomes)
+                raise StageError(
+                    f"{report}\n--- rank {first_failure.rank} ---\n{first_failure.traceback}"
+                )
+            results = [o.value for o in outcomes]
     summary = _summary(results, steps)
     if check:
-        summary["check"] = _check(results, factory, options, optimizer, lr, steps, inputs, target)
+        if eager is None:  # under torchrun: rank 0 builds the reference now
+            eager = unpack_model(build_eager(factory, seed))
+        summary["check"] = _check(
+            results, eager, options, optimizer, lr, steps, inputs, target, check_tol
+        )
     return summary
 
 
@@ -514,6 +541,7 @@ def _summary(results: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     return {
         "ranks": len(results),
         "stages": {r["rank"]: r["stages"] for r in results},
+        "weights": {r["rank"]: r["weights"] for r in results},
         "steps": by_step,
         "timeline": [(r, a, s - t0, e - t0) for r, a, s, e in events],
     }
@@ -521,46 +549,27 @@ def _summary(results: list[dict[str, Any]], steps: int) -> dict[str, Any]:
 
 def _check(
     results: list[dict[str, Any]],
-    factory: ModelFactory,
+    eager: BuiltModel,
     options: PipelineOptions,
     optimizer: str,
     lr: float,
     steps: int,
     inputs: tuple[Any, ...] | dict[str, Any],
     target: Any,
+    tolerance: float,
 ) -> dict[str, Any]:
-    """Run the same steps on the whole model in this process; the largest absolute differences."""
-    built = reference_model(factory, seed=options.seed)
-    model, loss_fn = built.model, built.loss_fn
+    """Train the factory's own model here the plain way; see [Note: an independent check]."""
+    loss_fn = eager.loss_fn
     assert loss_fn is not None
-    opt = _OptimizerFactory(optimizer, lr)(list(model.parameters()))
-    ref_losses = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-        loss = loss_fn(output, target)
-        loss.backward()
-        if options.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-        opt.step()
-        ref_losses.append(loss.item())
-    pipe_losses = [
-        next(r["losses"][k] for r in results if r["losses"][k] is not None) for k in range(steps)
-    ]
-    worst: dict[str, tuple[float, str]] = {"grads": (0.0, ""), "params": (0.0, "")}
-    named = dict(model.named_parameters(remove_duplicate=False))
-    for r in results:
-        for what in ("grads", "params"):
-            for name, t in r[what].items():
-                ref = named[name].grad if what == "grads" else named[name]
-                assert ref is not None
-                diff = float((t.double() - ref.detach().double()).abs().max()) if t.numel() else 0.0
-                if diff >= worst[what][0]:
-                    worst[what] = (diff, name)
-    return {
-        "loss": max(abs(a - b) for a, b in zip(pipe_losses, ref_losses, strict=True)),
-        "grads": worst["grads"][0],
-        "params": worst["params"][0],
-        "worst": {"grads": worst["grads"][1], "params": worst["params"][1]},
-        "reference_losses": ref_losses,
-    }
+    reference = run_reference(
+        eager.model,
+        loss_fn,
+        inputs,
+        target,
+        microbatches=results[0]["microbatches"],
+        loss_reduction=options.loss_reduction,
+        optimizer_factory=OptimizerFactory(optimizer, lr),
+        steps=steps,
+        max_grad_norm=options.max_grad_norm,
+    )
+    return compare(results, reference, tolerance=tolerance)

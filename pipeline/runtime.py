@@ -10,12 +10,12 @@ Typical use, on every rank of an initialised process group (``torchrun``)::
 [Note: building on meta]
 The model factory runs under ``torch.device("meta")``, so the whole model costs no memory. The
 model is traced and split on meta on every rank (cheap, and identical everywhere, so every rank
-knows every stage's boundary tensors); each rank then allocates and fills only its own stages
-(`partition.materialize`: per-module seeded init, or a checkpoint read per tensor). Stage modules
-share submodules with the meta model; ``to_empty`` gives every owning module its own new tensor,
-so tied parameters are re-tied afterwards, and a parameter tied across ranks takes the value of
-the owner that a whole-model initialisation writes last (broadcast from its rank): the values
-match `reference_model`, the same procedure on the whole model in one process.
+knows every stage's boundary tensors); each rank then allocates only its own stages and fills
+them with the model's own values (`pipeline.weights`: the factory's model built once per
+machine, a checkpoint read per tensor, or per-module init rules for models too big for host
+memory). Stage modules share submodules with the meta model; ``to_empty`` gives every owning
+module its own new tensor, so tied parameters are re-tied afterwards, and a parameter tied across
+ranks is broadcast from one owner so that every copy starts equal.
 
 [Note: step semantics]
 `Pipeline.step` clears the gradients, runs the schedule (parameter gradients accumulate over the
@@ -51,9 +51,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from partition.errors import InputError, PlanError, StageError
-from partition.materialize import materialize
 from partition.plan import Plan
-from partition.registry import normalise
+from partition.registry import normalise, target_free
 from partition.split import Stage, TensorSpec
 from partition.trace import TraceMethod
 from pipeline.comm import BufferPool, Link, Transport, gradient_specs
@@ -68,6 +67,7 @@ from pipeline.schedules import (
 )
 from pipeline.simulate import TimelineEvent
 from pipeline.stage import LossFn, StageExecutor
+from pipeline.weights import Materialized, WeightsMode, describe_sources, fill
 
 __all__ = [
     "BatchError",
@@ -78,7 +78,6 @@ __all__ = [
     "batch_size",
     "build_meta_model",
     "check_divisible",
-    "reference_model",
     "unpack_model",
 ]
 
@@ -120,9 +119,19 @@ class PipelineOptions:
     loss_reduction: Literal["mean", "sum"] = "mean"
     """How micro-batch losses combine; see [Note: loss scaling] in `pipeline.stage`."""
     seed: int = 0
-    """Seed of the split-independent initialisation."""
+    """The factory builds the model after ``torch.manual_seed(seed)`` (and ``weights="init"``
+    seeds its rules from it)."""
+    weights: WeightsMode = "auto"
+    """Where the values come from: ``factory`` (the model the factory builds, once per machine),
+    ``init`` (the model's per-module init rules, for a model too big for host memory), ``auto``
+    (``factory`` if the model fits in host memory); see [Note: the model's own weights] in
+    `pipeline.weights`."""
     checkpoint: str | Path | None = None
-    """A whole-model ``state_dict`` or safetensors file; each rank reads only its tensors."""
+    """A whole-model ``state_dict`` or safetensors file; each rank reads only its tensors. What it
+    lacks (non-persistent buffers) comes from ``weights``."""
+    factory_weights: str | Path | None = None
+    """A file `pipeline.weights.save_tensors` wrote from the factory's model (the launcher passes
+    it so that no rank builds the model again)."""
     recompute: bool = False
     """Recompute each stage's forward during its backward instead of keeping activations."""
     autocast: torch.dtype | None = None
@@ -144,6 +153,8 @@ class PipelineOptions:
             raise PlanError(f"microbatches must be at least 1, got {self.microbatches}")
         if self.virtual is not None and self.virtual < 1:
             raise PlanError(f"virtual must be at least 1, got {self.virtual}")
+        if self.weights not in ("auto", "factory", "init"):
+            raise PlanError(f"weights must be 'auto', 'factory' or 'init', got {self.weights!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise PlanError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
 
@@ -182,20 +193,6 @@ def build_meta_model(model_fn: ModelFactory) -> BuiltModel:
         return unpack_model(model_fn())
 
 
-def reference_model(
-    model_fn: ModelFactory,
-    *,
-    seed: int = 0,
-    checkpoint: str | Path | None = None,
-    device: str = "cpu",
-) -> BuiltModel:
-    """The whole model in one process, with exactly the values a pipeline's ranks give their
-    stages (its example inputs stay on meta)."""
-    built = build_meta_model(model_fn)
-    _materialize([built.model], built.model, torch.device(device), seed=seed, checkpoint=checkpoint)
-    return built
-
-
 def _init_order(model: nn.Module) -> dict[int, str]:
     """For each parameter, the name under which a whole-model initialisation writes it last."""
     last: dict[int, str] = {}
@@ -205,42 +202,38 @@ def _init_order(model: nn.Module) -> dict[int, str]:
     return last
 
 
-def _materialize(
-    modules: Sequence[nn.Module],
-    model: nn.Module,
-    device: torch.device,
-    *,
-    seed: int,
-    checkpoint: str | Path | None,
-    source: dict[int, str] | None = None,
-) -> dict[str, nn.Parameter]:
-    """Give ``modules`` (parts of ``model``) real weights, re-tying what ``to_empty`` untied.
+def _allocate(
+    modules: Sequence[nn.Module], model: nn.Module, device: torch.device
+) -> tuple[Materialized, Callable[[], dict[str, nn.Parameter]]]:
+    """Allocate ``modules`` (parts of ``model``) on ``device``; see [Note: building on meta].
 
-    Returns the materialised parameters by every name they have. See [Note: building on meta].
+    Returns the allocation (to be filled, see `pipeline.weights`) and a function that re-ties
+    what ``to_empty`` untied, returning the parameters by every name they have.
     """
-    source = source if source is not None else _init_order(model)
+    source = _init_order(model)
     places: dict[int, list[tuple[str, nn.Module, str]]] = collections.defaultdict(list)
     for part in modules:
         for prefix, module in part.named_modules(remove_duplicate=False):
             for name, p in module._parameters.items():
                 if p is not None:
                     places[id(p)].append((f"{prefix}.{name}" if prefix else name, module, name))
-    init_hook = getattr(model, "_init_weights", None)
     for part in modules:
-        materialize(
-            part, device, seed=seed, init_hook=init_hook, checkpoint=checkpoint, model=model
-        )
-    named: dict[str, nn.Parameter] = {}
-    for pid, where in places.items():
-        chosen = next(
-            (m._parameters[n] for q, m, n in where if q == source.get(pid)),
-            where[0][1]._parameters[where[0][2]],
-        )
-        assert chosen is not None
-        for qualified, module, name in where:
-            module._parameters[name] = chosen
-            named[qualified] = chosen
-    return named
+        part.to_empty(device=device)
+
+    def retie() -> dict[str, nn.Parameter]:
+        named: dict[str, nn.Parameter] = {}
+        for pid, where in places.items():
+            chosen = next(
+                (m._parameters[n] for q, m, n in where if q == source.get(pid)),
+                where[0][1]._parameters[where[0][2]],
+            )
+            assert chosen is not None
+            for qualified, module, name in where:
+                module._parameters[name] = chosen
+                named[qualified] = chosen
+        return named
+
+    return Materialized(modules), retie
 
 
 @dataclass(frozen=True)
@@ -300,6 +293,7 @@ class Pipeline:
             )
         if lr_scheduler_factory is not None and optimizer_factory is None:
             raise PlanError("an LR scheduler needs an optimizer: pass optimizer_factory= too")
+        self.loss_fn = loss_fn
         self.stages, self.schedule = _layout(built, plan, options, self.world_size)
         self.num_microbatches = self.schedule.num_microbatches
         self.input_specs = self.stages[0].inputs
@@ -312,7 +306,7 @@ class Pipeline:
             a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
         )
 
-        self._materialize(built.model)
+        self._materialize(built.model, model_fn)
         scale = 1.0 / self.num_microbatches if options.loss_reduction == "mean" else 1.0
         self.executors = {
             s: StageExecutor(
@@ -376,18 +370,30 @@ class Pipeline:
         assert group is not None
         return group
 
-    def _materialize(self, model: nn.Module) -> None:
-        """Real weights for this rank's stages, tied weights made equal across ranks."""
+    def _materialize(self, model: nn.Module, model_fn: ModelFactory) -> None:
+        """Real weights for this rank's stages, tied weights made equal across ranks; see
+        [Note: the model's own weights] in `pipeline.weights`."""
         init_source = _init_order(model)
         shared = _shared_params(self.stages, self.schedule, init_source)
-        self._named = _materialize(
-            [self.stages[s].module for s in self.my_stages],
-            model,
-            self.device,
-            seed=self.options.seed,
-            checkpoint=self.options.checkpoint,
-            source=init_source,
+        allocated, retie = _allocate(
+            [self.stages[s].module for s in self.my_stages], model, self.device
         )
+        options = self.options
+        fill(
+            allocated,
+            model_fn=model_fn,
+            meta_model=model,
+            unpack=lambda built: unpack_model(built).model,
+            mode=options.weights,
+            seed=options.seed,
+            checkpoint=options.checkpoint,
+            factory_weights=options.factory_weights,
+            group=self.group,
+        )
+        self.weight_sources = dict(allocated.sources)
+        """Tensor name -> where its value came from: ``factory``, ``checkpoint`` or ``init``."""
+        self.log.info("weights of stages %s: %s", list(self.my_stages), describe_sources(allocated))
+        self._named = retie()
         groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self._shared: list[tuple[_Shared, dist.ProcessGroup, nn.Parameter | None]] = []
         for s in shared:  # a collective: every rank creates every subgroup, in the same order
@@ -466,6 +472,13 @@ class Pipeline:
         """This rank's parameters by every qualified name they have in the whole model."""
         return dict(self._named)
 
+    def named_buffers(self) -> dict[str, Tensor]:
+        """This rank's buffers (persistent or not) by every qualified name they have."""
+        out: dict[str, Tensor] = {}
+        for s in self.my_stages:
+            out.update(self.stages[s].module.named_buffers(remove_duplicate=False))
+        return out
+
     def state_dict(self) -> dict[str, Tensor]:
         """This rank's stages' parameters and buffers, keyed as in the whole model's ``state_dict``."""
         out: dict[str, Tensor] = {}
@@ -503,7 +516,9 @@ class Pipeline:
                 micro-batches.
             StageError: an action failed; also an instance of the original exception's type.
         """
-        mb_inputs, mb_targets = self._split_batch(inputs, target, need_target=True)
+        mb_inputs, mb_targets = self._split_batch(
+            inputs, target, need_target=not target_free(self.loss_fn)
+        )
         self.zero_grad()
         self._run(self._actions, mb_inputs, mb_targets, train=True)
         self._finish("gradients", self._reduce_grads)

@@ -22,7 +22,7 @@ from harness import run_ranks
 
 from partition import examples
 from partition.planner import analyze
-from pipeline.runtime import Pipeline, PipelineOptions, build_meta_model, reference_model
+from pipeline.runtime import BuiltModel, Pipeline, PipelineOptions, build_meta_model, unpack_model
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
@@ -173,8 +173,14 @@ def _train(cases: list[Case]) -> list[dict[str, Any]]:
 # --- in the test process ----------------------------------------------------------------------
 
 
+def eager(factory: Any, seed: int = 0) -> BuiltModel:
+    """The model exactly as its factory builds it, the plain way: the reference of every test."""
+    torch.manual_seed(seed)
+    return unpack_model(factory())
+
+
 def _reference(case: Case) -> dict[str, Any]:
-    built = reference_model(case.factory())
+    built = eager(case.factory())
     model, loss_fn = built.model, built.loss_fn
     assert loss_fn is not None
     opt = case.optimizer_factory()(list(model.parameters()))
@@ -235,13 +241,16 @@ def test_node_counts_are_current() -> None:
 # --- memory -------------------------------------------------------------------------------------
 
 
-def _memory(bounds: tuple[int, ...]) -> dict[str, Any]:
+def _memory(bounds: tuple[int, ...], weights: str) -> dict[str, Any]:
     def peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     before = peak()
     factory = functools.partial(big_gpt_model, 2)
-    pipe = Pipeline(factory, options=PipelineOptions(microbatches=2, bounds=bounds))
+    pipe = Pipeline(
+        factory,
+        options=PipelineOptions(microbatches=2, bounds=bounds, weights=weights),  # type: ignore[arg-type]
+    )
     x = torch.randint(0, 8192, (2, 8), generator=torch.Generator().manual_seed(0))
     pipe.evaluate(x)
     weights = peak()
@@ -251,8 +260,12 @@ def _memory(bounds: tuple[int, ...]) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(240)
-def test_each_rank_holds_only_its_stage() -> None:
-    """Peak RSS growth per rank follows its stage's size, far below the whole model's."""
+@pytest.mark.parametrize("weights", ["init", "factory"])
+def test_each_rank_holds_only_its_stage(weights: str) -> None:
+    """Peak RSS growth per rank follows its stage's size, far below the whole model's.
+
+    With ``weights="init"`` (a model too big for host memory) no rank ever holds more; with
+    ``"factory"`` one rank per machine also builds the whole model once, the others do not."""
     from partition.devices import parse_devices
     from partition.solve import solve
 
@@ -261,8 +274,11 @@ def test_each_rank_holds_only_its_stage() -> None:
     assert full > 300e6
     graph = analyze(built.model, built.args, microbatches=2).graph
     bounds = solve(graph, parse_devices("cpu", 4), microbatches=2, algorithm="params").bounds
-    results = run_ranks(4, _memory, tuple(bounds), timeout=200)
+    results = run_ranks(4, _memory, tuple(bounds), weights, timeout=200)
     slack = 64e6  # tracing on meta, the interpreter's arenas, activations
+    if weights == "factory":  # rank 0 built the model for the machine: full + its stage
+        builder, *results = results
+        assert builder["weights"] < full + builder["stage"] + slack, (builder, full)
     for rank, r in enumerate(results):
         assert r["stage"] < 0.35 * full, (rank, r)  # the model is several times a rank's share
         assert r["weights"] < r["stage"] + slack, (rank, r, full)
@@ -333,7 +349,7 @@ def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: 
 
     case = Case("gpt", "1f1b", 2, 4)
     (x, y), *_ = case.batches()
-    ref = reference_model(case.factory())
+    ref = eager(case.factory())
     model, loss_fn = ref.model, ref.loss_fn
     assert loss_fn is not None
     checkpoint = tmp_path / "gpt.pt"
@@ -384,7 +400,7 @@ def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: 
         for name, value in r["scheduled"].items():
             assert (value - named[name]).abs().max() < 1e-5, name
 
-    fresh = reference_model(case.factory()).model
+    fresh = eager(case.factory()).model
     loss = loss_fn(fresh(x), y)
     loss.backward()
     assert abs(last["plan_loss"] - loss.item()) < 1e-5
