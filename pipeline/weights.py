@@ -189,6 +189,12 @@ class TensorFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']}")
             begin, end = entry["data_offsets"]
             self._entries[name] = (dtype, tuple(entry["shape"]), start + begin, end - begin)
+        size = self.path.stat().st_size
+        end = max((o + n for _, _, o, n in self._entries.values()), default=start)
+        if size < end:
+            raise CheckpointError(
+                f"{self.path} is truncated: its header describes {end} bytes, the file has {size}"
+            )
 
     def shape(self, name: str) -> tuple[int, ...]:
         key = self.aliases.get(name, name)
@@ -419,7 +425,9 @@ def fill(
     file = TensorFile(checkpoint) if checkpoint is not None else None
     covered: set[str] = set()
     if file is not None:
-        persistent = [k for m in allocated.modules for k in m.state_dict(keep_vars=True)]
+        # persistence from the model itself: a stage module registers every buffer it copies
+        saved = set(meta_model.state_dict(keep_vars=True))
+        persistent = [k for k in allocated.tensors() if k in saved]
         lacking = [k for k in persistent if k not in file.names]
         if lacking:
             raise CheckpointError(
