@@ -416,6 +416,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             loss_reduction=args.loss,
             max_grad_norm=args.clip,
             recompute=args.recompute,
+            batchnorm=args.batchnorm,
         )
     if not result:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -452,6 +453,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     console = _console()
     console.print(table)
+    sources = sorted({s for ranks in result.get("weights", {}).values() for s in ranks})
+    if sources:
+        console.print(f"weights from: {', '.join(sources)} (see --weights)")
     check = result.get("check")
     if check:
         shown = ", ".join(
@@ -658,6 +662,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--clip", type=float, default=None, help="clip gradients to this global norm")
     run.add_argument(
         "--recompute", action="store_true", help="recompute activations in the backward"
+    )
+    run.add_argument(
+        "--batchnorm",
+        default="microbatch",
+        choices=("microbatch", "batch"),
+        help="BatchNorm running statistics in train mode: updated per micro-batch (default, as "
+        "one process running the micro-batches in turn), or once per step from the whole batch",
     )
     run.add_argument(
         "--timeout",
