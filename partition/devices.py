@@ -13,7 +13,15 @@ from dataclasses import dataclass, replace
 
 from partition.errors import PlanError
 
-__all__ = ["PRESETS", "Device", "parse_devices", "parse_rate", "parse_size"]
+__all__ = [
+    "PRESETS",
+    "Device",
+    "format_size",
+    "format_time",
+    "parse_devices",
+    "parse_rate",
+    "parse_size",
+]
 
 _PREFIX = {
     "": 1,
@@ -54,6 +62,31 @@ def _parse(text: str | float | int, units: tuple[str, ...], what: str) -> float:
 def parse_size(text: str | float | int) -> int:
     """Bytes from ``"16GiB"``, ``"80GB"``, ``"512MiB"`` or a plain number of bytes."""
     return round(_parse(text, ("b", ""), "size"))
+
+
+_BINARY = (("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10))
+
+
+def format_size(x: float) -> str:
+    """Bytes with 3 significant digits in binary units: ``131 KiB``, ``2.66 GiB``.
+
+    Binary, as `parse_size` reads them: ``GiB`` is 2^30 bytes and ``GB`` 10^9, so an ``80GB``
+    device prints as ``74.5 GiB``. The one formatter of sizes (tables, errors, messages).
+    """
+    for i, (unit, scale) in enumerate(_BINARY):
+        if abs(x) >= scale:
+            if abs(x) / scale >= 999.5 and i > 0:  # rounds to 1000: one unit up
+                unit, scale = _BINARY[i - 1]
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_time(seconds: float) -> str:
+    """Seconds with 3 significant digits in s, ms or µs: ``1.25 s``, ``18.5 ms``, ``730 µs``."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if abs(seconds) >= scale * 0.9995:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e6:.3g} µs"
 
 
 def parse_rate(text: str | float | int) -> float:

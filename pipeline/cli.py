@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from partition.devices import Device, parse_devices
+from partition.devices import Device, format_size, format_time, parse_devices
 from partition.errors import PipepartError
 from partition.memory import OPTIMIZERS, SCHEDULE_NAMES, MemoryModel
 from partition.plan import Plan
@@ -174,22 +174,6 @@ def _devices(args: argparse.Namespace) -> list[Device]:
     return parse_devices(specs, args.devices or 4)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _human_time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.1f} µs"
-
-
 def plan_table(plan: Plan, title: str | None = None) -> Any:
     """A rich table of a plan: one row per stage, the prediction underneath."""
     from rich.table import Table
@@ -213,7 +197,7 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     element = plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4
     for stage in plan.stages:
         fits = stage.memory["total"] <= stage.capacity
-        memory = f"{_human_bytes(stage.memory['total'])} / {_human_bytes(stage.capacity)}"
+        memory = f"{format_size(stage.memory['total'])} / {format_size(stage.capacity)}"
         table.add_row(
             str(stage.index),
             stage.device.name,
@@ -221,13 +205,13 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
             f"{stage.flops / 1e9:,.2f}",
             f"{stage.param_bytes / element / 1e6:,.2f} M",
             memory if fits else f"[red]{memory} ✗[/red]",
-            _human_time(stage.time),
+            format_time(stage.time),
             f"{stage.time / bottleneck:.0%}",
         )
     ratio = plan.bottleneck / plan.perfect_balance if plan.perfect_balance else float("nan")
     table.caption = (
-        f"predicted step {_human_time(plan.step_time)} · bubble {plan.bubble:.1%} · "
-        f"bottleneck stage {plan.bottleneck_stage} at {_human_time(plan.bottleneck)}/micro-batch "
+        f"predicted step {format_time(plan.step_time)} · bubble {plan.bubble:.1%} · "
+        f"bottleneck stage {plan.bottleneck_stage} at {format_time(plan.bottleneck)}/micro-batch "
         f"({ratio:.3f}× perfect balance)"
         + ("" if plan.fits() else " · [red]does not fit memory[/red]")
     )
@@ -299,7 +283,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         plot_gantt(
             result.timeline,
             num_ranks=plan.num_ranks,
-            title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches · step {_human_time(result.step_time)}",
+            title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches · step {format_time(result.step_time)}",
             path=args.png,
         )
     if args.json:
@@ -341,17 +325,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         mine = stages_of.get(rank, [])
         table.add_row(
             str(rank),
-            _human_time(busy),
+            format_time(busy),
             f"{1 - busy / result.step_time:.1%}" if result.step_time else "–",
             ", ".join(map(str, mine)),
             ", ".join(str(result.peak_activation_microbatches[s]) for s in mine),
             ", ".join(
-                _human_bytes((result.peak_activation_bytes or [0] * plan.num_stages)[s])
+                format_size((result.peak_activation_bytes or [0] * plan.num_stages)[s])
                 for s in mine
             ),
         )
     table.caption = (
-        f"step {_human_time(result.step_time)} · bubble {result.bubble_fraction:.1%}"
+        f"step {format_time(result.step_time)} · bubble {result.bubble_fraction:.1%}"
         + (f" · Gantt chart written to {args.png}" if args.png else "")
     )
     _console().print(table)
@@ -448,7 +432,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for row in result["steps"]:
         table.add_row(
             str(row["step"]),
-            _human_time(row["time"]),
+            format_time(row["time"]),
             f"{row['loss']:.6f}" if row["loss"] is not None else "–",
         )
     console = _console()

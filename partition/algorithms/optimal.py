@@ -96,7 +96,7 @@ import numpy as np
 from partition.algorithms.objective import Bounds, Problem
 from partition.algorithms.reach import RTOL, Search
 from partition.algorithms.ties import tie_break
-from partition.devices import Device
+from partition.devices import Device, format_size
 from partition.errors import InfeasibleError
 from partition.memory import inflight_microbatches
 
@@ -290,23 +290,6 @@ def _homogeneous(devices: tuple[Device, ...]) -> bool:
     )
 
 
-_UNITS = (("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10))
-
-
-def _size(x: float) -> str:
-    """Bytes with 3 significant digits in binary units: ``131 KiB``, ``2.66 GiB``.
-
-    Binary, as `partition.devices` reads them: ``GiB`` is 2^30 bytes and ``GB`` 10^9, so an
-    ``80GB`` device prints as ``74.5 GiB``.
-    """
-    for i, (unit, scale) in enumerate(_UNITS):
-        if abs(x) >= scale:
-            if abs(x) / scale >= 999.5 and i > 0:  # rounds to 1000: one unit up
-                unit, scale = _UNITS[i - 1]
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.0f} B"
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
@@ -321,15 +304,15 @@ def _infeasible_message(problem: Problem) -> str:
         params = problem.kappa * float(g.param_bytes[node])
         acts = float(c.inflight[s] * g.saved_bytes[node])
         path = g.module_paths[node] or "(no module)"
-        holds = f"the largest stage holds {_size(float(c.cap.max()))}"
+        holds = f"the largest stage holds {format_size(float(c.cap.max()))}"
         if v > 1:
             holds += (
                 f" (its device's memory over virtual={v}: each interleaved chunk gets an equal "
                 "share)"
             )
         return (
-            f"node {g.names[node]!r} (module {path}) needs {_size(params + acts)} on its own "
-            f"({_size(params)} of weights, gradients and optimizer state + {_size(acts)} of "
+            f"node {g.names[node]!r} (module {path}) needs {format_size(params + acts)} on its own "
+            f"({format_size(params)} of weights, gradients and optimizer state + {format_size(acts)} of "
             f"activations for {_count(int(c.inflight[s]), 'micro-batch')} in flight {where}) but "
             f"{holds}: no stage can hold it. Use devices with more memory, fewer micro-batches "
             "in flight, activation checkpointing or a lighter optimizer"
@@ -340,17 +323,17 @@ def _infeasible_message(problem: Problem) -> str:
     total = float(problem.kappa * c.W[-1] + c.A[-1])
     head = (
         f"no split of the {len(g)} nodes fits {len(problem.devices)} device(s) {where}: the model "
-        f"needs at least {_size(total)} (weights, optimizer state and one micro-batch of "
-        f"activations) against {_size(sum(d.memory for d in problem.devices))} in all"
+        f"needs at least {format_size(total)} (weights, optimizer state and one micro-batch of "
+        f"activations) against {format_size(sum(d.memory for d in problem.devices))} in all"
     )
     if m is None:
         return (
-            f"{head}, and no number of {spec.name!r} devices ({_size(spec.memory)} each) fits: "
+            f"{head}, and no number of {spec.name!r} devices ({format_size(spec.memory)} each) fits: "
             "some stage's received activations and gradients alone exceed a device. Use devices "
             "with more memory or fewer micro-batches"
         )
     if _homogeneous(problem.devices):
-        like = f"{spec.name!r} devices of {_size(spec.memory)}"
+        like = f"{spec.name!r} devices of {format_size(spec.memory)}"
     else:
         like = f"the given devices in order, then copies of the last, {spec.name!r}"
     return (

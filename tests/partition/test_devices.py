@@ -79,3 +79,16 @@ def test_bad_specs(spec: str, message: str) -> None:
 def test_round_trip() -> None:
     d = PRESETS["h200"]
     assert Device.from_dict(d.to_dict()) == d
+
+
+def test_times_print_with_three_digits_in_the_largest_unit() -> None:
+    from partition.devices import format_time
+
+    assert [format_time(x) for x in (2.5, 1.0, 0.0185, 0.9999, 7.3e-4, 0.0)] == [
+        "2.5 s",
+        "1 s",
+        "18.5 ms",
+        "1 s",
+        "730 µs",
+        "0 µs",
+    ]

@@ -16,7 +16,7 @@ import partition.algorithms.ties as ties_module
 from partition.algorithms import baselines
 from partition.algorithms.objective import Problem, evaluate
 from partition.algorithms.optimal import memory_fits
-from partition.devices import Device
+from partition.devices import Device, format_size
 from partition.errors import InfeasibleError, PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
@@ -373,7 +373,7 @@ def test_a_node_too_large_for_every_device_is_named() -> None:
 
 def test_sizes_print_in_binary_units_with_three_digits() -> None:
     # They printed as "0.000131 GB" and "2.66e-05 GB"; GB is 10^9 bytes in `partition.devices`.
-    size = optimal_module._size
+    size = format_size
     assert [size(x) for x in (0, 512, 1023, 1024, 131_000, 26_600, 2.66 * 2**30)] == [
         "0 B",
         "512 B",
