@@ -10,13 +10,16 @@ step semantics: the same micro-batches one after another, each loss scaled by ``
 ``loss_reduction="mean"`` (unscaled for ``"sum"``), gradient clipping by the global norm, the
 same optimizer; BatchNorm then sees the same micro-batches, as the pipeline's does.
 
-Differences are relative: a gradient's ``max|pipeline - reference| / max(max|reference|, 1e-6)``;
-a parameter's or buffer's the same over the largest magnitude of any parameter (buffer) of the
-model — an optimizer like Adam turns rounding noise in near-zero gradients into updates of the
-size of the learning rate, which is noise relative to the model, not to a zero-initialised bias;
-a step's loss ``|loss - reference| / max(|reference|, 1e-6)``. the check passes when the largest of
-them is at most the tolerance. A non-finite loss, gradient, parameter or buffer on either side
-fails the check and is reported as ``nan`` / ``inf``, never as a difference of 0.
+Differences are relative. A gradient: ``max|pipeline - reference|`` over its own largest
+magnitude, but at least a thousandth of the model's largest gradient (a gradient that cancels,
+like a bias before BatchNorm's, is rounding noise on both sides). A parameter or buffer: over the
+largest magnitude of any parameter (buffer) of the model — Adam turns rounding noise in
+near-zero gradients into updates the size of the learning rate, noise relative to the model, not
+to a zero-initialised bias. A step's loss: ``|loss - reference| / max(|reference|, 1e-6)``. The
+check passes when the largest of them is at most the tolerance. A non-finite loss, gradient,
+parameter or buffer on either side fails the check and is reported as ``nan`` / ``inf``, never
+as a difference of 0. With ``--batchnorm batch`` the reference's running statistics are those of
+the whole batch, as the pipeline's.
 """
 
 from __future__ import annotations
@@ -72,8 +75,15 @@ def run_reference(
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
     steps: int,
     max_grad_norm: float | None = None,
+    batchnorm: str = "microbatch",
 ) -> Reference:
-    """Train ``model`` (the factory's, eager) for ``steps`` steps with the pipeline's semantics."""
+    """Train ``model`` (the factory's, eager) for ``steps`` steps with the pipeline's semantics.
+
+    With ``batchnorm="batch"`` the BatchNorm running statistics are those of one forward over
+    the whole batch per step, before the optimizer step (what `pipeline.batchnorm` commits);
+    normalisation still uses each micro-batch's own statistics.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     params = list(model.parameters())
     optimizer = optimizer_factory(params)
     scale = 1.0 / microbatches if loss_reduction == "mean" else 1.0
@@ -83,11 +93,18 @@ def run_reference(
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        before = [[t.clone() for t in _stats(m)] for m in norms] if batchnorm == "batch" else []
         for x, y in zip(mb_inputs, mb_targets, strict=True):
             output = model(**x) if isinstance(x, dict) else model(*x)
             loss = loss_fn(output, y)
             (loss * scale).backward()
             total += float(loss.detach())
+        if before:  # the statistics of the whole batch instead, as the pipeline commits them
+            with torch.no_grad():
+                for m, saved in zip(norms, before, strict=True):
+                    for t, v in zip(_stats(m), saved, strict=True):
+                        t.copy_(v)
+                _ = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
@@ -105,6 +122,12 @@ def run_reference(
         buffers={n: b.detach().clone() for n, b in model.named_buffers()},
         canonical=canonical,
     )
+
+
+def _stats(m: nn.Module) -> list[Tensor]:
+    """A BatchNorm's running statistics (cloned when read for saving)."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    return [b for n in names if isinstance(b := getattr(m, n, None), Tensor)]
 
 
 def _relative(got: Tensor, want: Tensor, floor: float = _FLOOR) -> float:
@@ -155,12 +178,13 @@ def compare(
     failures: list[str] = []
     for what in ("grads", "params", "buffers"):
         want_all: dict[str, Tensor] = getattr(reference, what)
-        # parameters and buffers relative to the model's largest, gradients each to its own
-        floor = _FLOOR
-        if what != "grads" and want_all:
-            floor = max(
-                [_FLOOR] + [float(t.detach().abs().max()) for t in want_all.values() if t.numel()]
-            )
+        # parameters and buffers relative to the model's largest; a gradient to its own largest,
+        # but at least a thousandth of the model's largest (rounding noise of a gradient that
+        # cancels, as a bias before BatchNorm's does, is not a difference)
+        largest = max(
+            [_FLOOR] + [float(t.detach().abs().max()) for t in want_all.values() if t.numel()]
+        )
+        floor = max(_FLOOR, 1e-3 * largest) if what == "grads" else largest
         pairs = []
         seen: set[str] = set()
         for r in results:

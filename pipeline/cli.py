@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ examples:
 
 _EPILOG_BENCH = """examples:
   pipepart bench list
-  pipepart bench partitioners --quick
+  pipepart bench partitioners --quick --out results/
   pipepart bench vs_pipelining --json
 """
 
@@ -366,7 +367,43 @@ def _make_plan(args: argparse.Namespace) -> Plan:
             leaf_modules=args.leaf,
             profile=args.profile,
             progress=progress,
+            cuts=getattr(args, "cuts", "partitioner"),
         )
+
+
+def _add_cuts_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cuts",
+        default="partitioner",
+        choices=("partitioner", "markers"),
+        help="who places the cuts: the partitioner (default; pipe_split() markers are ignored), "
+        "or the model's torch.distributed.pipelining pipe_split() markers: one stage per "
+        "marker-separated segment, so the device count must equal markers + 1 (times --virtual)",
+    )
+
+
+def _marker_plan(args: argparse.Namespace) -> Plan:
+    """`pipepart run --cuts markers`: a plan with the model's own cuts, one stage per rank."""
+    from partition.planner import plan_model
+    from partition.registry import resolve
+
+    if args.plan is not None:
+        raise PipepartError("--cuts markers makes the plan itself; leave out --plan")
+    spec = resolve(args.model, size=args.size, batch=args.batch, seq=args.seq)
+    with torch.device("meta"):
+        model, inputs, kwargs, _, _ = spec.build()
+    return plan_model(
+        model,
+        inputs,
+        kwargs,
+        devices=parse_devices("cpu", args.ranks),
+        schedule=args.schedule,
+        microbatches=args.microbatches,
+        virtual=args.virtual or 1,
+        method=args.trace,
+        leaf_modules=args.leaf,
+        cuts="markers",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -376,6 +413,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if plan is None:
         args.schedule = args.schedule or "1f1b"
         args.microbatches = args.microbatches or 4
+    if args.cuts == "markers":
+        plan = _marker_plan(args)
     with _progress(not args.json) as progress:
         progress(f"training {args.model} on {args.ranks} ranks")
         result = run_pipeline(
@@ -479,19 +518,46 @@ def _check_status(result: dict[str, Any]) -> int:
     return 1 if check is not None and not check["passed"] else 0
 
 
-def _benchmarks() -> list[str]:
-    import benchmarks
+_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+"""A checkout's benchmarks/ folder, beside the pipeline package's source tree (not installed)."""
 
-    folder = benchmarks.__path__[0]
+
+def _benchmarks() -> list[str]:
+    """The names of the benchmarks in the checkout's benchmarks/ folder.
+
+    The folder is imported as the package ``benchmarks`` from its own path, so that another
+    folder of that name on ``sys.path`` (the user's own) is never taken for it.
+    """
+    import importlib.util
     import pkgutil
 
-    return sorted(m.name for m in pkgutil.iter_modules([folder]) if not m.name.startswith("_"))
+    init = _BENCHMARKS / "__init__.py"
+    if not init.is_file():
+        raise PipepartError(
+            f"no benchmarks/ folder at {_BENCHMARKS}: `pipepart bench` runs the benchmarks of a "
+            "source checkout, which an installed pipepart does not include; clone the repository "
+            "and run `pip install -e .` in it"
+        )
+    package = sys.modules.get("benchmarks")
+    if package is None:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", init, submodule_search_locations=[str(_BENCHMARKS)]
+        )
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    elif [Path(p).resolve() for p in package.__path__] != [_BENCHMARKS]:
+        raise PipepartError(
+            f"another package named benchmarks is imported ({list(package.__path__)}), not "
+            f"{_BENCHMARKS}; run pipepart bench from another directory"
+        )
+    found = pkgutil.iter_modules([str(_BENCHMARKS)])
+    return sorted(m.name for m in found if not m.name.startswith("_"))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
-    import tempfile
-    from pathlib import Path
 
     names = _benchmarks()
     if args.name == "list":
@@ -506,15 +572,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"no benchmark {args.name!r}; choose one of {', '.join(names)} (or `pipepart bench list`)"
         )
     module = importlib.import_module(f"benchmarks.{name}")
-    argv = ["--quick"] if args.quick else []
-    if args.json:
-        out = Path(tempfile.mkdtemp()) / f"{name}.json"
-        with contextlib.redirect_stdout(sys.stderr):  # the table goes to stderr, the JSON to stdout
-            code = int(module.main([*argv, "--out", str(out)]) or 0)
-        if code == 0:
-            print(json.dumps(json.loads(out.read_text())))
-        return code
-    return int(module.main(argv) or 0)
+    out = Path(args.out) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [*(["--quick"] if args.quick else []), "--out", str(out)]
+    if not args.json:
+        return int(module.main(argv) or 0)
+    with contextlib.redirect_stdout(sys.stderr):  # the table goes to stderr, the JSON to stdout
+        code = int(module.main(argv) or 0)
+    if code == 0:
+        print(json.dumps(json.loads(out.read_text())))
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -539,6 +606,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("optimal", "uniform", "params", "time"),
         help="partitioner (default optimal)",
     )
+    _add_cuts_argument(plan)
     plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
     plan.add_argument(
         "--json", action="store_true", help="print one JSON object instead of the table"
@@ -586,6 +654,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--plan", default=None, help="a plan JSON file (default: plan now with --schedule)"
     )
+    _add_cuts_argument(run)
     run.add_argument(
         "--schedule",
         default=None,
@@ -683,6 +752,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--json", action="store_true", help="print the benchmark's JSON results on stdout"
+    )
+    bench.add_argument(
+        "--out",
+        default=".",
+        metavar="DIR",
+        help="folder for NAME.json (and its plot, if any); default the current directory",
     )
     bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     bench.set_defaults(func=_cmd_bench)

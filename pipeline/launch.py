@@ -409,6 +409,7 @@ def run_pipeline(
     loss_reduction: str = "mean",
     max_grad_norm: float | None = None,
     recompute: bool = False,
+    batchnorm: str = "microbatch",
     backend: str | None = None,
     weights: WeightsMode = "auto",
     checkpoint: str | Path | None = None,
@@ -468,6 +469,7 @@ def run_pipeline(
             loss_reduction=loss_reduction,  # type: ignore[arg-type]
             max_grad_norm=max_grad_norm,
             recompute=recompute,
+            batchnorm=batchnorm,  # type: ignore[arg-type]
             weights=weights,
             checkpoint=checkpoint,
             factory_weights=weights_file,
@@ -571,5 +573,6 @@ def _check(
         optimizer_factory=OptimizerFactory(optimizer, lr),
         steps=steps,
         max_grad_norm=options.max_grad_norm,
+        batchnorm=options.batchnorm,
     )
     return compare(results, reference, tolerance=tolerance)

@@ -50,11 +50,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from partition.errors import InputError, PlanError, StageError
+from partition.errors import BatchError, PlanError, StageError
+from partition.modes import bind_other_mode, stage_module
 from partition.plan import Plan
 from partition.registry import normalise, target_free
 from partition.split import Stage, TensorSpec
 from partition.trace import TraceMethod
+from pipeline.batchnorm import defer_batchnorm
 from pipeline.comm import BufferPool, Link, Transport, gradient_specs
 from pipeline.schedules import (
     Action,
@@ -100,10 +102,6 @@ class _RankLog(logging.LoggerAdapter[logging.Logger]):
         return f"[rank {self.rank}] {msg}", kwargs
 
 
-class BatchError(InputError, ValueError):
-    """A batch does not fit the plan: not divisible into the micro-batches, or the wrong shape."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class PipelineOptions:
     """How to run a pipeline. Fields left ``None`` come from the plan."""
@@ -134,6 +132,10 @@ class PipelineOptions:
     it so that no rank builds the model again)."""
     recompute: bool = False
     """Recompute each stage's forward during its backward instead of keeping activations."""
+    batchnorm: Literal["microbatch", "batch"] = "microbatch"
+    """BatchNorm's running statistics in train mode: updated per micro-batch (what one process
+    running the micro-batches one after another does), or once per step from the whole batch's
+    statistics (each micro-batch is still normalised with its own); see `pipeline.batchnorm`."""
     autocast: torch.dtype | None = None
     """Run forward under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``)."""
     max_grad_norm: float | None = None
@@ -153,6 +155,8 @@ class PipelineOptions:
             raise PlanError(f"microbatches must be at least 1, got {self.microbatches}")
         if self.virtual is not None and self.virtual < 1:
             raise PlanError(f"virtual must be at least 1, got {self.virtual}")
+        if self.batchnorm not in ("microbatch", "batch"):
+            raise PlanError(f"batchnorm must be 'microbatch' or 'batch', got {self.batchnorm!r}")
         if self.weights not in ("auto", "factory", "init"):
             raise PlanError(f"weights must be 'auto', 'factory' or 'init', got {self.weights!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -307,6 +311,11 @@ class Pipeline:
         )
 
         self._materialize(built.model, model_fn)
+        mine = [self.stages[s].module for s in self.my_stages]
+        for s in self.my_stages:  # see partition.modes and pipeline.batchnorm
+            if options.batchnorm == "batch":
+                defer_batchnorm(self.stages[s].module, self.num_microbatches)
+            bind_other_mode(self.stages[s], mine)
         scale = 1.0 / self.num_microbatches if options.loss_reduction == "mean" else 1.0
         self.executors = {
             s: StageExecutor(
@@ -487,8 +496,10 @@ class Pipeline:
         return out
 
     def train(self, mode: bool = True) -> Pipeline:
-        """Put this rank's stage modules in training (or, with ``False``, evaluation) mode."""
-        for e in self.executors.values():
+        """Put this rank's stages in training (or, with ``False``, evaluation) mode: each runs
+        its graph for that mode (see `partition.modes`) with its modules in that mode."""
+        for s, e in self.executors.items():
+            e.module = stage_module(self.stages[s], mode)
             e.module.train(mode)
         return self
 
@@ -531,7 +542,8 @@ class Pipeline:
         """Forward only, no autograd: on the last rank the loss if ``target`` is given, else the
         model's output for the whole batch (micro-batch outputs concatenated); ``None`` elsewhere.
 
-        Modules keep their mode: call ``train(False)`` first to turn dropout off.
+        Stages keep their mode: call ``train(False)`` first for the model's eval behaviour
+        (dropout off, BatchNorm on its running statistics), as with ``model.eval()``.
         """
         mb_inputs, mb_targets = self._split_batch(inputs, target, need_target=False)
         outputs = self._run(self._eval_actions, mb_inputs, mb_targets, train=False)
@@ -894,7 +906,9 @@ def _layout(
     built: BuiltModel, plan: Plan | None, options: PipelineOptions, world: int
 ) -> tuple[list[Stage], Schedule]:
     """Every stage (on meta) and the schedule, from the plan or the options; see [Note: building on meta]."""
-    from partition.planner import analyze, stages_for_plan
+    from partition.mode_split import modal_stages
+    from partition.modes import analyze_modes
+    from partition.planner import stages_for_plan
     from partition.split import split
 
     if plan is not None:
@@ -931,9 +945,11 @@ def _layout(
             for s in plan.model.inputs
         }
         method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
-        analysis = analyze(built.model, (), meta_inputs, method=method, order=plan.model.order)
-        return stages_for_plan(analysis, plan), schedule
-    analysis = analyze(built.model, built.args or (), built.kwargs, microbatches=m)
+        analysis, other = analyze_modes(
+            built.model, (), meta_inputs, method=method, order=plan.model.order
+        )
+        return modal_stages(analysis, other, stages_for_plan(analysis, plan)), schedule
+    analysis, other = analyze_modes(built.model, built.args or (), built.kwargs, microbatches=m)
     bounds = options.bounds
     if bounds is None:
         from partition.devices import parse_devices
@@ -948,7 +964,7 @@ def _layout(
             f"bounds {list(bounds)} make {len(bounds) - 1} stages; {world} ranks with {virtual} "
             f"stage(s) each need {world * virtual}"
         )
-    return split(analysis.traced, analysis.graph, bounds), schedule
+    return modal_stages(analysis, other, split(analysis.traced, analysis.graph, bounds)), schedule
 
 
 def _shared_params(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,9 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 from torch.utils.checkpoint import checkpoint
 
+from partition.errors import PlanError
 from partition.split import Stage
+from pipeline.batchnorm import recompute_contexts
 
 __all__ = ["LossFn", "StageExecutor"]
 
@@ -100,7 +103,10 @@ class StageExecutor:
                 are cast back to the plan's dtypes before they are sent.
         """
         if stage.is_last and loss_fn is None:
-            raise ValueError(f"stage {stage.index} is the last stage and needs a loss function")
+            raise PlanError(
+                f"stage {stage.index} is the last stage and needs a loss function: pass "
+                "loss_fn(output, target) (a model factory gives it as its third element)"
+            )
         self.stage = stage
         self.module = stage.module
         self.loss_fn = loss_fn
@@ -136,7 +142,12 @@ class StageExecutor:
 
     def _run(self, inputs: Sequence[Tensor]) -> Any:
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self.module, *inputs, use_reentrant=False)
+            return checkpoint(  # buffers updated once: [Note: statistics under recompute]
+                self.module,
+                *inputs,
+                use_reentrant=False,
+                context_fn=functools.partial(recompute_contexts, self.module),
+            )
         return self.module(*inputs)
 
     def forward(
