@@ -18,7 +18,7 @@ unavailable, with torchvision's own error. It is idempotent, a no-op where the o
 is then true), and it checks the result by importing torchvision, timm, diffusers and transformers
 in a fresh interpreter. Run it after every (re)install of torchvision:
 
-    pip install -c constraints.txt -e ".[dev,hf,zoo]" && python .ci/torchvision_cpu.py
+    pip install -c constraints.txt -c constraints-dev.txt -e ".[dev,hf,zoo]" && python .ci/torchvision_cpu.py
 """
 
 from __future__ import annotations
