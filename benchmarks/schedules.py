@@ -239,8 +239,8 @@ def run_group(
     """Every schedule on one model, rank count and micro-batch count, in one set of ranks."""
     from partition.devices import parse_devices
     from partition.planner import analyze
+    from partition.registry import build_meta_model
     from pipeline.launch import spawn_ranks
-    from pipeline.runtime import build_meta_model
 
     workload = _workload(model, m, quick)
     built = build_meta_model(workload)

@@ -237,8 +237,8 @@ def _own_stages(
     memory run of pipelining alone): the same trace, split and per-module initialisation."""
     from partition.materialize import materialize
     from partition.planner import analyze
+    from partition.registry import build_meta_model
     from partition.split import split
-    from pipeline.runtime import build_meta_model
 
     built = build_meta_model(workload)
     analysis = analyze(
@@ -400,8 +400,8 @@ def _bounds(workload: Workload, ranks: int, schedule: str, virtual: int) -> tupl
     """The split both runtimes use: pipepart's partitioner on this model, CPU devices."""
     from partition.devices import parse_devices
     from partition.planner import analyze
+    from partition.registry import build_meta_model
     from partition.solve import solve
-    from pipeline.runtime import build_meta_model
 
     built = build_meta_model(workload)
     analysis = analyze(

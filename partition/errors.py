@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 __all__ = [
+    "BatchError",
+    "BoundaryError",
     "CheckpointError",
     "InfeasibleError",
     "InputError",
+    "PeerError",
     "PipepartError",
     "PlanError",
     "StageError",
     "TraceError",
+    "stage_error",
 ]
 
 
@@ -39,3 +43,39 @@ class StageError(PipepartError, RuntimeError):
 
 class InputError(PipepartError, TypeError):
     """Example inputs or a batch do not match what the model or the plan expects."""
+
+
+class BatchError(InputError, ValueError):
+    """A batch does not fit the plan: not divisible into the micro-batches, or the wrong shape."""
+
+
+class BoundaryError(PlanError):
+    """A tensor about to cross a stage boundary disagrees with the plan's spec for it."""
+
+
+class PeerError(PipepartError, ConnectionError):
+    """A send or receive failed because the peer rank died or hung up; names the peer."""
+
+
+_MIXED: dict[type, type] = {}
+
+
+def stage_error(error: Exception, message: str) -> Exception:
+    """A `StageError` saying ``message`` that is also an instance of ``type(error)`` (class
+    ``Stage<Name>``), when that type allows it — so ``except ValueError`` still catches a
+    rank's ValueError re-raised with its place."""
+    cls = type(error)
+    try:
+        mixed = _MIXED.get(cls)
+        if mixed is None:
+            mixed = _MIXED[cls] = type(
+                f"Stage{cls.__name__}",
+                (StageError, cls),
+                {"__module__": __name__, "__str__": BaseException.__str__},
+            )
+        err = mixed(message)
+        if str(err) == message:
+            return err
+    except TypeError:
+        pass
+    return StageError(message)

@@ -30,7 +30,8 @@ import torch.fx as fx
 from torch import nn
 
 from partition.errors import PlanError
-from partition.planner import Analysis, analyze, microbatch_inputs
+from partition.microbatch import first_microbatch
+from partition.planner import Analysis, analyze
 from partition.split import Stage
 from partition.trace import TracedModel, TraceMethod, module_path, trace
 
@@ -201,7 +202,7 @@ def analyze_modes(
     modules = dict(model.named_modules(remove_duplicate=False))
     if all(_run_at_run_time(traced, p) or _same_in_both(modules[p]) for p in reads):
         return analysis, None
-    args, kwargs = microbatch_inputs(example_inputs, example_kwargs, microbatches)
+    args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
     flags = [(m, m.training) for m in model.modules()]
     mode = not model.training
     model.train(mode)

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from partition.cost import CostGraph, cost_model
 from partition.devices import Device
-from partition.errors import InputError, PlanError
+from partition.errors import PlanError
 from partition.graph import LinearGraph, linearize
 from partition.memory import MemoryModel, canonical_schedule
+from partition.microbatch import first_microbatch
 from partition.plan import ModelInfo, Plan, StagePlan, graph_hash
 from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
@@ -35,7 +35,6 @@ __all__ = [
     "Analysis",
     "analyze",
     "build_plan",
-    "microbatch_inputs",
     "plan_model",
     "predict_step",
     "reprice",
@@ -44,6 +43,8 @@ __all__ = [
 ]
 
 Progress = Callable[[str], None]
+Cuts = Literal["partitioner", "markers"]
+"""Who places the cuts: the partitioner, or the model's ``pipe_split()`` markers."""
 
 
 @dataclass(eq=False)
@@ -66,8 +67,17 @@ class Analysis:
         virtual: int = 1,
         memory: MemoryModel | None = None,
         algorithm: str = "optimal",
+        cuts: Cuts = "partitioner",
     ) -> Plan:
-        """Solve and price a split of this model — no re-tracing, so trying many is cheap."""
+        """Solve and price a split of this model — no re-tracing, so trying many is cheap.
+
+        With ``cuts="markers"`` the model's ``pipe_split()`` markers are the cuts (one stage per
+        segment; see `partition.markers`) and ``algorithm`` is not used.
+        """
+        if cuts == "markers":
+            return build_plan(self, self._marker_solution(devices, schedule, virtual, memory))
+        if cuts != "partitioner":
+            raise PlanError(f"unknown cuts {cuts!r}; choose 'partitioner' or 'markers'")
         solution = solve(
             self.graph,
             list(devices),
@@ -78,6 +88,37 @@ class Analysis:
             algorithm=algorithm,
         )
         return build_plan(self, solution)
+
+    def _marker_solution(
+        self, devices: Sequence[Device], schedule: str, virtual: int, memory: MemoryModel | None
+    ) -> Solution:
+        from partition.markers import marker_bounds
+        from partition.solve import Problem, evaluate
+
+        bounds = marker_bounds(self.traced, self.graph)
+        stages = len(bounds) - 1
+        if stages != len(devices) * virtual:
+            raise PlanError(
+                f"the model's {stages - 1} pipe_split() markers make {stages} stages, but "
+                f"{len(devices)} device(s) × {virtual} virtual stage(s) make "
+                f"{len(devices) * virtual}; use {stages // virtual if stages % virtual == 0 else stages} "
+                "devices (--devices / --ranks), or leave the cuts to the partitioner"
+            )
+        problem = Problem(
+            graph=self.graph,
+            devices=tuple(devices),
+            schedule=canonical_schedule(schedule),
+            microbatches=self.microbatches,
+            virtual=virtual,
+            memory=memory or MemoryModel(),
+        )
+        bounds_t = tuple(bounds)
+        return Solution(
+            problem=problem,
+            algorithm="markers",
+            bounds=bounds_t,
+            evaluation=evaluate(problem, bounds_t),
+        )
 
     @property
     def graph_hash(self) -> str:
@@ -105,37 +146,6 @@ class Analysis:
         )
 
 
-def microbatch_inputs(
-    inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, microbatches: int
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The first of ``microbatches`` equal chunks (dimension 0) of a batch; see [Note: micro-batch shapes]."""
-    if microbatches < 1:
-        raise InputError(f"micro-batches must be at least 1, got {microbatches}")
-    sizes = {
-        int(t.shape[0])
-        for t in [*inputs, *(kwargs or {}).values()]
-        if isinstance(t, torch.Tensor) and t.dim() > 0
-    }
-    if len(sizes) > 1:
-        raise InputError(f"inputs disagree on the batch size (dimension 0): {sorted(sizes)}")
-    if not sizes:
-        return tuple(inputs), dict(kwargs or {})
-    batch = sizes.pop()
-    if batch % microbatches:
-        options = ", ".join(str(microbatches * i) for i in range(1, 4))
-        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-        raise InputError(
-            f"batch {batch} is not divisible by {microbatches} micro-batches; use a batch of "
-            f"{options}… or micro-batches in {divisors}"
-        )
-    size = batch // microbatches
-
-    def chunk(t: Any) -> Any:
-        return t[:size] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-
-    return tuple(tree_map(chunk, tuple(inputs))), dict(tree_map(chunk, dict(kwargs or {})))
-
-
 def analyze(
     model: nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor,
@@ -158,7 +168,7 @@ def analyze(
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    args, kwargs = microbatch_inputs(example_inputs, example_kwargs, microbatches)
+    args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
     if progress:
         progress(f"tracing {type(model).__name__}")
     traced = trace(
@@ -396,6 +406,7 @@ def plan_model(
     order: str = "auto",
     profile: bool = False,
     progress: Progress | None = None,
+    cuts: Cuts = "partitioner",
 ) -> Plan:
     """Plan ``model`` over ``devices``: the one call most users need.
 
@@ -411,6 +422,10 @@ def plan_model(
             ``time``.
         profile: measure node times on this machine (CUDA if available, else CPU) taking
             ``devices[0]`` as the kind of device it is, instead of pricing FLOPs.
+        cuts: ``"partitioner"`` (``algorithm`` places them), or ``"markers"``: one stage per
+            segment between the model's ``torch.distributed.pipelining.pipe_split()`` calls, so
+            ``len(devices) * virtual`` must be the number of markers + 1 (the node order is then
+            the program order).
 
     Raises:
         InputError, TraceError: the inputs or the model cannot be traced.
@@ -427,7 +442,7 @@ def plan_model(
         method=method,
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
-        order=order,
+        order="graph" if cuts == "markers" and order == "auto" else order,
         profile_on=devices[0] if profile else None,
         profile_device="cuda" if profile and torch.cuda.is_available() else "cpu",
         progress=progress,
@@ -435,7 +450,7 @@ def plan_model(
     if progress:
         progress(f"partitioning {len(analysis.graph)} nodes over {len(devices)} devices")
     return analysis.plan(
-        devices, schedule=schedule, virtual=virtual, memory=memory, algorithm=algorithm
+        devices, schedule=schedule, virtual=virtual, memory=memory, algorithm=algorithm, cuts=cuts
     )
 
 

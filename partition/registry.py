@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,55 @@ from torch import nn
 from partition import examples
 from partition.errors import InputError
 
-__all__ = ["BUNDLED", "ModelSpec", "OutputLoss", "default_loss", "normalise", "resolve", "target_free"]
-
-Built = tuple[
-    nn.Module,
-    tuple[Any, ...],
-    dict[str, Any],
-    Callable[..., torch.Tensor] | None,
-    torch.Tensor | None,
+__all__ = [
+    "BUNDLED",
+    "BuiltModel",
+    "ModelSpec",
+    "OutputLoss",
+    "build_meta_model",
+    "default_loss",
+    "normalise",
+    "resolve",
+    "target_free",
+    "unpack_model",
 ]
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """What a model factory gave: the model, example inputs, a loss function and a target."""
+
+    model: nn.Module
+    args: tuple[Any, ...] | None = None
+    """Example positional inputs for the whole batch (None if the factory gave none)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Example keyword inputs."""
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    target: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        """``model, args, kwargs, loss_fn, target = built`` (args ``()`` when none were given)."""
+        return iter((self.model, self.args or (), self.kwargs, self.loss_fn, self.target))
+
+
+def unpack_model(built: Any) -> BuiltModel:
+    """Normalise what a factory returned: a module, ``(model, inputs[, loss_fn[, target]])``, or a
+    `BuiltModel` (what a spec's `ModelSpec.build` gives).
+
+    Raises:
+        InputError: anything else.
+    """
+    if isinstance(built, BuiltModel):
+        return built
+    if isinstance(built, nn.Module):
+        return BuiltModel(built)
+    return normalise("the model factory", built)
+
+
+def build_meta_model(model_fn: Callable[[], Any]) -> BuiltModel:
+    """Call ``model_fn`` under ``torch.device("meta")``; so building the model costs no memory."""
+    with torch.device("meta"):
+        return unpack_model(model_fn())
 
 
 def _with_target(result: Any, target: torch.Tensor) -> Any:
@@ -84,8 +124,9 @@ class ModelSpec:
     seq: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> Built:
-        """``(model, args, kwargs, loss_fn, target)``; call under ``torch.device("meta")`` to skip weights."""
+    def build(self) -> BuiltModel:
+        """The model, its example inputs, loss and target; call under ``torch.device("meta")`` to
+        skip weights."""
         factory = _factory(self.name)
         result = factory(size=self.size, batch=self.batch, seq=self.seq, **self.options)
         return normalise(self.name, result)
@@ -188,8 +229,8 @@ def _takes_output_only(fn: Callable[..., Any]) -> bool:
     )
 
 
-def normalise(name: str, result: Any) -> Built:
-    """``(model, args, kwargs, loss_fn, target)`` from what a factory returned; see the module docstring."""
+def normalise(name: str, result: Any) -> BuiltModel:
+    """A `BuiltModel` from what a factory returned; see the module docstring."""
     if not isinstance(result, tuple) or len(result) not in (2, 3, 4):
         raise InputError(
             f"model factory {name!r} returned {type(result).__name__}; it must return "
@@ -212,4 +253,4 @@ def normalise(name: str, result: Any) -> Built:
         args, kwargs = (), dict(inputs)
     else:
         args = tuple(inputs)
-    return model, args, kwargs, loss_fn, target
+    return BuiltModel(model, args, kwargs, loss_fn, target)

@@ -39,21 +39,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from partition.errors import InputError, StageError
+from partition.microbatch import batch_size, check_divisible
 from partition.plan import Plan
-from partition.registry import target_free
+from partition.registry import BuiltModel, build_meta_model, target_free, unpack_model
 from pipeline.check import DEFAULT_TOLERANCE, compare, run_reference
 from pipeline.optim import OptimizerFactory
-from pipeline.runtime import (
-    BuiltModel,
-    ModelFactory,
-    Pipeline,
-    PipelineOptions,
-    batch_size,
-    build_meta_model,
-    check_divisible,
-    unpack_model,
-)
-from pipeline.weights import WeightsMode, build_eager, fits_in_host, model_bytes, save_tensors
+from pipeline.runtime import ModelFactory, Pipeline, PipelineOptions
+from pipeline.tensorfile import save_tensors
+from pipeline.weights import WeightsMode, build_eager, fits_in_host, model_bytes
 
 __all__ = ["RankOutcome", "run_pipeline", "spawn_ranks"]
 
@@ -446,9 +439,11 @@ def run_pipeline(
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     meta = build_meta_model(factory)
     eager: BuiltModel | None = None
-    if not torchrun and (check or weights == "factory" or (
-        weights == "auto" and checkpoint is None and fits_in_host(model_bytes(meta.model))
-    )):
+    if not torchrun and (
+        check
+        or weights == "factory"
+        or (weights == "auto" and checkpoint is None and fits_in_host(model_bytes(meta.model)))
+    ):
         eager = unpack_model(build_eager(factory, seed))
     inputs, target = _synthetic(eager or meta, seed + 1)
     m = microbatches or (plan.microbatches if plan is not None else None)

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from partition.devices import parse_devices
 from partition.planner import analyze, plan_model
+from partition.registry import build_meta_model
 from pipeline.batchnorm import DeferredBatchNorm, defer_batchnorm, recompute_contexts
-from pipeline.runtime import Pipeline, PipelineOptions, build_meta_model
+from pipeline.runtime import Pipeline, PipelineOptions
 
 M = 2  # micro-batches
 BATCH = 8

@@ -25,8 +25,9 @@ from partition.errors import PlanError
 from partition.mode_split import modal_stages
 from partition.modes import ModalStage, analyze_modes, stage_module
 from partition.planner import analyze, plan_model
+from partition.registry import build_meta_model
 from partition.split import split
-from pipeline.runtime import Pipeline, PipelineOptions, build_meta_model
+from pipeline.runtime import Pipeline, PipelineOptions
 
 # --- models (module level: the ranks import them) ----------------------------------------------
 

@@ -22,7 +22,8 @@ from harness import run_ranks
 
 from partition import examples
 from partition.planner import analyze
-from pipeline.runtime import BuiltModel, Pipeline, PipelineOptions, build_meta_model, unpack_model
+from partition.registry import BuiltModel, build_meta_model, unpack_model
+from pipeline.runtime import Pipeline, PipelineOptions
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
@@ -302,7 +303,8 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
     out["eval_output"] = pipe.evaluate(x)
     out["eval_loss"] = pipe.evaluate(x, y)
     out["timeline"] = pipe.timeline
-    pipe.step(x, y)
+    loss = pipe.step(x, y)
+    out["fp32_loss"] = None if loss is None else float(loss)
     out["train_timeline"] = pipe.timeline
     out["actions"] = [str(a) for a in pipe._actions]
 
@@ -314,11 +316,17 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
         pipe.step(x, y)
     out["rss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
     out["idle"] = pipe.transport.idle and not any(e._saved for e in pipe.executors.values())
-    out["pools_full"] = all(len(pool._free) >= 2 for pool in pipe._pools.values())
+    out["pools_full"] = all(len(pool._free) >= 2 for pool in pipe.runner._pools.values())
 
     bf16 = Pipeline(case.factory(), options=dataclasses.replace(options, autocast=torch.bfloat16))
+    seen: set[torch.dtype] = set()  # what the stage's linear layers compute in
+    for s in bf16.my_stages:
+        for layer in bf16.executors[s].module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(lambda _m, _i, o: seen.add(o.dtype))
     loss = bf16.step(x, y)
     out["bf16_loss"] = None if loss is None else float(loss)
+    out["bf16_dtypes"] = seen
 
     loaded = Pipeline(case.factory(), options=dataclasses.replace(options, checkpoint=checkpoint))
     out["loaded"] = loaded.state_dict()
@@ -379,10 +387,13 @@ def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: 
             "R",
         }  # eval: forward only
 
-    assert (
-        last["bf16_loss"] is not None
-        and abs(last["bf16_loss"] - float(loss_fn(expected, y))) < 0.05
-    )
+    # autocast ran: every rank's linear layers computed in bf16, and the first step's loss moved
+    # off the same step's in fp32 (bit-identical if autocast did nothing), but not far
+    for r in ranks:
+        assert r["bf16_dtypes"] == {torch.bfloat16}, r["bf16_dtypes"]
+    assert last["bf16_loss"] is not None and last["fp32_loss"] is not None
+    assert last["bf16_loss"] != last["fp32_loss"]
+    assert abs(last["bf16_loss"] - float(loss_fn(expected, y))) < 0.05
 
     for r in ranks:
         for name, value in r["loaded"].items():

@@ -22,7 +22,7 @@ from torch import nn
 
 from partition.errors import CheckpointError
 from pipeline.runtime import Pipeline, PipelineOptions
-from pipeline.weights import TensorFile, all_tensors, save_tensors
+from pipeline.tensorfile import TensorFile, all_tensors, save_tensors
 
 
 class Zoo(nn.Module):
