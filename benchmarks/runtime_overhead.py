@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from partition import examples
-from pipeline.launch import spawn_ranks
 from pipeline.runtime import Pipeline, PipelineOptions
 from pipeline.schedules import Action, Kind, build_schedule
 from pipeline.simulate import simulate
+from pipeline.spawn import spawn_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime_overhead.json"
 GOAL = 0.10

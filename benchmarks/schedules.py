@@ -240,7 +240,7 @@ def run_group(
     from partition.devices import parse_devices
     from partition.planner import analyze
     from partition.registry import build_meta_model
-    from pipeline.launch import spawn_ranks
+    from pipeline.spawn import spawn_ranks
 
     workload = _workload(model, m, quick)
     built = build_meta_model(workload)

@@ -418,7 +418,7 @@ def _bounds(workload: Workload, ranks: int, schedule: str, virtual: int) -> tupl
 
 
 def _spawn(fn: Callable[..., Any], ranks: int, args: tuple[Any, ...]) -> list[Any]:
-    from pipeline.launch import spawn_ranks
+    from pipeline.spawn import spawn_ranks
 
     outcomes = spawn_ranks(
         fn,

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from partition.devices import parse_devices
 from partition.planner import plan_model
-from pipeline.launch import spawn_ranks
 from pipeline.runtime import Pipeline, PipelineOptions
+from pipeline.spawn import spawn_ranks
 from zoo.models import ZOO
 
 __all__ = ["TOLERANCE", "Outcome", "check_plan", "check_runs", "first_line"]
