@@ -15,7 +15,10 @@ from torch.utils._pytree import tree_map
 
 from partition.errors import BatchError
 
-__all__ = ["batch_size", "check_divisible", "first_microbatch"]
+__all__ = ["DEFAULT_MICROBATCHES", "batch_size", "check_divisible", "first_microbatch"]
+
+DEFAULT_MICROBATCHES = 4
+"""Micro-batches per step when none are given: the planner, the partitioner and the command line."""
 
 
 def batch_size(t: Any) -> int:

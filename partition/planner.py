@@ -22,7 +22,7 @@ from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph, linearize
 from partition.memory import MemoryModel, canonical_schedule
-from partition.microbatch import first_microbatch
+from partition.microbatch import DEFAULT_MICROBATCHES, first_microbatch
 from partition.plan import ModelInfo, Plan, StagePlan, graph_hash
 from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
@@ -396,7 +396,7 @@ def plan_model(
     *,
     devices: Sequence[Device],
     schedule: str = "1f1b",
-    microbatches: int = 8,
+    microbatches: int = DEFAULT_MICROBATCHES,
     virtual: int = 1,
     memory: MemoryModel | None = None,
     algorithm: str = "optimal",

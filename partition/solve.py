@@ -49,6 +49,7 @@ from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
+from partition.microbatch import DEFAULT_MICROBATCHES
 
 __all__ = ["ALGORITHMS", "Evaluation", "Problem", "Solution", "evaluate", "min_devices", "solve"]
 
@@ -78,7 +79,7 @@ def solve(
     devices: Sequence[Device],
     *,
     schedule: str = "1f1b",
-    microbatches: int = 8,
+    microbatches: int = DEFAULT_MICROBATCHES,
     virtual: int = 1,
     memory: MemoryModel = DEFAULT_MEMORY,
     algorithm: str = "optimal",

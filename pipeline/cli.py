@@ -21,6 +21,7 @@ import torch
 from partition.devices import Device, format_size, format_time, parse_devices
 from partition.errors import PipepartError
 from partition.memory import OPTIMIZERS, SCHEDULE_NAMES, MemoryModel
+from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
 from pipeline.check import DEFAULT_TOLERANCE
 from pipeline.optim import OPTIMIZERS as RUN_OPTIMIZERS
@@ -116,7 +117,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_PLAN_DEFAULTS = {"device_spec": "cpu", "schedule": "1f1b", "microbatches": 4}
+_PLAN_DEFAULTS = {"device_spec": "cpu", "schedule": "1f1b", "microbatches": DEFAULT_MICROBATCHES}
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -144,7 +145,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
         "--microbatches",
         type=int,
         default=given["microbatches"],
-        help="micro-batches per step (default 4)",
+        help=f"micro-batches per step (default {DEFAULT_MICROBATCHES})",
     )
     parser.add_argument(
         "--virtual", type=int, default=1, help="stages per device for the interleaved schedule"
@@ -407,40 +408,45 @@ def _marker_plan(args: argparse.Namespace) -> Plan:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.launch import run_pipeline
+    from pipeline.launch import RunOptions, run_pipeline
+    from pipeline.runtime import PipelineOptions
 
     plan = args.plan
-    if plan is None:
-        args.schedule = args.schedule or "1f1b"
-        args.microbatches = args.microbatches or 4
+    schedule, microbatches = args.schedule, args.microbatches
+    if plan is None:  # the defaults when the partitioner plans here
+        schedule, microbatches = schedule or "1f1b", microbatches or DEFAULT_MICROBATCHES
     if args.cuts == "markers":
-        plan = _marker_plan(args)
-    with _progress(not args.json) as progress:
-        progress(f"training {args.model} on {args.ranks} ranks")
-        result = run_pipeline(
-            args.model,
-            ranks=args.ranks,
-            plan=plan,
-            schedule=args.schedule,
-            microbatches=args.microbatches,
+        plan = _marker_plan(
+            argparse.Namespace(**{**vars(args), "schedule": schedule, "microbatches": microbatches})
+        )
+        schedule = microbatches = None  # the plan's
+    options = RunOptions(
+        ranks=args.ranks,
+        steps=args.steps,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        check=args.check,
+        check_tol=args.check_tol,
+        timeout=args.timeout,
+        size=args.size,
+        batch=args.batch,
+        seq=args.seq,
+        pipeline=PipelineOptions(
+            schedule=schedule,
+            microbatches=microbatches,
             virtual=args.virtual,
-            steps=args.steps,
-            check=args.check,
-            check_tol=args.check_tol,
-            weights=args.weights,
-            checkpoint=args.checkpoint,
             seed=args.seed,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            timeout=args.timeout,
-            size=args.size,
-            batch=args.batch,
-            seq=args.seq,
             loss_reduction=args.loss,
             max_grad_norm=args.clip,
             recompute=args.recompute,
             batchnorm=args.batchnorm,
-        )
+            weights=args.weights,
+            checkpoint=args.checkpoint,
+        ),
+    )
+    with _progress(not args.json) as progress:
+        progress(f"training {args.model} on {args.ranks} ranks")
+        result = run_pipeline(args.model, options, plan=plan)
     if not result:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if args.png:
@@ -532,7 +538,7 @@ def _benchmarks() -> list[str]:
     import pkgutil
 
     init = _BENCHMARKS / "__init__.py"
-    if not init.is_file():
+    if not (init.is_file() and (_BENCHMARKS.parent / "pyproject.toml").is_file()):  # a checkout
         raise PipepartError(
             f"no benchmarks/ folder at {_BENCHMARKS}: `pipepart bench` runs the benchmarks of a "
             "source checkout, which an installed pipepart does not include; clone the repository "
@@ -665,7 +671,7 @@ def _parser() -> argparse.ArgumentParser:
         "--microbatches",
         type=int,
         default=None,
-        help="micro-batches per step (default: the plan's, else 4)",
+        help=f"micro-batches per step (default: the plan's, else {DEFAULT_MICROBATCHES})",
     )
     run.add_argument(
         "--virtual", type=int, default=None, help="stages per rank for the interleaved schedule"
@@ -697,7 +703,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a whole-model state_dict (.pt) or .safetensors file; each rank reads only its tensors",
     )
     run.add_argument(
-        "--seed", type=int, default=0, help="torch.manual_seed before the factory, and the data seed"
+        "--seed",
+        type=int,
+        default=0,
+        help="torch.manual_seed before the factory, and the data seed",
     )
     run.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     run.add_argument(

@@ -5,13 +5,14 @@ one process (`pipeline.check`). The process harness is `pipeline.spawn`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import inspect
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from pipeline.optim import OptimizerFactory
 from pipeline.runtime import ModelFactory, Pipeline, PipelineOptions
 from pipeline.spawn import spawn_ranks
 from pipeline.tensorfile import save_tensors
-from pipeline.weights import WeightsMode, build_eager, fits_in_host, model_bytes
+from pipeline.weights import build_eager, fits_in_host, model_bytes
 
-__all__ = ["run_pipeline"]
+__all__ = ["RunOptions", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -126,31 +127,53 @@ def _rank_run(
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How `run_pipeline` trains: where, how long, the optimizer and the check. How the pipeline
+    itself runs (schedule, micro-batches, weights, ...) is ``pipeline``, a `PipelineOptions`."""
+
+    ranks: int = 2
+    """Local processes to spawn (under torchrun: the world size it started)."""
+    steps: int = 1
+    """Optimizer steps, each over the same batch."""
+    optimizer: str = "sgd"
+    """A name in `pipeline.optim.OPTIMIZERS`."""
+    lr: float = 1e-3
+    check: bool = False
+    """Also train the factory's own model in this process and compare; see [Note: an
+    independent check] in `pipeline.check`."""
+    check_tol: float = DEFAULT_TOLERANCE
+    """The largest relative difference the check accepts."""
+    timeout: float = 300.0
+    """Seconds a rank waits for a peer (the process group's timeout)."""
+    backend: str | None = None
+    """``gloo`` or ``nccl``; default NCCL with a GPU per rank, else gloo."""
+    size: str = ""
+    """For a bundled or ``hf:`` model name: its size (``toy``, ``small``, ``tiny``, ``real``...)."""
+    batch: int = 8
+    """For a bundled or ``hf:`` model name: the batch its example has."""
+    seq: int | None = None
+    """For a bundled or ``hf:`` model name: the sequence length."""
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("ranks", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be positive, got {self.lr}")
+        if not self.check_tol > 0:
+            raise InputError(f"check_tol must be positive, got {self.check_tol}")
+        if not self.timeout > 0:
+            raise InputError(f"timeout must be positive, got {self.timeout}")
+        OptimizerFactory(self.optimizer, self.lr)  # an unknown name fails here
+
+
 def run_pipeline(
     model: str | ModelFactory,
+    options: RunOptions | None = None,
     *,
-    ranks: int,
     plan: Plan | str | Path | None = None,
-    schedule: str | None = None,
-    microbatches: int | None = None,
-    virtual: int | None = None,
-    steps: int = 1,
-    check: bool = False,
-    check_tol: float = DEFAULT_TOLERANCE,
-    seed: int = 0,
-    lr: float = 1e-3,
-    optimizer: str = "sgd",
-    timeout: float = 300.0,
-    size: str = "",
-    batch: int = 8,
-    seq: int | None = None,
-    loss_reduction: str = "mean",
-    max_grad_norm: float | None = None,
-    recompute: bool = False,
-    batchnorm: str = "microbatch",
-    backend: str | None = None,
-    weights: WeightsMode = "auto",
-    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps on ``ranks`` local processes (or in ``torchrun``'s group).
 
@@ -162,12 +185,9 @@ def run_pipeline(
 
     Args:
         model: a factory, a ``package.module:callable`` string, or a bundled name (``gpt``).
-        plan: a `Plan` or a plan file; without one, ``schedule`` and ``microbatches`` are used and
-            the partitioner splits the model.
-        check: also train the factory's own model in this process, the plain way, and compare;
-            see [Note: an independent check] in `pipeline.check`.
-        check_tol: the largest relative difference the check accepts.
-        timeout: the process group's timeout in seconds (how long a rank waits for a peer).
+        options: see `RunOptions` (and its ``pipeline``, a `PipelineOptions`).
+        plan: a `Plan` or a plan file; without one, the options' schedule and micro-batches are
+            used and the partitioner splits the model.
 
     Returns:
         ``{"ranks", "stages", "weights", "steps": [{"step", "time", "loss"}], "timeline" (the
@@ -178,20 +198,27 @@ def run_pipeline(
         StageError: a rank failed; the message has every rank's outcome and the first failure's
             traceback.
     """
+    run = options or RunOptions()
+    pipe_options = run.pipeline
+    steps, check, seed, weights = run.steps, run.check, pipe_options.seed, pipe_options.weights
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
-    factory = _factory(model, size, batch, seq)
+    factory = _factory(model, run.size, run.batch, run.seq)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     meta = build_meta_model(factory)
     eager: BuiltModel | None = None
     if not torchrun and (
         check
         or weights == "factory"
-        or (weights == "auto" and checkpoint is None and fits_in_host(model_bytes(meta.model)))
+        or (
+            weights == "auto"
+            and pipe_options.checkpoint is None
+            and fits_in_host(model_bytes(meta.model))
+        )
     ):
         eager = unpack_model(build_eager(factory, seed))
     inputs, target = _synthetic(eager or meta, seed + 1)
-    m = microbatches or (plan.microbatches if plan is not None else None)
+    m = pipe_options.microbatches or (plan.microbatches if plan is not None else None)
     if m:  # fail here, at once, rather than on every rank after start-up
         first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
         check_divisible(batch_size(first), m)
@@ -201,32 +228,20 @@ def run_pipeline(
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pipepart-"))
             weights_file = str(Path(folder) / "factory.safetensors")
             save_tensors(eager.model, weights_file)
-        options = PipelineOptions(
-            schedule=schedule,
-            microbatches=microbatches,
-            virtual=virtual,
-            seed=seed,
-            loss_reduction=loss_reduction,  # type: ignore[arg-type]
-            max_grad_norm=max_grad_norm,
-            recompute=recompute,
-            batchnorm=batchnorm,  # type: ignore[arg-type]
-            weights=weights,
-            checkpoint=checkpoint,
-            factory_weights=weights_file,
-        )
-        args = (factory, plan, options, optimizer, lr, steps, inputs, target, check)
+        ranks_options = dataclasses.replace(pipe_options, factory_weights=weights_file)
+        args = (factory, plan, ranks_options, run.optimizer, run.lr, steps, inputs, target, check)
         if torchrun:
-            results = _under_torchrun(args, timeout, backend)
+            results = _under_torchrun(args, run.timeout, run.backend)
             if results is None:
                 return {}
         else:
             outcomes = spawn_ranks(
                 _rank_run,
-                ranks,
+                run.ranks,
                 args,
-                timeout=timeout * 2 + 60,
-                pg_timeout=timeout,
-                backend=backend,
+                timeout=run.timeout * 2 + 60,
+                pg_timeout=run.timeout,
+                backend=run.backend,
                 start_method="forkserver",
             )
             failed = [o for o in outcomes if not o.ok]
@@ -242,7 +257,7 @@ def run_pipeline(
         if eager is None:  # under torchrun: rank 0 builds the reference now
             eager = unpack_model(build_eager(factory, seed))
         summary["check"] = _check(
-            results, eager, options, optimizer, lr, steps, inputs, target, check_tol
+            results, eager, pipe_options, run.optimizer, run.lr, steps, inputs, target, run.check_tol
         )
     return summary
 

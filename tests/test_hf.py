@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 from partition import parse_devices
 from partition.planner import analyze
 from partition.registry import resolve
-from pipeline.launch import run_pipeline
+from pipeline.launch import RunOptions, run_pipeline
+from pipeline.runtime import PipelineOptions
 
 MODELS = ["hf:gpt2", "hf:bert", "hf:llama", "hf:vit"]
 
@@ -41,14 +42,15 @@ def test_published_size_traces_on_meta_and_plans_for_4_devices(name: str) -> Non
 def test_tiny_model_trains_on_ranks_like_one_process(name: str, ranks: int) -> None:
     result = run_pipeline(
         name,
-        ranks=ranks,
-        schedule="1f1b",
-        microbatches=4,
-        steps=2,
-        check=True,
-        timeout=120,
-        optimizer="sgd",
-        lr=0.1,
+        RunOptions(
+            ranks=ranks,
+            steps=2,
+            check=True,
+            timeout=120,
+            optimizer="sgd",
+            lr=0.1,
+            pipeline=PipelineOptions(schedule="1f1b", microbatches=4),
+        ),
     )
     check = result["check"]
     assert check["loss"] < 1e-5, check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -10,20 +11,40 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import run_pipeline
+from pipeline.launch import RunOptions, run_pipeline
+from pipeline.runtime import PipelineOptions
 
 
 @pytest.mark.timeout(120)
 def test_run_pipeline_spawns_ranks_and_checks_against_one_process() -> None:
     result = run_pipeline(
-        "gpt", ranks=2, schedule="1f1b", microbatches=4, steps=2, check=True, size="toy", timeout=60
+        "gpt",
+        RunOptions(
+            ranks=2,
+            steps=2,
+            check=True,
+            size="toy",
+            timeout=60,
+            pipeline=PipelineOptions(schedule="1f1b", microbatches=4),
+        ),
     )
     assert result["ranks"] == 2 and len(result["steps"]) == 2
     assert all(s["loss"] is not None and s["time"] > 0 for s in result["steps"])
     check = result["check"]
     assert check["loss"] < 1e-5 and check["grads"] < 1e-5 and check["params"] < 1e-5, check
-    ranks = {r for r, *_ in result["timeline"]}
-    assert ranks == {0, 1} and min(start for _, _, start, _ in result["timeline"]) == 0.0
+    # the timeline: the last step's actions of both ranks, on one clock (1F1B, 4 micro-batches)
+    events = {(r, str(a)): (start, end) for r, a, start, end in result["timeline"]}
+    assert len(events) == len(result["timeline"])  # each action once: one step, not several
+    for rank in (0, 1):
+        mine = sorted((s, e, a) for (r, a), (s, e) in events.items() if r == rank)
+        computed = sorted(a for _, _, a in mine if a[1] in "FB")
+        assert computed == sorted(f"{rank}{k}{mb}" for k in "FB" for mb in range(4)), computed
+        assert all(s <= e for s, e, _ in mine)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(mine))  # one at a time
+        assert mine[-1][1] - mine[0][0] <= result["steps"][-1]["time"]  # within the step timed
+    for mb in range(4):  # a receive ends after the send it waits for: the clocks agree
+        assert events[(1, f"1RF{mb}")][1] >= events[(0, f"0F{mb}")][1]
+        assert events[(0, f"0RB{mb}")][1] >= events[(1, f"1B{mb}")][1]
 
 
 @pytest.mark.timeout(120)
@@ -33,9 +54,14 @@ def test_run_pipeline_joins_torchrun(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import json
-            from pipeline.launch import run_pipeline
+            from pipeline.launch import RunOptions, run_pipeline
+            from pipeline.runtime import PipelineOptions
 
-            result = run_pipeline("gpt", ranks=2, schedule="gpipe", microbatches=2, steps=1, size="toy", timeout=60)
+            options = RunOptions(
+                ranks=2, size="toy", timeout=60,
+                pipeline=PipelineOptions(schedule="gpipe", microbatches=2),
+            )
+            result = run_pipeline("gpt", options)
             if result:
                 print("RESULT " + json.dumps(result["steps"]))
             """
