@@ -16,7 +16,8 @@ For a stage holding nodes ``i .. j-1`` of the linear order, on stage index ``s``
     A        bytes autograd saves for backward for one micro-batch (sum over the stage's nodes)
     inflight micro-batches whose forward ran and whose backward has not, at peak:
                GPipe       m                        (all forwards before any backward)
-               1F1B, ZB-H1 min(k - s, m)            (stage s warms up with k - s - 1 forwards)
+               1F1B        min(k - s, m)            (stage s warms up with k - s - 1 forwards)
+               ZB-H1       min(k, m)                (W deferred: every stage holds k)
                interleaved min(m * v, 2 (p - r - 1) + (v - 1) p + 1) / v per virtual stage
                            on rank r = s mod p (Megatron's warm-up count shared by r's v chunks)
     c_in     bytes of one micro-batch's activations received from the previous stage, and
@@ -48,9 +49,11 @@ SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb-h1")
 _SCHEDULE_ALIASES = {
     "one-f-one-b": "1f1b",
     "pipedream-flush": "1f1b",
+    "interleaved-1f1b": "interleaved",
     "zbh1": "zb-h1",
     "zero-bubble": "zb-h1",
 }
+"""The one table of schedule names and aliases: the planner's and `pipeline.schedules`'."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +88,7 @@ class MemoryModel:
 
 def canonical_schedule(name: str) -> str:
     """The canonical schedule name for ``name`` or its aliases; raises `PlanError` if unknown."""
-    key = name.strip().lower()
+    key = name.strip().lower().replace("_", "-")
     key = _SCHEDULE_ALIASES.get(key, key)
     if key not in SCHEDULE_NAMES:
         raise PlanError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
@@ -106,8 +109,10 @@ def inflight_microbatches(
         raise PlanError(f"stage {stage} out of range for {num_stages} stages")
     if schedule == "gpipe":
         return microbatches
-    if schedule in ("1f1b", "zb-h1"):
+    if schedule == "1f1b":
         return min(num_stages - stage, microbatches)
+    if schedule == "zb-h1":  # every stage holds p: its W runs late (see pipeline.schedules)
+        return min(num_stages, microbatches)
     if virtual < 1 or num_stages % virtual:
         raise PlanError(f"{num_stages} virtual stages do not divide into {virtual} per rank")
     ranks = num_stages // virtual

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from partition.errors import PlanError
+from partition.memory import SCHEDULE_NAMES, canonical_schedule
 
 __all__ = [
     "SCHEDULES",
@@ -46,8 +47,8 @@ __all__ = [
     "zero_bubble_h1",
 ]
 
-SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb-h1")
-_ALIASES = {"pipedream-flush": "1f1b", "interleaved-1f1b": "interleaved", "zbh1": "zb-h1"}
+SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
+"""The schedules by name (the one table, with its aliases, is `partition.memory`'s)."""
 
 
 class Kind(str, enum.Enum):
@@ -322,10 +323,7 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual: in
     Raises:
         PlanError: unknown name, bad sizes, or ``virtual > 1`` for a one-stage-per-rank schedule.
     """
-    key = name.strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key not in SCHEDULES:
-        raise PlanError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    key = canonical_schedule(name)
     if key == "interleaved":
         return interleaved_1f1b(num_ranks, num_microbatches, virtual)
     if virtual != 1:

@@ -28,7 +28,9 @@ def test_schedules_keep_what_theory_says() -> None:
     assert [inflight_microbatches("gpipe", s, 4, 8) for s in range(4)] == [8] * 4
     assert [inflight_microbatches("1f1b", s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
     assert [inflight_microbatches("1f1b", s, 4, 2) for s in range(4)] == [2, 2, 2, 1]
-    assert [inflight_microbatches("zb-h1", s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
+    # ZB-H1 defers W, so every stage holds p micro-batches (it read [4, 3, 2, 1], as 1F1B)
+    assert [inflight_microbatches("zb-h1", s, 4, 8) for s in range(4)] == [4, 4, 4, 4]
+    assert [inflight_microbatches("zb-h1", s, 4, 2) for s in range(4)] == [2, 2, 2, 2]
 
 
 def test_bad_names() -> None:
