@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from partition import examples
+from partition.registry import BuiltModel
 
 __all__: list[str] = []
 
@@ -55,8 +56,9 @@ class Workload:
             )
         return f"SkipNet width {self.width}, {self.layers} layers, {self.rows} rows per micro-batch"
 
-    def __call__(self) -> tuple[Any, tuple[Any, ...], dict[str, Any], Any, torch.Tensor]:
-        """``(model, args, kwargs, loss_fn, target)``; under ``torch.device("meta")``, no weights."""
+    def __call__(self) -> BuiltModel:
+        """The model, its example batch, loss and target; under ``torch.device("meta")``, no
+        weights."""
         meta = torch.empty(0).device.type == "meta"
         model: torch.nn.Module
         if self.model == "gpt":
@@ -78,7 +80,7 @@ class Workload:
             target = torch.empty_like(args[0]) if meta else torch.randn(args[0].shape)
         else:
             raise ValueError(f"unknown workload model {self.model!r}; use gpt or skipnet")
-        return model, tuple(args), {}, loss_fn, target
+        return BuiltModel(model, tuple(args), {}, loss_fn, target)
 
 
 def gpt(microbatches: int, *, layers: int = 8, rows: int = 2, width: int = 256) -> Workload:

@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from partition.algorithms.objective import Problem
 from partition.devices import Device, parse_devices
-from partition.errors import InfeasibleError
-from partition.graph import LinearGraph, coarsen, layer_boundaries
+from partition.errors import InfeasibleError, PlanError
+from partition.graph import FloatArray, LinearGraph
 from partition.memory import MemoryModel
 from partition.planner import Analysis, analyze, predict_step
 from partition.registry import resolve
@@ -44,6 +46,62 @@ from partition.solve import Solution, evaluate, solve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY = MemoryModel(optimizer="adam", master_weights=True)
+
+
+# --- layer level: where a layer-level partitioner may cut ---------------------------------------
+
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_of(module_path: str) -> str | None:
+    """The repeated layer a module path belongs to (``"model.layers.3"`` of
+    ``"model.layers.3.mlp.up_proj"``), or None outside any numbered layer."""
+    match = _LAYER.match(module_path)
+    return match.group(1) if match else None
+
+
+def layer_boundaries(graph: LinearGraph) -> list[int]:
+    """The cut positions that fall between layers: where a layer-level partitioner may cut.
+
+    A node outside every numbered layer (embedding, final norm, head, a residual add at the root)
+    stays with the layer before it, or with the first layer if none came yet. Position ``0`` and
+    ``len(graph)`` are included.
+    """
+    cuts = [0]
+    current: str | None = None
+    seen_layer = False
+    for i, path in enumerate(graph.module_paths):
+        layer = layer_of(path)
+        if layer is None:
+            continue
+        if seen_layer and layer != current:
+            cuts.append(i)
+        seen_layer, current = True, layer
+    if cuts[-1] != len(graph):
+        cuts.append(len(graph))
+    return cuts
+
+
+def coarsen(graph: LinearGraph, boundaries: list[int]) -> LinearGraph:
+    """One node per group ``[boundaries[g], boundaries[g+1])``: sums of costs, cuts at the bounds."""
+    b = np.asarray(boundaries, dtype=np.int64)
+    if b[0] != 0 or b[-1] != len(graph) or np.any(np.diff(b) <= 0):
+        raise PlanError(f"boundaries must rise from 0 to {len(graph)}")
+
+    def sums(values: FloatArray) -> FloatArray:
+        return np.add.reduceat(values, b[:-1])
+
+    return LinearGraph(
+        names=tuple(graph.names[i] for i in b[:-1]),
+        module_paths=tuple(graph.module_paths[i] for i in b[:-1]),
+        compute=sums(graph.compute),
+        forward=sums(graph.forward),
+        param_bytes=sums(graph.param_bytes),
+        saved_bytes=sums(graph.saved_bytes),
+        cut_bytes=graph.cut_bytes[b],
+        param_element_size=graph.param_element_size,
+        extra={**graph.extra, "coarsened_from": len(graph)},
+    )
 
 
 def _uniform_layers(graph: LinearGraph, k: int) -> tuple[int, ...]:

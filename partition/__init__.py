@@ -2,6 +2,14 @@
 
 Names are imported on first use, so ``import partition.errors`` (which every module does) does not
 pull in torch's tracing machinery.
+
+[Note: no name is a submodule's]
+A package attribute that is also a submodule's name is replaced by the submodule as soon as
+anything imports it (``import partition.trace`` sets ``partition.trace``), so a function exported
+under its module's name would turn into a module depending on import order. The public names
+below therefore differ from every submodule's: `trace_model` is ``partition.trace.trace``,
+`solve_split` is ``partition.solve.solve`` and `build_stages` is ``partition.split.split``;
+``tests/test_public_api.py`` checks every name after importing every submodule.
 """
 
 from __future__ import annotations
@@ -12,68 +20,93 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from partition.cost import CostGraph, cost_model
     from partition.devices import PRESETS, Device, parse_devices
-    from partition.errors import InfeasibleError, InputError, PipepartError, PlanError, TraceError
+    from partition.errors import (
+        BatchError,
+        BoundaryError,
+        CheckpointError,
+        InfeasibleError,
+        InputError,
+        PeerError,
+        PipepartError,
+        PlanError,
+        StageError,
+        TraceError,
+    )
     from partition.memory import MemoryModel
     from partition.plan import Plan
     from partition.planner import Analysis, analyze, plan_model, reprice
-    from partition.solve import solve
-    from partition.split import Stage, split
-    from partition.trace import TracedModel, trace
+    from partition.solve import solve as solve_split
+    from partition.split import Stage
+    from partition.split import split as build_stages
+    from partition.trace import TracedModel
+    from partition.trace import trace as trace_model
 
-_WHERE = {
-    "CostGraph": "cost",
-    "cost_model": "cost",
-    "PRESETS": "devices",
-    "Device": "devices",
-    "parse_devices": "devices",
-    "InfeasibleError": "errors",
-    "InputError": "errors",
-    "PipepartError": "errors",
-    "PlanError": "errors",
-    "TraceError": "errors",
-    "MemoryModel": "memory",
-    "Plan": "plan",
-    "Analysis": "planner",
-    "analyze": "planner",
-    "plan_model": "planner",
-    "reprice": "planner",
-    "solve": "solve",
-    "Stage": "split",
-    "split": "split",
-    "TracedModel": "trace",
-    "trace": "trace",
+_WHERE: dict[str, tuple[str, str]] = {
+    "CostGraph": ("cost", "CostGraph"),
+    "cost_model": ("cost", "cost_model"),
+    "PRESETS": ("devices", "PRESETS"),
+    "Device": ("devices", "Device"),
+    "parse_devices": ("devices", "parse_devices"),
+    "BatchError": ("errors", "BatchError"),
+    "BoundaryError": ("errors", "BoundaryError"),
+    "CheckpointError": ("errors", "CheckpointError"),
+    "InfeasibleError": ("errors", "InfeasibleError"),
+    "InputError": ("errors", "InputError"),
+    "PeerError": ("errors", "PeerError"),
+    "PipepartError": ("errors", "PipepartError"),
+    "PlanError": ("errors", "PlanError"),
+    "StageError": ("errors", "StageError"),
+    "TraceError": ("errors", "TraceError"),
+    "MemoryModel": ("memory", "MemoryModel"),
+    "Plan": ("plan", "Plan"),
+    "Analysis": ("planner", "Analysis"),
+    "analyze": ("planner", "analyze"),
+    "plan_model": ("planner", "plan_model"),
+    "reprice": ("planner", "reprice"),
+    "solve_split": ("solve", "solve"),
+    "Stage": ("split", "Stage"),
+    "build_stages": ("split", "split"),
+    "TracedModel": ("trace", "TracedModel"),
+    "trace_model": ("trace", "trace"),
 }
+"""Public name -> (submodule, its name there); see [Note: no name is a submodule's]."""
 
 __all__ = [
     "PRESETS",
     "Analysis",
+    "BatchError",
+    "BoundaryError",
+    "CheckpointError",
     "CostGraph",
     "Device",
     "InfeasibleError",
     "InputError",
     "MemoryModel",
+    "PeerError",
     "PipepartError",
     "Plan",
     "PlanError",
     "Stage",
+    "StageError",
     "TraceError",
     "TracedModel",
     "analyze",
+    "build_stages",
     "cost_model",
     "parse_devices",
     "plan_model",
     "reprice",
-    "solve",
-    "split",
-    "trace",
+    "solve_split",
+    "trace_model",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
+    where = _WHERE.get(name)
+    if where is None:
         raise AttributeError(f"module 'partition' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"partition.{module}"), name)
+    module, attribute = where
+    value = getattr(importlib.import_module(f"partition.{module}"), attribute)
     globals()[name] = value
     return value
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
@@ -332,7 +330,3 @@ class Plan:
                 f"{graph_hash_value}, {num_nodes} nodes). Plans are tied to one model, one "
                 "micro-batch shape and one trace route: re-plan with `pipepart plan`"
             )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -1,6 +1,10 @@
 """pipepart's pipeline: schedules as data, the simulator, and the runtime that trains a split model.
 
 Names are imported on first use, so importing a schedule does not start torch.distributed.
+As in `partition` (see [Note: no name is a submodule's] there), no public name is a submodule's:
+the simulator is `simulate_schedule` (``pipeline.simulate.simulate``), since ``pipeline.simulate``
+is the module as soon as anything imports it. The errors a run raises are exported here too;
+they are defined, with every other pipepart error, in `partition.errors`.
 """
 
 from __future__ import annotations
@@ -9,48 +13,58 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from partition.errors import BatchError, BoundaryError, PeerError, StageError
     from pipeline.gantt import plot_gantt
     from pipeline.launch import run_pipeline
-    from pipeline.runtime import BatchError, Pipeline, PipelineOptions
+    from pipeline.runtime import Pipeline, PipelineOptions
     from pipeline.schedules import Action, Kind, Schedule, build_schedule, validate
-    from pipeline.simulate import SimResult, simulate
+    from pipeline.simulate import SimResult
+    from pipeline.simulate import simulate as simulate_schedule
 
-_WHERE = {
-    "plot_gantt": "gantt",
-    "run_pipeline": "launch",
-    "BatchError": "runtime",
-    "Pipeline": "runtime",
-    "PipelineOptions": "runtime",
-    "Action": "schedules",
-    "Kind": "schedules",
-    "Schedule": "schedules",
-    "build_schedule": "schedules",
-    "validate": "schedules",
-    "SimResult": "simulate",
-    "simulate": "simulate",
+_WHERE: dict[str, tuple[str, str]] = {
+    "BatchError": ("partition.errors", "BatchError"),
+    "BoundaryError": ("partition.errors", "BoundaryError"),
+    "PeerError": ("partition.errors", "PeerError"),
+    "StageError": ("partition.errors", "StageError"),
+    "plot_gantt": ("pipeline.gantt", "plot_gantt"),
+    "run_pipeline": ("pipeline.launch", "run_pipeline"),
+    "Pipeline": ("pipeline.runtime", "Pipeline"),
+    "PipelineOptions": ("pipeline.runtime", "PipelineOptions"),
+    "Action": ("pipeline.schedules", "Action"),
+    "Kind": ("pipeline.schedules", "Kind"),
+    "Schedule": ("pipeline.schedules", "Schedule"),
+    "build_schedule": ("pipeline.schedules", "build_schedule"),
+    "validate": ("pipeline.schedules", "validate"),
+    "SimResult": ("pipeline.simulate", "SimResult"),
+    "simulate_schedule": ("pipeline.simulate", "simulate"),
 }
+"""Public name -> (module, its name there)."""
 
 __all__ = [
     "Action",
     "BatchError",
+    "BoundaryError",
     "Kind",
+    "PeerError",
     "Pipeline",
     "PipelineOptions",
     "Schedule",
     "SimResult",
+    "StageError",
     "build_schedule",
     "plot_gantt",
     "run_pipeline",
-    "simulate",
+    "simulate_schedule",
     "validate",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
+    where = _WHERE.get(name)
+    if where is None:
         raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"pipeline.{module}"), name)
+    module, attribute = where
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value
     return value
 

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from partition.errors import PlanError
+from partition.errors import BoundaryError, PeerError, PlanError
 from partition.split import TensorSpec
 
 __all__ = ["BoundaryError", "BufferPool", "Link", "PeerError", "Transport", "gradient_specs"]
@@ -40,14 +40,6 @@ log = logging.getLogger(__name__)
 
 Direction = Literal["activation", "gradient"]
 _MAX_TENSORS = 1 << 12  # tensors per cut, for distinct tags
-
-
-class BoundaryError(PlanError):
-    """A tensor about to cross a stage boundary disagrees with the plan's spec for it."""
-
-
-class PeerError(ConnectionError):
-    """A send or receive failed because the peer rank died or hung up; names the peer."""
 
 
 def gradient_specs(inputs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:

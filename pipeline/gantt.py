@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from partition.errors import PlanError
 from pipeline.schedules import Kind
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def plot_gantt(
         The figure drawn on.
 
     Raises:
-        ValueError: an event names a rank outside ``0 .. num_ranks - 1``.
+        PlanError: (a ``ValueError``) an event names a rank outside ``0 .. num_ranks - 1``.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -75,7 +76,10 @@ def plot_gantt(
     labels = []
     for rank, action, start, end in events:
         if not 0 <= rank < num_ranks:
-            raise ValueError(f"event on rank {rank} but num_ranks={num_ranks}: {action}")
+            raise PlanError(
+                f"event on rank {rank} but num_ranks={num_ranks}: {action}; pass the timeline's "
+                "number of ranks"
+            )
         if end <= start:
             continue
         kind = action.kind

@@ -24,6 +24,35 @@ def test_setup_commands_install_torch_first_and_run_pytest() -> None:
     assert "pipepart plan gpt" in commands[0] and "pytest" in commands[1]
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1] in ci, ".ci/run must run exactly the README's test command"
+    assert "-c constraints.txt -c constraints-dev.txt" in commands[1]
+
+
+def test_the_test_command_pins_every_tool_it_installs() -> None:
+    """Every package of the dev, hf and zoo extras has an exact pin, so a new release of one can
+    not change the test suite's outcome by itself (bump it in constraints-dev.txt instead)."""
+    tomllib = pytest.importorskip("tomllib")
+    root = README.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pins = {}
+    for name in ("constraints.txt", "constraints-dev.txt"):
+        for line in (root / name).read_text().splitlines():
+            if "==" in line and not line.lstrip().startswith("#"):
+                package, _, version = line.partition("==")
+                pins[_canonical(package)] = version.strip()
+    wanted = {
+        _canonical(re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0])
+        for e in ("dev", "hf", "zoo")
+        for r in extras[e]
+    }
+    assert sorted(wanted - set(pins)) == []
+    for package in ("ruff", "mypy", "pytest", "hypothesis", "transformers"):
+        assert re.fullmatch(r"\d+(\.\d+)+", pins[package]), (package, pins[package])
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
 @pytest.mark.timeout(300)
@@ -36,6 +65,7 @@ def test_training_script_runs_under_torchrun(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port, not the default 29500 another torchrun may hold
             "--nproc-per-node",
             "2",
             str(path),

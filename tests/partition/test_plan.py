@@ -44,7 +44,13 @@ def test_plan_numbers_are_consistent() -> None:
     plan = _plan()
     assert plan.bottleneck == max(s.time for s in plan.stages)
     assert plan.perfect_balance <= plan.bottleneck
-    assert 0 < plan.bubble < 1 and plan.step_time >= plan.microbatches * plan.bottleneck * 0.5
+    m, p = plan.microbatches, plan.num_ranks
+    busy = [m * s.compute_time for s in plan.stages]  # every micro-batch's F and B, per rank
+    # the prediction is one simulated step: at least the busiest rank's work, at most the
+    # slowest stage's time for each of the m + p - 1 slots of 1F1B, and the bubble its idle share
+    assert max(busy) <= plan.step_time <= (m + p - 1) * plan.bottleneck
+    assert plan.bubble == pytest.approx(1 - sum(busy) / (p * plan.step_time), rel=1e-12)
+    assert 0 < plan.bubble < 1
     assert plan.model.inputs[0].shape == (2, 16)  # a micro-batch: 8 rows in 4 micro-batches
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from pipeline.cli import main
+from pipeline.schedules import build_schedule
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:  # type: ignore[type-arg]
@@ -135,13 +140,28 @@ def test_simulate_a_model_directly(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["ranks"] == 2 and len(data["peak_activation_microbatches"]) == 4
 
 
-def test_bench_lists_and_runs_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_lists_and_writes_where_asked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["bench", "list"]) == 0
     listed = capsys.readouterr().out
     assert "trace_cost" in listed and "partitioners" in listed
+    monkeypatch.chdir(tmp_path)  # the default --out: the current directory, not benchmarks/
     data = _json(capsys, ["bench", "trace_cost", "--quick", "--json"])
     assert data["rows"][0]["blocks"] == 12
+    assert json.loads((tmp_path / "trace_cost.json").read_text()) == data
     assert main(["bench", "nope"]) == 2
+
+
+def test_bench_outside_a_checkout_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.cli
+
+    monkeypatch.setattr(pipeline.cli, "_BENCHMARKS", tmp_path / "benchmarks")
+    assert main(["bench", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmarks/ folder" in err and "source checkout" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.timeout(240)
@@ -166,6 +186,8 @@ def test_run_json_reports_steps_and_check(
     data = _json(capsys, argv)
     assert [s["step"] for s in data["steps"]] == [0, 1]
     assert all(s["time"] > 0 and s["loss"] > 0 for s in data["steps"])
+    assert data["stages"] == {"0": [0], "1": [1]}
+    assert _computed(data) == _expected("1f1b", 2, 4)  # the defaults: 1F1B, 4 micro-batches
     assert (
         data["check"]["loss"] < 1e-5
         and data["check"]["grads"] < 1e-5
@@ -178,3 +200,192 @@ def test_run_bad_batch_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "gpt", "--ranks", "2", "--batch", "7", "--timeout", "60"]) == 2
     err = capsys.readouterr().err.strip()
     assert "batch 7 is not divisible by 4 micro-batches" in err and "\n" not in err
+
+
+# --- every flag through the command line, by its effect ------------------------------------------
+
+
+def _computed(data: dict) -> list[str]:  # type: ignore[type-arg]
+    """Each rank's computations (F, B, I, W) in the order it ran them, from a run's timeline."""
+    ranks = sorted({r for r, *_ in data["timeline"]})
+    return [
+        " ".join(
+            a
+            for _, a, _, _ in sorted(
+                (e for e in data["timeline"] if e[0] == rank), key=lambda e: e[2]
+            )
+            if a.lstrip("0123456789")[0] in "FBIW"
+        )
+        for rank in ranks
+    ]
+
+
+def _expected(schedule: str, ranks: int, microbatches: int, virtual: int = 1) -> list[str]:
+    return build_schedule(schedule, ranks, microbatches, virtual).to_text().split("\n")
+
+
+@pytest.mark.timeout(240)
+def test_run_takes_its_schedule_from_the_plan_file_or_the_flags(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plan = tmp_path / "p.json"
+    argv = ["plan", "gpt", "--devices", "2", "--schedule", "gpipe", "--microbatches", "8"]
+    assert main([*argv, "--out", str(plan)]) == 0
+    capsys.readouterr()
+    # the tables of a saved plan: show (per stage) and simulate (per rank)
+    assert main(["show", str(plan)]) == 0
+    shown = capsys.readouterr().out
+    assert "GPT · gpipe · 8 micro-batches · optimal" in shown and "cpu:1" in shown
+    assert main(["simulate", str(plan)]) == 0
+    simulated = capsys.readouterr().out
+    assert "gpipe · 8 micro-batches (simulated)" in simulated
+    assert re.search(r"│\s+1\s+│.*│\s+8\s+│", simulated), simulated  # rank 1 holds all 8 (GPipe)
+
+    base = ["run", "gpt", "--ranks", "2", "--steps", "1", "--timeout", "60", "--json"]
+    from_plan = _json(capsys, [*base, "--plan", str(plan)])
+    assert _computed(from_plan) == _expected("gpipe", 2, 8)  # the plan's schedule and count
+    interleaved = _json(
+        capsys, [*base, "--schedule", "interleaved", "--virtual", "2", "--microbatches", "2"]
+    )
+    assert interleaved["stages"] == {"0": [0, 2], "1": [1, 3]}  # 2 stages per rank
+    assert _computed(interleaved) == _expected("interleaved", 2, 2, virtual=2)
+
+
+def test_plan_flags_change_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "gpt", "--devices", "2", "--json"]
+    base = _json(capsys, argv)
+    assert base["model"]["trace_method"] == "fx"  # --trace auto: fx where it works
+    assert base["memory_model"] == {"optimizer": "adam", "master_weights": False}
+
+    exported = _json(capsys, [*argv, "--trace", "export"])
+    assert exported["model"]["trace_method"] == "export"
+    assert exported["model"]["num_nodes"] != base["model"]["num_nodes"]  # ATen, not modules
+
+    blocks = _json(capsys, [*argv, "--leaf", "h.*"])  # every block one node
+    assert blocks["model"]["num_nodes"] < base["model"]["num_nodes"]
+    cuts = [blocks["stages"][0]["modules"]["last"], blocks["stages"][1]["modules"]["first"]]
+    assert all(re.fullmatch(r"h\.\d+", m) for m in cuts), cuts  # the cut is between blocks
+
+    master = _json(capsys, [*argv, "--master-weights"])
+    assert master["memory_model"]["master_weights"] is True
+    for b, m in zip(base["stages"], master["stages"], strict=True):  # fp32: + one fp32 copy
+        assert m["memory"]["optimizer"] - b["memory"]["optimizer"] == b["param_bytes"]
+        assert m["memory"]["total"] - b["memory"]["total"] == b["param_bytes"]
+
+    measured = _json(capsys, [*argv, "--profile"])
+    for stage in base["stages"]:  # priced: FLOPs over the cpu preset's 100 GFLOP/s
+        assert stage["compute_time"] == pytest.approx(stage["flops"] / stage["device"]["flops"])
+    # measured: this machine's seconds, which dwarf the FLOP price of a toy model
+    assert sum(s["compute_time"] for s in measured["stages"]) > 2 * sum(
+        s["compute_time"] for s in base["stages"]
+    )
+
+
+TINY = """
+\"\"\"A user's model factory, for `pipepart ... mymodels.tiny:build` (tests/pipeline/test_cli.py).\"\"\"
+
+import torch
+from torch import nn
+
+
+def build():
+    x = torch.linspace(-1.0, 1.0, 8 * 6).reshape(8, 6)  # no random data: only weights vary
+    y = torch.sin(torch.arange(8 * 3, dtype=torch.float32)).reshape(8, 3)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+    return model, (x,), nn.functional.mse_loss, y
+"""
+
+
+def _reference(
+    build: Any,
+    *,
+    seed: int = 0,
+    optimizer: str = "sgd",
+    lr: float = 1e-3,
+    loss: str = "mean",
+    clip: float | None = None,
+    microbatches: int = 4,
+) -> list[float]:
+    """Two steps of the user's plain model: ``torch.manual_seed(seed); model = factory()``."""
+    torch.manual_seed(seed)
+    model, (x,), loss_fn, y = build()
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    opt = kind(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        parts = [
+            loss_fn(model(xs), ys)
+            for xs, ys in zip(x.chunk(microbatches), y.chunk(microbatches), strict=True)
+        ]
+        total = torch.stack(parts).sum() / (microbatches if loss == "mean" else 1)
+        total.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(float(total.detach()))
+    return losses
+
+
+def _differs(a: list[float], b: list[float], at: int) -> bool:
+    return abs(a[at] - b[at]) > 1e-3 * abs(b[at])
+
+
+@pytest.mark.timeout(300)
+def test_run_flags_train_a_users_model_like_the_plain_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``package.module:callable`` from the current directory; --seed, --optimizer, --lr,
+    --loss, --clip and --recompute each checked by the step-0 and step-1 losses they give."""
+    (tmp_path / "mymodels").mkdir()
+    (tmp_path / "mymodels" / "__init__.py").write_text("")
+    (tmp_path / "mymodels" / "tiny.py").write_text(TINY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    build = importlib.import_module("mymodels.tiny").build
+
+    model = ["mymodels.tiny:build", "--ranks", "2", "--steps", "2", "--timeout", "60", "--check"]
+    commands = [
+        ["plan", "mymodels.tiny:build", "--devices", "2", "--json"],
+        ["run", *model, "--json", "--seed", "3", "--optimizer", "adam", "--lr", "0.01"],
+        ["run", *model, "--loss", "sum", "--clip", "0.05", "--lr", "0.1", "--recompute"],
+    ]
+    driver = (  # one interpreter, as a user's shell would run the commands one after another
+        "import json, sys\n"
+        "from pipeline.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    print('EXIT', main(argv), flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(commands)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    outputs = done.stdout.split("EXIT ")
+    assert done.returncode == 0 and len(outputs) == 4, done.stdout + done.stderr[-3000:]
+    assert [o.split("\n", 1)[0] for o in outputs[1:]] == ["0", "0", "0"], done.stdout
+
+    planned = json.loads(outputs[0])
+    assert planned["model"]["class_name"] == "Sequential" and len(planned["stages"]) == 2
+
+    adam = json.loads(outputs[1].split("\n", 1)[1])
+    got = [s["loss"] for s in adam["steps"]]
+    want = _reference(build, seed=3, optimizer="adam", lr=0.01)
+    assert got == pytest.approx(want, rel=1e-5), (got, want)
+    assert adam["check"]["passed"], adam["check"]
+    assert _differs(want, _reference(build, seed=0, optimizer="adam", lr=0.01), at=0)  # --seed
+    assert _differs(want, _reference(build, seed=3, optimizer="sgd", lr=0.01), at=1)  # --optimizer
+    assert _differs(want, _reference(build, seed=3, optimizer="adam"), at=1)  # --lr
+
+    table = outputs[2].split("\n", 1)[1]  # the run's table: one row per step, then the check
+    rows = re.findall(r"│\s*(\d+)\s*│[^│]+│\s*(-?\d+\.\d+)\s*│", table)
+    assert [int(step) for step, _ in rows] == [0, 1], table
+    got = [float(loss) for _, loss in rows]
+    want = _reference(build, loss="sum", clip=0.05, lr=0.1)
+    assert got == pytest.approx(want, abs=2e-6), (got, want)  # the table shows 6 decimals
+    assert "passed" in table and "FAILED" not in table, table
+    assert _differs(want, _reference(build, loss="mean", clip=0.05, lr=0.1), at=0)  # --loss
+    assert _differs(want, _reference(build, loss="sum", lr=0.1), at=1)  # --clip

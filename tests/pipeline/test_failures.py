@@ -11,7 +11,7 @@ from process start (imports, tracing and building vary with the machine's load, 
 not). The fault and every rank's error write ``time.monotonic()`` to a file (one clock for every
 process of the machine), and the test compares them. Measured with 5 busy processes on the 2
 cores (load average 5 to 9), a peer's error came at most 0.10 s after an exception, a bad tensor
-or a kill (idle: 0.05 s), a stuck rank's neighbours gave up 0.03 s past the process group's
+or a kill (idle: 0.05 s), a stuck rank's neighbours gave up within 0.03 s of the process group's
 timeout, and the stuck rank failed 0.15 s after it woke. `FAULT_TO_ERROR`, 2 s, is 20 times the
 loaded measurement and a quarter of `PG_TIMEOUT`: a peer that waited out the timeout instead of
 noticing the failure fails the test.
@@ -79,7 +79,6 @@ def _ended_in_time(
         assert o.exitcode not in (0, None), o.describe()
         assert not o.killed, f"rank {o.rank} had to be killed: {o.describe()}"
         delay = _since_fault(stamps, o.rank)
-        print(f"DELAY rank {o.rank} {delay:.3f}")  # MEASURE
         assert 0 <= delay < limit, (
             f"rank {o.rank} failed {delay:.2f} s after the fault (limit {limit} s): {o.describe()}"
         )
@@ -396,5 +395,4 @@ def test_a_rank_stuck_past_the_timeout_is_given_up_on(tmp_path: Path) -> None:
     # the stuck rank fails once it wakes up and finds its neighbours gone
     assert not outcomes[1].ok and not outcomes[1].killed, outcomes[1].describe()
     woke = _since_fault(tmp_path, 1)
-    print(f"WOKE {woke:.3f}")  # MEASURE
     assert stuck_for <= woke < stuck_for + FAULT_TO_ERROR, f"{woke:.2f} s: {outcomes[1].describe()}"

@@ -1,0 +1,120 @@
+"""The packages' public names: never a submodule, whatever was imported first; errors in one tree.
+
+A package attribute named like a submodule becomes that submodule once anything imports it
+(``partition.trace`` was the function until ``import partition.cost`` imported the module); see
+[Note: no name is a submodule's] in `partition`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+import types
+
+import pytest
+
+import partition
+import pipeline
+from partition import errors
+
+PACKAGES = (partition, pipeline)
+# Submodules that need an optional extra to import; the rest must all import.
+OPTIONAL = {"partition.hf": "transformers", "partition.plots": "matplotlib"}
+
+
+def _submodules(package: types.ModuleType) -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}."))
+
+
+def _import_every_submodule() -> None:
+    for name in [*_submodules(partition), *_submodules(pipeline)]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if name not in OPTIONAL:
+                raise
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
+def test_no_public_name_is_a_submodule_name(package: types.ModuleType) -> None:
+    submodules = {name.rsplit(".", 1)[1] for name in _submodules(package)}
+    assert sorted(set(package.__all__) & submodules) == []
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
+def test_public_names_after_every_submodule_is_imported(package: types.ModuleType) -> None:
+    _import_every_submodule()
+    assert sorted(package.__all__) == sorted(package._WHERE)  # type: ignore[attr-defined]
+    for name in package.__all__:
+        value = getattr(package, name)
+        assert not isinstance(value, types.ModuleType), f"{package.__name__}.{name} is a module"
+        module, attribute = package._WHERE[name]  # type: ignore[attr-defined]
+        full = module if "." in module else f"{package.__name__}.{module}"
+        assert value is getattr(sys.modules[full], attribute), name
+        namespace: dict[str, object] = {}
+        exec(f"from {package.__name__} import {name}", namespace)
+        assert namespace[name] is value, name
+        assert inspect.isclass(value) or callable(value) or name == "PRESETS", name
+
+
+def test_public_functions_are_callable_after_their_modules_are_imported() -> None:
+    import torch
+
+    importlib.import_module("partition.trace")
+    importlib.import_module("partition.cost")  # imports partition.trace: the original symptom
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    traced = partition.trace_model(model, (torch.randn(3, 4),))
+    assert isinstance(traced, partition.TracedModel)
+    schedule = pipeline.build_schedule("1f1b", 2, 2)
+    result = pipeline.simulate_schedule(schedule, forward_time=1.0, backward_time=2.0)
+    assert result.step_time == pytest.approx(9.0)  # (m + p - 1)(F + B) for 1F1B, p = m = 2
+
+
+def test_every_error_is_a_pipepart_error_and_a_standard_type() -> None:
+    standard = {
+        "BatchError": ValueError,
+        "BoundaryError": ValueError,
+        "CheckpointError": ValueError,
+        "InfeasibleError": ValueError,
+        "InputError": TypeError,
+        "PeerError": ConnectionError,
+        "PlanError": ValueError,
+        "StageError": RuntimeError,
+        "TraceError": RuntimeError,
+    }
+    defined = [n for n in errors.__all__ if isinstance(getattr(errors, n), type)]
+    assert sorted(defined) == sorted([*standard, "PipepartError"])
+    for name, kind in standard.items():
+        error = getattr(errors, name)
+        assert issubclass(error, errors.PipepartError) and issubclass(error, kind), name
+        assert getattr(partition, name) is error, name
+    for name in ("BatchError", "BoundaryError", "PeerError", "StageError"):
+        assert getattr(pipeline, name) is getattr(errors, name), name
+    from pipeline.comm import BoundaryError, PeerError
+    from pipeline.runtime import BatchError
+
+    assert (BoundaryError, PeerError, BatchError) == (
+        errors.BoundaryError,
+        errors.PeerError,
+        errors.BatchError,
+    )  # still importable from where they were defined before
+
+
+def test_importing_the_packages_stays_light() -> None:
+    """``import partition, pipeline`` loads no submodule, and the schedules load no torch."""
+    code = (
+        "import sys\n"
+        "def loaded():\n"
+        "    return [m for m in sys.modules if m == 'torch' or m.startswith(('partition.', 'pipeline.'))]\n"
+        "import partition, pipeline\n"
+        "print(sorted(loaded()))\n"
+        "import partition.errors, pipeline.schedules\n"
+        "print('torch' in loaded())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["[]", "False"], out
