@@ -14,7 +14,10 @@ Every compute node of a `TracedModel` is run once more on meta tensors (see `par
 * **Saved bytes** — what autograd keeps for the backward, caught with
   ``torch.autograd.graph.saved_tensors_hooks``. Parameters are excluded (counted as weights); a
   tensor produced by one node and saved by several (a residual input) is counted once, at the
-  first node that saves it. [Note: fused attention] Scaled-dot-product attention is the one
+  first node that saves it; the result of an in-place op is the tensor it wrote, so a buffer that
+  ``relu_`` saves and a later node saves again is counted once (see [Note: in-place ops] in
+  `partition.inplace`, which also says how an in-place node is run on its own). [Note: fused
+  attention] Scaled-dot-product attention is the one
   exception: on meta it runs the math kernel, which saves the ``T × T`` attention matrix, but
   training runs a fused kernel (flash / memory-efficient) that saves only its inputs (q, k, v,
   the mask if any), its output and a float32 log-sum-exp per query row. The cost model charges
@@ -33,9 +36,11 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from partition.constants import CONSTANTS
+from partition.inplace import alias_key, mutates
 from partition.meta import fetch_args, run_node
 from partition.trace import TracedModel, module_path
 
@@ -123,6 +128,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
     saved_once: set[tuple[str, int]] = set()  # (producer, output index) already counted as saved
     nodes: dict[str, NodeCost] = {}
     param_ids = {id(state.tensor(q)): q for q in _all_param_names(traced)}
+    by_name = {node.name: node for node in graph.nodes}
     for node in graph.nodes:
         if node.op == "output":
             continue
@@ -145,7 +151,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
         if node.op in ("placeholder", "get_attr"):
             nodes[node.name] = NodeCost(**base)
             continue
-        fwd, bwd, saved_keys, saved_new = _cost_node(node, values, traced, param_ids)
+        fwd, bwd, saved_keys, saved_new = _cost_node(node, values, traced, param_ids, by_name)
         saved_bytes = saved_new
         for key, size in saved_keys.items():
             if key not in saved_once:
@@ -173,9 +179,12 @@ def cost_model(traced: TracedModel) -> CostGraph:
 
 
 def _all_param_names(traced: TracedModel) -> list[str]:
-    return [q for q, _ in traced.model.named_parameters(remove_duplicate=False)] + [
-        q for q, _ in traced.model.named_buffers(remove_duplicate=False)
-    ]
+    """Parameters, buffers and tensor constants: what a stage holds rather than computes."""
+    return (
+        [q for q, _ in traced.model.named_parameters(remove_duplicate=False)]
+        + [q for q, _ in traced.model.named_buffers(remove_duplicate=False)]
+        + [f"{CONSTANTS}.{key}" for key in traced.constants]
+    )
 
 
 def _params_of(node: fx.Node, traced: TracedModel) -> list[str]:
@@ -210,14 +219,23 @@ def _cost_node(
     values: dict[str, Any],
     traced: TracedModel,
     param_ids: dict[int, str],
+    by_name: dict[str, fx.Node],
 ) -> tuple[int, int, dict[tuple[str, int], int], int]:
-    """Forward FLOPs, backward FLOPs, saved inputs keyed by producer, bytes of other saved tensors."""
+    """Forward FLOPs, backward FLOPs, saved inputs keyed by producer, bytes of other saved tensors.
+
+    Each input is a fresh leaf; an input the node writes in place is a clone of its leaf (an
+    in-place op may not write a leaf that requires grad), and the backward is taken to the leaf.
+    """
     inputs: dict[str, Any] = {}
+    written = set(mutates(node))
+    leaf_of: dict[int, torch.Tensor] = {}  # id of such a clone -> its leaf
     for arg in node.all_input_nodes:
         if arg.op == "placeholder" and arg.name in traced.param_placeholders:
             inputs[arg.name] = values[arg.name]  # a parameter: keep it as is
         else:
             inputs[arg.name] = tree_map_leaf(values[arg.name])
+            if arg.name in written:
+                inputs[arg.name] = tree_map(lambda t: _writable(t, leaf_of), inputs[arg.name])
     producer_of: dict[int, tuple[str, int]] = {}
     for name, value in inputs.items():
         for index, leaf in enumerate(tree_flatten(value)[0]):
@@ -246,13 +264,13 @@ def _cost_node(
         if _is_parameter(t, param_ids):
             continue
         if key in producer_of:
-            saved_inputs[producer_of[key]] = size
+            saved_inputs[alias_key(*producer_of[key], by_name)] = size
         else:
             saved_other += size
     bwd = 0
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
     wrt = [
-        t
+        leaf_of.get(id(t), t)
         for t in tree_flatten((args, kwargs))[0]
         if isinstance(t, torch.Tensor) and t.requires_grad
     ]
@@ -305,6 +323,13 @@ def _is_parameter(t: torch.Tensor, param_ids: dict[int, str]) -> bool:
 
 
 def tree_map_leaf(value: Any) -> Any:
-    from torch.utils._pytree import tree_map
-
     return tree_map(_leafify, value)
+
+
+def _writable(t: Any, leaf_of: dict[int, torch.Tensor]) -> Any:
+    """A clone of the leaf ``t`` that an in-place op may write (remembering the leaf)."""
+    if not isinstance(t, torch.Tensor) or not t.requires_grad:
+        return t
+    copy = t.clone()
+    leaf_of[id(copy)] = t
+    return copy

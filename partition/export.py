@@ -3,7 +3,9 @@
 ``torch.export.export(model, args, kwargs, strict=False)`` lifts parameters, buffers and constant
 tensors to placeholders. pipepart turns them back into attributes of a root module that mirrors
 the model — the same submodule objects under the same names, so parameters keep their qualified
-names and are shared, never copied — plus the lifted constants as non-persistent buffers. User
+names and are shared, never copied — and the lifted constants into `TracedModel.constants`
+(see [Note: tensor constants] in `partition.constants`). A model that calls a custom autograd
+Function is refused (export would lose its backward; see `partition.functions`). User
 inputs stay placeholders, outputs are the flat list of the model's output tensors and
 ``TracedModel.out_spec`` rebuilds the model's own structure (a ``ModelOutput``, a dict, a tuple).
 Nodes keep the user's module path in ``nn_module_stack``, so plans still name ``h.3.attn``.
@@ -12,6 +14,9 @@ Nodes keep the user's module path in ``nn_module_stack``, so plans still name ``
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
+import re
 from typing import Any
 
 import torch
@@ -19,16 +24,19 @@ import torch.fx as fx
 from torch import nn
 from torch.export.graph_signature import InputKind
 
+from partition.constants import CONSTANTS, graph_module
 from partition.errors import TraceError
+from partition.functions import watch_functions
+from partition.markers import take_markers
 from partition.trace import TracedModel, propagate_shapes
 
 __all__ = ["trace_export"]
 
 
 class ExportRoot(nn.Module):
-    """The model's children and direct tensors under their own names, plus lifted constants."""
+    """The model's children and direct tensors under their own names."""
 
-    def __init__(self, model: nn.Module, constants: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model_class = type(model).__name__
         """The traced model's class name (plans and messages name the user's class)."""
@@ -40,14 +48,15 @@ class ExportRoot(nn.Module):
             self.register_buffer(
                 name, buffer, persistent=name not in model._non_persistent_buffers_set
             )
-        for name, value in constants.items():
-            self.register_buffer(name, value, persistent=False)
 
 
 def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedModel:
     """Trace ``model`` with ``torch.export.export(strict=False)``; see the module docstring."""
+    defaults = _tensor_defaults(model, args, kwargs)
+    given = {**kwargs, **{name: _beside(model, value) for name, value in defaults.items()}}
     try:
-        program = torch.export.export(model, args, kwargs, strict=False)
+        with watch_functions() as functions:
+            program = torch.export.export(model, args, given, strict=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(
@@ -55,9 +64,17 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             "Data-dependent control flow needs torch.cond or a fixed input; try method='fx' with "
             "leaf_modules for the offending submodule"
         ) from e
+    if functions:
+        raise TraceError(
+            f"{type(model).__name__} calls the custom autograd Function(s) {', '.join(functions)}; "
+            "torch.export traces through their forward and would lose their backward. Trace with "
+            "method='fx' (--trace fx), which keeps each call as one node running the Function's "
+            "own forward and backward"
+        )
     module: fx.GraphModule = program.graph_module
     graph = module.graph
     constants: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
     param_placeholders: dict[str, str] = {}
     user_inputs: list[str] = []
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -65,32 +82,42 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
             param_placeholders[node.name] = str(spec.target)
         elif spec.kind == InputKind.CONSTANT_TENSOR:
-            name = "_pipepart_const_" + str(spec.target).replace(".", "_")
+            key = re.sub(r"\W", "_", str(spec.target))
             value = program.constants[str(spec.target)]
             if not isinstance(value, torch.Tensor):
                 raise TraceError(
                     f"export lifted a non-tensor constant {spec.target!r}; not supported"
                 )
-            constants[name] = value
-            param_placeholders[node.name] = name
+            constants[key] = value
+            sources[key] = f"tensor constant {spec.target!r}"
+            param_placeholders[node.name] = f"{CONSTANTS}.{key}"
+        elif spec.kind == InputKind.USER_INPUT and node.name in defaults:
+            key = f"default_{node.name}"  # passed for the trace only: a constant of the graph
+            constants[key] = defaults[node.name]
+            sources[key] = f"default of argument {node.name!r}"
+            param_placeholders[node.name] = f"{CONSTANTS}.{key}"
         elif spec.kind == InputKind.USER_INPUT:
             user_inputs.append(node.name)
         else:
             raise TraceError(f"export input {spec.arg} of kind {spec.kind.name} is not supported")
     _follow_input_device(module, set(user_inputs))
-    root = ExportRoot(model, constants)
+    markers = take_markers(graph)
+    root = ExportRoot(model)
     for node in graph.nodes:  # higher-order ops (autocast regions) keep their bodies as submodules
         if node.op == "get_attr" and not _has_attr(root, str(node.target)):
             body = module.get_submodule(str(node.target))
             root.add_module(str(node.target), body)
     out_spec = program.call_spec.out_spec
     traced = TracedModel(
-        module=fx.GraphModule(root, graph, type(model).__name__),
+        module=graph_module(root, graph, constants, type(model).__name__, sources),
         model=root,
         method="export",
         input_names=tuple(user_inputs),
         param_placeholders=param_placeholders,
         out_spec=out_spec,
+        constants=constants,
+        constant_sources=sources,
+        markers=markers,
     )
     flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
@@ -103,6 +130,32 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return traced
 
 
+def _tensor_defaults(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The tensor default arguments the call leaves out (``forward(self, x, y=torch.zeros(...))``).
+
+    They are passed explicitly for the trace — on ``meta`` when the model is, where export could
+    not mix them with its weights — and become constants of the graph again afterwards.
+    """
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+    return {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if name not in bound and isinstance(p.default, torch.Tensor)
+    }
+
+
+def _beside(model: nn.Module, value: torch.Tensor) -> torch.Tensor:
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    on_meta = any(t.device.type == "meta" for t in tensors)
+    return torch.empty_like(value, device="meta") if on_meta else value
+
+
 def _follow_input_device(module: fx.GraphModule, user_inputs: set[str]) -> None:
     """Replace ``device=cpu`` literals export pinned into the graph by the inputs' device.
 
@@ -110,16 +163,14 @@ def _follow_input_device(module: fx.GraphModule, user_inputs: set[str]) -> None:
     whatever device its rank has, so each literal becomes ``x.device`` for a tensor input ``x``
     of that graph (higher-order-op bodies included).
     """
-    for graph_module in [
+    for gm in [
         module,
         *(m for m in module.modules() if isinstance(m, fx.GraphModule) and m is not module),
     ]:
-        graph = graph_module.graph
+        graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         candidates = (
-            [n for n in placeholders if n.name in user_inputs]
-            if graph_module is module
-            else placeholders
+            [n for n in placeholders if n.name in user_inputs] if gm is module else placeholders
         )
         source = next((n for n in candidates if isinstance(n.meta.get("val"), torch.Tensor)), None)
         if source is None:
@@ -139,7 +190,7 @@ def _follow_input_device(module: fx.GraphModule, user_inputs: set[str]) -> None:
             node.args, node.kwargs = torch.utils._pytree.tree_map(
                 functools.partial(_replace_device, device_node), (node.args, node.kwargs)
             )
-        graph_module.recompile()
+        gm.recompile()
 
 
 def _replace_device(device_node: fx.Node, value: Any) -> Any:

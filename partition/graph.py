@@ -10,7 +10,6 @@ model inputs come from the data loader and outputs go to the loss on the last st
 from __future__ import annotations
 
 import heapq
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,13 +17,14 @@ import numpy as np
 import numpy.typing as npt
 
 from partition.errors import PlanError
+from partition.inplace import derived_from
 
 if TYPE_CHECKING:
     import torch.fx as fx
 
     from partition.cost import CostGraph
 
-__all__ = ["ORDERS", "LinearGraph", "coarsen", "layer_boundaries", "layer_of", "linearize"]
+__all__ = ["ORDERS", "LinearGraph", "linearize"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -185,16 +185,28 @@ def _late_order(nodes: list[fx.Node]) -> list[fx.Node]:
 
 
 def _cut_bytes(nodes: list[fx.Node], costs: CostGraph) -> FloatArray:
-    """Bytes live across each cut of ``nodes`` (length n + 1): a difference-array sweep."""
+    """Bytes live across each cut of ``nodes`` (length n + 1): a difference-array sweep.
+
+    Tensors that share storage cross a cut as one, as `partition.split` sends them (the tensor
+    an in-place op wrote, the base of a written view): it stays live until the last use of any.
+    """
     n = len(nodes)
     position = {node: i for i, node in enumerate(nodes)}
     delta = np.zeros(n + 2, dtype=np.float64)
     local = costs.traced.param_placeholders
+    last_use = {node: max((position.get(u, n) for u in node.users), default=-1) for node in nodes}
+    by_name = {node.name: node for node in nodes}
+    for node in reversed(nodes):  # a chain folds into its first tensor
+        source = derived_from(node)
+        if source is not None and source[0][0] in by_name:
+            base = by_name[source[0][0]]
+            last_use[base] = max(last_use[base], last_use[node])
+            last_use[node] = -1
     for i, node in enumerate(nodes):
         size = costs.nodes[node.name].output_bytes
-        if not size or not node.users or node.op == "get_attr" or node.name in local:
+        if not size or last_use[node] < 0 or node.op == "get_attr" or node.name in local:
             continue  # parameters are read where they are used, never sent
-        last = max(position.get(u, n) for u in node.users)  # the output node counts as n
+        last = last_use[node]  # the output node counts as n
         first = 1 if node.op == "placeholder" else i + 1  # every model input enters at stage 0
         if last >= first:
             delta[first] += size
@@ -202,59 +214,3 @@ def _cut_bytes(nodes: list[fx.Node], costs: CostGraph) -> FloatArray:
     cuts = np.cumsum(delta)[: n + 1]
     cuts[0] = cuts[n] = 0.0
     return cuts
-
-
-# --- layer level ----------------------------------------------------------------------------
-
-_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def layer_of(module_path: str) -> str | None:
-    """The repeated layer a module path belongs to (``"model.layers.3"`` of
-    ``"model.layers.3.mlp.up_proj"``), or None outside any numbered layer."""
-    match = _LAYER.match(module_path)
-    return match.group(1) if match else None
-
-
-def layer_boundaries(graph: LinearGraph) -> list[int]:
-    """The cut positions that fall between layers: where a layer-level partitioner may cut.
-
-    A node outside every numbered layer (embedding, final norm, head, a residual add at the root)
-    stays with the layer before it, or with the first layer if none came yet. Position ``0`` and
-    ``len(graph)`` are included.
-    """
-    cuts = [0]
-    current: str | None = None
-    seen_layer = False
-    for i, path in enumerate(graph.module_paths):
-        layer = layer_of(path)
-        if layer is None:
-            continue
-        if seen_layer and layer != current:
-            cuts.append(i)
-        seen_layer, current = True, layer
-    if cuts[-1] != len(graph):
-        cuts.append(len(graph))
-    return cuts
-
-
-def coarsen(graph: LinearGraph, boundaries: list[int]) -> LinearGraph:
-    """One node per group ``[boundaries[g], boundaries[g+1])``: sums of costs, cuts at the bounds."""
-    b = np.asarray(boundaries, dtype=np.int64)
-    if b[0] != 0 or b[-1] != len(graph) or np.any(np.diff(b) <= 0):
-        raise PlanError(f"boundaries must rise from 0 to {len(graph)}")
-
-    def sums(values: FloatArray) -> FloatArray:
-        return np.add.reduceat(values, b[:-1])
-
-    return LinearGraph(
-        names=tuple(graph.names[i] for i in b[:-1]),
-        module_paths=tuple(graph.module_paths[i] for i in b[:-1]),
-        compute=sums(graph.compute),
-        forward=sums(graph.forward),
-        param_bytes=sums(graph.param_bytes),
-        saved_bytes=sums(graph.saved_bytes),
-        cut_bytes=graph.cut_bytes[b],
-        param_element_size=graph.param_element_size,
-        extra={**graph.extra, "coarsened_from": len(graph)},
-    )

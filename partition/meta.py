@@ -7,13 +7,16 @@ and nothing the size of a weight or an activation is ever allocated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map
+
+from partition.constants import CONSTANTS
+from partition.errors import TraceError
 
 __all__ = ["MetaState", "fetch_args", "run_node", "to_meta"]
 
@@ -33,13 +36,20 @@ def to_meta(value: Any) -> Any:
 
 
 class MetaState:
-    """Meta copies of a module's parameters and buffers, made once and shared by every node."""
+    """Meta copies of a module's parameters, buffers and tensor constants (by their
+    ``_pipepart_constants.<key>`` targets), made once and shared by every node."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(
+        self, root: nn.Module, constants: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         self.root = root
         self._tensors: dict[str, torch.Tensor] = {}
         self._by_id: dict[int, torch.Tensor] = {}
-        for name, tensor in _named_tensors(root):
+        named = [
+            *_named_tensors(root),
+            *((f"{CONSTANTS}.{k}", v) for k, v in (constants or {}).items()),
+        ]
+        for name, tensor in named:
             meta = self._by_id.get(id(tensor))
             if meta is None:
                 meta = to_meta(tensor.detach())
@@ -105,7 +115,10 @@ def run_node(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], state
             if "meta" not in str(e):
                 raise
             return _run_module_for_real(module, args, kwargs)
-    raise ValueError(f"cannot run node {node.name} of op {node.op}")
+    raise TraceError(
+        f"cannot run node {node.name} of op {node.op!r} on meta: only get_attr, call_function, "
+        "call_method and call_module nodes run (placeholders and the output are not computed)"
+    )
 
 
 def _on_meta(value: Any) -> Any:

@@ -12,6 +12,15 @@ returns the model's own output structure.
   shared with the model, never copied — a model on ``meta`` splits without allocating.
 * A parameter read by two stages (a tied embedding and LM head) appears in both; the plan lists
   it under ``shared_params`` and the runtime sums its gradient across the stages that hold it.
+* Tensor constants (a tensor default argument, a plain tensor attribute, a tensor made in
+  ``forward``) are not sent either: each stage holds those it reads, outside its parameters and
+  buffers (see [Note: tensor constants] in `partition.constants`).
+* In-place ops (see [Note: in-place ops] in `partition.inplace`): tensors that share storage
+  cross a cut as one tensor (the result of ``relu_`` is the tensor it wrote; a view of written
+  storage is taken again from its base after the cut), and a stage that writes in place into an
+  activation it receives (``nn.ReLU(inplace=True)`` as its first op) starts with a ``clone`` of
+  it: received activations are leaves that require grad, which autograd does not let an in-place
+  op write. Other stages are unchanged.
 * Python values that are not tensors (sizes, dtypes) are never sent: a stage that needs one from
   an earlier stage gets the value shape propagation found, as a constant. They depend only on
   shapes, which the plan fixes per micro-batch. A ``torch.device`` is recomputed from the stage's
@@ -28,9 +37,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_unflatten
 
+from partition.constants import constant_key, graph_module
 from partition.errors import PlanError
 from partition.graph import LinearGraph
+from partition.inplace import derived_from, mutated_by
 from partition.trace import TracedModel
 
 __all__ = ["Stage", "TensorSpec", "split"]
@@ -120,7 +132,7 @@ def split(traced: TracedModel, graph: LinearGraph, bounds: Sequence[int]) -> lis
         for i in range(bounds[s], bounds[s + 1]):
             stage_of[order[i]] = s
     local = _local_nodes(traced)
-    live = _live_tensors(order, position, local, bounds)
+    live = _live_tensors(order, position, local, bounds, by_name)
     stages = []
     for s in range(len(bounds) - 1):
         stages.append(
@@ -172,14 +184,29 @@ def _wire_name(wire: Wire) -> str:
 
 
 def _live_tensors(
-    order: list[fx.Node], position: dict[fx.Node, int], local: set[str], bounds: list[int]
+    order: list[fx.Node],
+    position: dict[fx.Node, int],
+    local: set[str],
+    bounds: list[int],
+    by_name: dict[str, fx.Node],
 ) -> list[list[Wire]]:
-    """For each stage, the tensors produced before it and used in it or after."""
+    """For each stage, the tensors produced before it and used in it or after.
+
+    Tensors sharing storage cross as one (see `partition.inplace.derived_from`): the result of an
+    in-place op is the tensor it wrote, a view of written storage is taken again from its base;
+    that first tensor stays live for as long as any of them is used.
+    """
     n = len(order)
     last_use = {}
     for node in order:
         uses = [position.get(u, n) for u in node.users]
         last_use[node] = max(uses) if uses else -1
+    for node in reversed(order):  # a chain folds into its first tensor
+        source = derived_from(node)
+        if source is not None and by_name.get(source[0][0]) in last_use:
+            first = by_name[source[0][0]]
+            last_use[first] = max(last_use[first], last_use[node])
+            last_use[node] = -1
     # Model inputs all enter at stage 0 (they come from the data loader), whatever their position.
     inputs = [node for node in order if node.op == "placeholder" and node.name not in local]
     live: list[list[Wire]] = [
@@ -210,14 +237,25 @@ def _build_stage(
 ) -> Stage:
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
+    by_name = {node.name: node for node in traced.graph.nodes}
     first_tensor: fx.Node | None = None
     received: dict[fx.Node, dict[tuple[int, ...], fx.Node]] = {}
+    written = mutated_by(nodes) if index > 0 else set()
+    copies: list[tuple[fx.Node, fx.Node]] = []
     for wire in inputs:
         node, path = wire
         placeholder = graph.placeholder(_wire_name(wire))
-        placeholder.meta["val"] = _leaf(node.meta["val"], path)
+        value = _leaf(node.meta["val"], path)
+        placeholder.meta["val"] = value
         received.setdefault(node, {})[path] = placeholder
         first_tensor = first_tensor or placeholder
+        if node.name in written and value.is_floating_point():
+            copies.append((node, placeholder))
+    for node, placeholder in copies:  # see the module docstring: an in-place op on a leaf
+        copy = graph.call_method("clone", (placeholder,))
+        copy.meta = dict(placeholder.meta)
+        paths = received[node]
+        paths.update({p: copy for p, ph in paths.items() if ph is placeholder})
     for node, leaves in received.items():
         env[node] = _rebuild(node.meta["val"], leaves)
     param_names: list[str] = []
@@ -225,11 +263,21 @@ def _build_stage(
     def lookup(arg: fx.Node) -> Any:
         if arg in env:
             return env[arg]
+        derived = derived_from(arg)
+        if derived is not None and derived[0][0] in by_name:  # made earlier, never sent
+            (name, i), is_view = derived
+            if is_view:  # taken again from its base, so that writes are seen through both
+                env[arg] = graph.node_copy(arg, lookup)
+            else:  # the result of an in-place op: the tensor it wrote
+                path = _tensor_paths(by_name[name].meta.get("val"))[i]
+                env[arg] = _select(graph, lookup(by_name[name]), path)
+            return env[arg]
         if arg.op == "get_attr" or arg.name in traced.param_placeholders:
             target = traced.param_placeholders.get(arg.name, str(arg.target))
             env[arg] = graph.get_attr(target)
             env[arg].meta = dict(arg.meta)
-            param_names.append(target)
+            if constant_key(target) is None:  # constants are no parameters or buffers
+                param_names.append(target)
             return env[arg]
         value = arg.meta.get("val")
         if isinstance(value, torch.Tensor):
@@ -255,6 +303,8 @@ def _build_stage(
     is_last = outputs is None
     if is_last:
         result = fx.node.map_arg(output_node.args[0], lookup)
+        if traced.out_spec is not None:  # export: a flat tuple; the model's own structure
+            result = graph.call_function(_Unflatten(traced.out_spec), tuple(result))  # type: ignore[arg-type]
         out_nodes = [a for a in _flat_nodes(output_node.args[0])]
         out_specs = tuple(
             TensorSpec.of(a.name, a.meta["val"])
@@ -265,7 +315,9 @@ def _build_stage(
     else:
         graph.output(tuple(_select(graph, lookup(node), path) for node, path in outputs or []))
         out_specs = tuple(_spec(wire) for wire in outputs or [])
-    module = fx.GraphModule(traced.model, graph, f"Stage{index}")
+    module = graph_module(
+        traced.model, graph, traced.constants, f"Stage{index}", traced.constant_sources
+    )
     in_specs = tuple(_spec(wire) for wire in inputs)
     return Stage(
         index=index,
@@ -276,6 +328,18 @@ def _build_stage(
         params=tuple(dict.fromkeys(param_names)),
         is_last=is_last,
     )
+
+
+class _Unflatten:
+    """The last stage's output in the model's own structure (export graphs return it flat)."""
+
+    __name__ = "unflatten_output"  # what the stage's code calls it
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def __call__(self, *leaves: Any) -> Any:
+        return tree_unflatten(list(leaves), self.spec)
 
 
 def _flat_nodes(value: Any) -> list[fx.Node]:

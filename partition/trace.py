@@ -12,7 +12,13 @@ Two routes give a `torch.fx.GraphModule`:
 
 ``"auto"`` tries ``"fx"`` and falls back to ``"export"``. Either way every node gets
 ``node.meta["val"]`` (meta tensors, or plain Python values) and ``node.meta["tensor_meta"]`` from
-running the graph on meta tensors (see `partition.meta`); no weight is ever read.
+running the graph on meta tensors (see `partition.meta`); no weight is ever read. Running it also
+records which nodes write in place (see [Note: in-place ops] in `partition.inplace`).
+
+On both routes: tensor constants are lifted into `TracedModel.constants` ([Note: tensor
+constants] in `partition.constants`), ``pipe_split()`` markers are taken out and remembered
+([Note: pipe_split markers] in `partition.markers`), and custom autograd Functions keep their
+backward ([Note: custom autograd Functions] in `partition.functions`).
 """
 
 from __future__ import annotations
@@ -32,9 +38,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
+from partition.constants import (
+    check_default_containers,
+    graph_module,
+    lift_fx_constants,
+)
 from partition.errors import InputError, TraceError
+from partition.functions import opaque_functions
+from partition.inplace import VersionWatch
+from partition.markers import record_markers, take_markers
 from partition.meta import MetaState, fetch_args, run_node, to_meta
 
 __all__ = ["TraceMethod", "TracedModel", "module_path", "propagate_shapes", "trace"]
@@ -61,50 +75,22 @@ class TracedModel:
     """For export graphs: placeholder name → the parameter or buffer's qualified name."""
     out_spec: Any = None
     """For export graphs: the pytree spec that rebuilds the model's output structure."""
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensor constants by key, read as ``_pipepart_constants.<key>``; see `partition.constants`."""
+    constant_sources: dict[str, str] = field(default_factory=dict)
+    """What each constant is in the model (``"default of argument 'y'"``), for messages."""
+    markers: int = 0
+    """How many ``pipe_split()`` markers the forward has; see `partition.markers`."""
     state: MetaState | None = None
 
     @property
     def graph(self) -> fx.Graph:
         return self.module.graph
 
-    def input_tensors(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
-    ) -> list[torch.Tensor]:
-        """The tensors of a call ``model(*args, **kwargs)`` in the order stage 0 takes them.
-
-        Raises:
-            InputError: the call does not bind to the model's signature or lacks an input.
-        """
-        kwargs = dict(kwargs or {})
-        if self.method == "export":
-            flat, _ = tree_flatten((tuple(args), kwargs))
-            tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-            if len(tensors) != len(self.input_names):
-                raise InputError(
-                    f"{type(self.model).__name__} was traced with {len(self.input_names)} input "
-                    f"tensors {list(self.input_names)}, got {len(tensors)}"
-                )
-            return tensors
-        bound = _bind(self.model, tuple(args), kwargs, None)
-        missing = [
-            name for name in self.input_names if not isinstance(bound.get(name), torch.Tensor)
-        ]
-        if missing:
-            raise InputError(
-                f"{type(self.model).__name__} needs tensor inputs {missing} (traced inputs: {list(self.input_names)})"
-            )
-        return [bound[name] for name in self.input_names]
-
-    def unflatten_output(self, outputs: Any) -> Any:
-        """The model's own output structure from the last stage's outputs (export: a flat tuple)."""
-        if self.out_spec is None:
-            return outputs
-        return tree_unflatten(list(outputs), self.out_spec)
-
     @property
     def meta_state(self) -> MetaState:
         if self.state is None:
-            self.state = MetaState(self.model)
+            self.state = MetaState(self.model, self.constants)
         return self.state
 
 
@@ -213,6 +199,11 @@ def _make_tracer(
             )
 
     class _LeafTracer(base):  # type: ignore[valid-type, misc]
+        # A buffer read in traced code becomes a get_attr node, not a concrete tensor: otherwise
+        # `self.inv_freq.cos()` is computed once while tracing and frozen into the graph as a
+        # constant — on a rank, from a buffer that is still on meta.
+        proxy_buffer_attributes = True
+
         def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
             if types and isinstance(m, types):
                 return True
@@ -233,11 +224,19 @@ def _trace_fx(
     tracer = _make_tracer(model, leaf_modules, tracer_class)
     concrete = _constants(model, bound)
     concrete.update(concrete_args or {})
+    check_default_containers(model, {**bound, **concrete})
+    before = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        with opaque_functions(), record_markers(tracer):
+            graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
+        for name in _stowed(model, before):
+            delattr(model, name)
         raise _explain(model, e) from e
-    module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    added = _stowed(model, before)  # lift_fx_constants takes them back off the model
+    markers = take_markers(graph)
+    constants, sources = lift_fx_constants(model, graph, bound, added)
+    module = graph_module(tracer.root, graph, constants, type(model).__name__, sources)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs: dict[str, Any] = {}
     for node in placeholders:
@@ -260,16 +259,26 @@ def _trace_fx(
             for n in placeholders
             if str(n.target) in bound and str(n.target) not in concrete
         ),
+        constants=constants,
+        constant_sources=sources,
+        markers=markers,
     )
     propagate_shapes(traced, inputs)
     return traced
+
+
+def _stowed(model: nn.Module, before: set[str]) -> set[str]:
+    """Attributes fx set on ``model`` while tracing: the tensors made in forward it stows there."""
+    return {n for n in set(vars(model)) - before if n.startswith("_tensor_constant")}
 
 
 def _constants(model: nn.Module, bound: dict[str, Any]) -> dict[str, Any]:
     """Forward arguments that are not tensors become constants of the graph.
 
     That covers defaults the caller did not pass (``attention_mask=None``, ``use_cache=False``)
-    and Python values the caller did pass (``scale=2.0``): only tensors are graph inputs.
+    and Python values the caller did pass (``scale=2.0``): only tensors are graph inputs. A
+    tensor default stays an input of the trace and becomes a constant of the graph afterwards
+    (`partition.constants.lift_fx_constants`).
     """
     signature = inspect.signature(model.forward)
     constants = {}
@@ -281,7 +290,9 @@ def _constants(model: nn.Module, bound: dict[str, Any]) -> dict[str, Any]:
             if not any(isinstance(v, torch.Tensor) for v in leaves):
                 constants[name] = bound[name]
         elif parameter.default is not inspect.Parameter.empty:
-            constants[name] = parameter.default
+            leaves, _ = tree_flatten(parameter.default)
+            if not any(isinstance(v, torch.Tensor) for v in leaves):
+                constants[name] = parameter.default
     return constants
 
 
@@ -335,6 +346,7 @@ def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:
     """
     state = traced.meta_state
     values: dict[str, Any] = {}
+    watch = VersionWatch()
     with torch.no_grad():
         for node in traced.graph.nodes:
             if node.op == "placeholder":
@@ -342,10 +354,12 @@ def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:
                     value = state.tensor(traced.param_placeholders[node.name])
                 else:
                     value = to_meta(inputs.get(node.name))
+                watch.produced(node, value)
             elif node.op == "output":
                 continue
             else:
                 args, kwargs = fetch_args(node, values)
+                watch.before(node, values)
                 try:
                     value = run_node(node, args, kwargs, state)
                 except Exception as e:
@@ -353,10 +367,12 @@ def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:
                         f"shape propagation failed at node {node.name!r} ({node.format_node()}) in "
                         f"module {module_path(node)!r}: {type(e).__name__}: {e}"
                     ) from e
+                watch.after(node, value)
             values[node.name] = value
             node.meta["val"] = value
             if isinstance(value, torch.Tensor):
                 node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    watch.finish(traced.graph)
 
 
 def module_path(node: fx.Node) -> str:

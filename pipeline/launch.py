@@ -257,7 +257,15 @@ def run_pipeline(
         if eager is None:  # under torchrun: rank 0 builds the reference now
             eager = unpack_model(build_eager(factory, seed))
         summary["check"] = _check(
-            results, eager, pipe_options, run.optimizer, run.lr, steps, inputs, target, run.check_tol
+            results,
+            eager,
+            pipe_options,
+            run.optimizer,
+            run.lr,
+            steps,
+            inputs,
+            target,
+            run.check_tol,
         )
     return summary
 

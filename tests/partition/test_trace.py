@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import textwrap
@@ -56,19 +55,28 @@ def test_every_node_has_shapes_from_meta() -> None:
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+# This process's peak RSS in KiB. Not ru_maxrss: a child keeps its parent's peak in it across
+# fork and exec (a subprocess of a big pytest starts "peaked"), which hides any growth below it.
+_PEAK_KIB = """
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+"""
+
+
 def test_meta_model_traces_and_costs_without_allocating() -> None:
     """A ~10 B-parameter GPT on meta traces and is costed with peak RSS growing < 1 GiB."""
-    script = textwrap.dedent(
+    script = _PEAK_KIB + textwrap.dedent(
         """
-        import resource, torch
+        import torch
         from partition.examples import gpt
         from partition.trace import trace
         from partition.cost import cost_model
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_kib()
         with torch.device("meta"):
             model, inputs, _ = gpt("10b", batch=1, seq=2048)
         costs = cost_model(trace(model, inputs))
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after = peak_kib()
         print(costs.param_numel, (after - before) * 1024)
         """
     )
@@ -143,6 +151,18 @@ def test_keyword_inputs() -> None:
     assert traced.input_names == ("a", "b")
 
 
-def test_rss_of_this_process_is_readable() -> None:
-    # guards the RSS test above against a platform where ru_maxrss is not in KiB
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 1000
+def test_peak_rss_is_read_in_kib() -> None:
+    """Guards the RSS test above: its reading of the peak RSS, in a subprocess of this process,
+    measures a known allocation as that many bytes (not 1024 times more or fewer, not less
+    because the subprocess inherited this process's peak)."""
+    script = _PEAK_KIB + textwrap.dedent(
+        """
+        before = peak_kib()
+        block = bytearray(b"\\x01") * (256 << 20)  # 256 MiB, every page written
+        after = peak_kib()
+        print((after - before) * 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grown = int(out.stdout)
+    assert 0.9 * (256 << 20) < grown < 1.5 * (256 << 20), f"{grown / 2**20:.0f} MiB"
