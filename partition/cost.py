@@ -214,6 +214,10 @@ def _leafify(value: Any) -> Any:
     return value
 
 
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 def _cost_node(
     node: fx.Node,
     values: dict[str, Any],
@@ -249,8 +253,23 @@ def _cost_node(
         return t
 
     counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
-        out = run_node(node, args, kwargs, traced.meta_state)
+    try:
+        with (
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            counter,
+        ):
+            out = run_node(node, args, kwargs, traced.meta_state)
+    except RuntimeError as e:
+        if "Autograd not support dtype" not in str(e):
+            raise
+        # an op autograd refuses (a float input cast to an integer result, as MoE routing's
+        # cumsum(..., dtype=int32) of counts): it has no gradient, so cost it without one
+        args, kwargs = tree_map(_detached, (args, kwargs))
+        saved.clear()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = run_node(node, args, kwargs, traced.meta_state)
     fwd = counter.get_total_flops()
     if _is_attention(node):
         saved = _fused_attention_saved(args, kwargs, out)

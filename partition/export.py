@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.export.graph_signature import InputKind
+from torch.utils._pytree import tree_map
 
 from partition.constants import CONSTANTS, graph_module
 from partition.errors import TraceError
@@ -50,13 +51,68 @@ class ExportRoot(nn.Module):
             )
 
 
+def _export_as_cpu(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``torch.export.export(strict=False)``, with a model on ``meta`` seen as on the CPU.
+
+    [Note: tracing as on the CPU]
+    Code that branches on a tensor's device (transformers' MoE routing picks ``histc``'s dtype
+    by ``device.type``: floats on the CPU, int32 elsewhere) bakes the branch it took into the
+    graph. On ``meta`` it takes a branch no real device would, and the stage fails where it
+    runs. So meta parameters, buffers and inputs are traced as fake tensors on the CPU
+    (`FakeTensor` over the same meta storage: still nothing allocated) — the branch the CPU
+    takes, which CUDA accepts too; device literals are then made to follow the inputs
+    (`_follow_input_device`). If export refuses that, the model is traced on meta as it is.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.device.type != "meta" for t in tensors):
+        return torch.export.export(model, args, kwargs, strict=False)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    cpu = torch.device("cpu")
+
+    def fake(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            return FakeTensor(mode, value, cpu)
+        return value
+
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    program = None
+    try:
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, value in list(table.items()):
+                    if value is None:
+                        continue
+                    saved.append((table, name, value))
+                    if isinstance(value, nn.Parameter):
+                        table[name] = nn.Parameter(fake(value.data), value.requires_grad)
+                    else:
+                        table[name] = fake(value)
+        with mode:
+            program = torch.export.export(
+                model, tuple(tree_map(fake, args)), tree_map(fake, kwargs), strict=False
+            )
+    except Exception:
+        program = None
+    finally:
+        for table, name, value in reversed(saved):
+            table[name] = value
+    if program is None:
+        return torch.export.export(model, args, kwargs, strict=False)
+    for key, value in list(program.constants.items()):  # unknown values, as on meta
+        if isinstance(value, FakeTensor):
+            program.constants[key] = torch.empty_like(value, device="meta")
+    return program
+
+
 def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedModel:
     """Trace ``model`` with ``torch.export.export(strict=False)``; see the module docstring."""
     defaults = _tensor_defaults(model, args, kwargs)
     given = {**kwargs, **{name: _beside(model, value) for name, value in defaults.items()}}
     try:
         with watch_functions() as functions:
-            program = torch.export.export(model, args, given, strict=False)
+            program = _export_as_cpu(model, args, given)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(

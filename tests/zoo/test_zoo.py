@@ -30,12 +30,7 @@ from zoo.parity import Outcome, check_plan, check_runs
 # Each mark names the work in progress that the model waits for (issue 9); the lead removes a
 # mark when its fix lands (strict: a mark on a model that passes fails the suite).
 XFAIL_PLAN: dict[str, str] = {}
-XFAIL_RUN: dict[str, str] = {
-    "hf-mixtral": (
-        "a device-dependent branch is baked in on meta: transformers' MoE picks histc's dtype by "
-        "device.type (int32 off CPU), so the stage runs histc on Int on the CPU"
-    ),
-}
+XFAIL_RUN: dict[str, str] = {}
 
 
 def _available(name: str) -> bool:
