@@ -344,16 +344,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_plan(args: argparse.Namespace) -> Plan:
-    from partition.planner import plan_model
+def _meta_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``args.model`` built on meta: the model and its example inputs (nothing allocated)."""
     from partition.registry import resolve
 
-    devices = _devices(args)
     spec = resolve(args.model, size=args.size, batch=args.batch, seq=args.seq)
+    with torch.device("meta"):
+        model, inputs, kwargs, _, _ = spec.build()
+    return model, inputs, kwargs
+
+
+def _make_plan(args: argparse.Namespace) -> Plan:
+    from partition.planner import plan_model
+
+    devices = _devices(args)
     with _progress(not args.json) as progress:
         progress(f"building {args.model} on meta")
-        with torch.device("meta"):
-            model, inputs, kwargs, _, _ = spec.build()
+        model, inputs, kwargs = _meta_model(args)
         return plan_model(
             model,
             inputs,
@@ -383,23 +390,20 @@ def _add_cuts_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _marker_plan(args: argparse.Namespace) -> Plan:
+def _marker_plan(args: argparse.Namespace, schedule: str, microbatches: int) -> Plan:
     """`pipepart run --cuts markers`: a plan with the model's own cuts, one stage per rank."""
     from partition.planner import plan_model
-    from partition.registry import resolve
 
     if args.plan is not None:
         raise PipepartError("--cuts markers makes the plan itself; leave out --plan")
-    spec = resolve(args.model, size=args.size, batch=args.batch, seq=args.seq)
-    with torch.device("meta"):
-        model, inputs, kwargs, _, _ = spec.build()
+    model, inputs, kwargs = _meta_model(args)
     return plan_model(
         model,
         inputs,
         kwargs,
         devices=parse_devices("cpu", args.ranks),
-        schedule=args.schedule,
-        microbatches=args.microbatches,
+        schedule=schedule,
+        microbatches=microbatches,
         virtual=args.virtual or 1,
         method=args.trace,
         leaf_modules=args.leaf,
@@ -416,9 +420,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if plan is None:  # the defaults when the partitioner plans here
         schedule, microbatches = schedule or "1f1b", microbatches or DEFAULT_MICROBATCHES
     if args.cuts == "markers":
-        plan = _marker_plan(
-            argparse.Namespace(**{**vars(args), "schedule": schedule, "microbatches": microbatches})
-        )
+        plan = _marker_plan(args, schedule, microbatches)
         schedule = microbatches = None  # the plan's
     options = RunOptions(
         ranks=args.ranks,

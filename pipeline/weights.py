@@ -276,6 +276,7 @@ def fill(
         persistent = [k for k in allocated.tensors() if k in saved]
         lacking = [k for k in persistent if k not in file.names]
         if lacking:
+            file.__exit__()
             raise CheckpointError(
                 f"{file.path} lacks {len(lacking)} tensor(s) this rank's stages need, e.g. "
                 f"{lacking[:3]}; the checkpoint must be a whole-model state_dict with the "
