@@ -40,9 +40,10 @@ from partition.devices import Device, parse_devices
 from partition.errors import InfeasibleError, PlanError
 from partition.graph import FloatArray, LinearGraph
 from partition.memory import MemoryModel
-from partition.planner import Analysis, analyze, predict_step
+from partition.planner import Analysis, analyze
 from partition.registry import resolve
 from partition.solve import Solution, evaluate, solve
+from pipeline.planning import predict_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY = MemoryModel(optimizer="adam", master_weights=True)

@@ -240,6 +240,7 @@ def run_group(
     from partition.devices import parse_devices
     from partition.planner import analyze
     from partition.registry import build_meta_model
+    from pipeline.planning import plan_analysis
     from pipeline.spawn import spawn_ranks
 
     workload = _workload(model, m, quick)
@@ -247,7 +248,7 @@ def run_group(
     analysis = analyze(built.model, built.args or (), built.kwargs, microbatches=m)
     devices = parse_devices("cpu", ranks)
     plans = [
-        analysis.plan(devices, schedule=schedule, virtual=virtual)
+        plan_analysis(analysis, devices, schedule=schedule, virtual=virtual)
         for schedule, virtual in SCHEDULES
     ]
     inputs, target = _workloads.batch(workload)

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
         TraceError,
     )
     from partition.memory import MemoryModel
+    from partition.options import PlanOptions
     from partition.plan import Plan
-    from partition.planner import Analysis, analyze, plan_model, reprice
+    from partition.planner import Analysis, analyze
     from partition.solve import solve as solve_split
     from partition.split import Stage
     from partition.split import split as build_stages
@@ -59,10 +60,9 @@ _WHERE: dict[str, tuple[str, str]] = {
     "TraceError": ("errors", "TraceError"),
     "MemoryModel": ("memory", "MemoryModel"),
     "Plan": ("plan", "Plan"),
+    "PlanOptions": ("options", "PlanOptions"),
     "Analysis": ("planner", "Analysis"),
     "analyze": ("planner", "analyze"),
-    "plan_model": ("planner", "plan_model"),
-    "reprice": ("planner", "reprice"),
     "solve_split": ("solve", "solve"),
     "Stage": ("split", "Stage"),
     "build_stages": ("split", "split"),
@@ -86,6 +86,7 @@ __all__ = [
     "PipepartError",
     "Plan",
     "PlanError",
+    "PlanOptions",
     "Stage",
     "StageError",
     "TraceError",
@@ -94,8 +95,6 @@ __all__ = [
     "build_stages",
     "cost_model",
     "parse_devices",
-    "plan_model",
-    "reprice",
     "solve_split",
     "trace_model",
 ]

@@ -18,17 +18,27 @@ For a stage holding nodes ``i .. j-1`` of the linear order, on stage index ``s``
                GPipe       m                        (all forwards before any backward)
                1F1B        min(k - s, m)            (stage s warms up with k - s - 1 forwards)
                ZB-H1       min(k, m)                (W deferred: every stage holds k)
-               interleaved min(m * v, 2 (p - r - 1) + (v - 1) p + 1) / v per virtual stage
-                           on rank r = s mod p (Megatron's warm-up count shared by r's v chunks)
+               interleaved no closed form: the schedule's own count (see below); without it
+                           the bound min(m, 2 (p - r - 1) + (v - 1) p + 1) on rank r = s mod p
+                           (Megatron's warm-up plus one, all of which one chunk may hold)
     c_in     bytes of one micro-batch's activations received from the previous stage, and
     c_out    bytes of one micro-batch's gradients received from the next stage (receive buffers).
 
 All byte counts are per micro-batch of the planned size.
+
+[Note: in-flight counts come from the schedule]
+What a stage holds is a fact about the schedule's action lists, so the one source of it is the
+schedule: `pipeline.schedules.peak_inflight`, which the runtime's buffer pools are sized by too.
+`partition` cannot import `pipeline` (dependencies run one way), so the solver takes the counts
+as a function, `InflightFn`, and `pipeline.planning` passes the schedule's. Without one, the
+closed forms above are used (`closed_form_inflight`): equal to the schedule's for GPipe, 1F1B and
+ZB-H1 (``tests/pipeline/test_schedules.py`` checks every p <= 8, m <= 32), and for interleaved
+an upper bound (a plan that fits, but may leave memory unused).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,10 +47,16 @@ from partition.errors import PlanError
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULE_NAMES",
+    "InflightFn",
     "MemoryModel",
     "canonical_schedule",
+    "closed_form_inflight",
     "inflight_microbatches",
 ]
+
+InflightFn = Callable[[str, int, int, int], Sequence[int]]
+"""``fn(schedule, ranks, microbatches, virtual)`` -> the peak micro-batches each of the
+``ranks * virtual`` stages holds; see [Note: in-flight counts come from the schedule]."""
 
 Optimizer = Literal["none", "sgd", "sgd-momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "sgd-momentum", "adam")
@@ -118,4 +134,14 @@ def inflight_microbatches(
     ranks = num_stages // virtual
     rank = stage % ranks
     warmup = 2 * (ranks - rank - 1) + (virtual - 1) * ranks + 1
-    return max(1, math.ceil(min(microbatches * virtual, warmup) / virtual))
+    return min(microbatches, warmup)
+
+
+def closed_form_inflight(
+    schedule: str, ranks: int, microbatches: int, virtual: int = 1
+) -> tuple[int, ...]:
+    """`inflight_microbatches` of every stage: the `InflightFn` used when none is given."""
+    stages = ranks * virtual
+    return tuple(
+        inflight_microbatches(schedule, s, stages, microbatches, virtual) for s in range(stages)
+    )

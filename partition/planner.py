@@ -1,4 +1,9 @@
-"""From a model to a `Plan`: trace on meta, cost every node, solve the split, predict the step.
+"""From a model to a `Plan`: trace on meta, cost every node, solve the split, assemble the plan.
+
+The step time a plan predicts comes from the simulator, which runs the schedules of
+`pipeline.schedules`; `partition` never imports `pipeline`, so `build_plan` takes the predictor as
+an argument and `pipeline.planning.plan_model` (the one call most users need) passes it, with the
+schedule's own in-flight counts.
 
 [Note: micro-batch shapes]
 The example inputs are one *full batch*; they are cut into ``microbatches`` equal chunks along
@@ -11,9 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,30 +25,20 @@ from partition.cost import CostGraph, cost_model
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph, linearize
-from partition.memory import MemoryModel, canonical_schedule
-from partition.microbatch import DEFAULT_MICROBATCHES, first_microbatch
+from partition.memory import InflightFn, MemoryModel, closed_form_inflight
+from partition.microbatch import first_microbatch
+from partition.options import PlanOptions
 from partition.plan import ModelInfo, Plan, StagePlan, graph_hash
 from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
 from partition.trace import TracedModel, TraceMethod, trace
 
-if TYPE_CHECKING:
-    from pipeline.simulate import SimResult
-
-__all__ = [
-    "Analysis",
-    "analyze",
-    "build_plan",
-    "plan_model",
-    "predict_step",
-    "reprice",
-    "simulate_plan",
-    "stages_for_plan",
-]
+__all__ = ["Analysis", "StepPredictor", "analyze", "build_plan", "stages_for_plan"]
 
 Progress = Callable[[str], None]
-Cuts = Literal["partitioner", "markers"]
-"""Who places the cuts: the partitioner, or the model's ``pipe_split()`` markers."""
+StepPredictor = Callable[[str, int, int, Sequence[StagePlan]], tuple[float, float]]
+"""``predict(schedule, virtual, microbatches, stages)`` -> (step seconds, bubble fraction);
+`pipeline.planning.predict_step` is the one there is."""
 
 
 @dataclass(eq=False)
@@ -59,38 +53,46 @@ class Analysis:
     microbatches: int = 1
     """The batch was traced as this many micro-batches (each cost is per micro-batch)."""
 
-    def plan(
+    def solve(
         self,
         devices: Sequence[Device],
+        options: PlanOptions | None = None,
         *,
-        schedule: str = "1f1b",
-        virtual: int = 1,
-        memory: MemoryModel | None = None,
-        algorithm: str = "optimal",
-        cuts: Cuts = "partitioner",
-    ) -> Plan:
-        """Solve and price a split of this model — no re-tracing, so trying many is cheap.
+        inflight: InflightFn | None = None,
+    ) -> Solution:
+        """Solve a split of this model — no re-tracing, so trying many is cheap.
 
-        With ``cuts="markers"`` the model's ``pipe_split()`` markers are the cuts (one stage per
-        segment; see `partition.markers`) and ``algorithm`` is not used.
+        With ``options.cuts == "markers"`` the model's ``pipe_split()`` markers are the cuts (one
+        stage per segment; see `partition.markers`) and ``options.algorithm`` is not used.
         """
-        if cuts == "markers":
-            return build_plan(self, self._marker_solution(devices, schedule, virtual, memory))
-        if cuts != "partitioner":
-            raise PlanError(f"unknown cuts {cuts!r}; choose 'partitioner' or 'markers'")
-        solution = solve(
+        options = options or PlanOptions(microbatches=self.microbatches)
+        if options.microbatches != self.microbatches:
+            raise PlanError(
+                f"the model was traced as {self.microbatches} micro-batches, the options ask for "
+                f"{options.microbatches}: analyze it again with microbatches={options.microbatches}"
+            )
+        if options.cuts == "markers":
+            return self._marker_solution(
+                devices, options.schedule, options.virtual, options.memory, inflight
+            )
+        return solve(
             self.graph,
             list(devices),
-            schedule=canonical_schedule(schedule),
+            schedule=options.schedule,
             microbatches=self.microbatches,
-            virtual=virtual,
-            memory=memory or MemoryModel(),
-            algorithm=algorithm,
+            virtual=options.virtual,
+            memory=options.memory,
+            algorithm=options.algorithm,
+            inflight=inflight,
         )
-        return build_plan(self, solution)
 
     def _marker_solution(
-        self, devices: Sequence[Device], schedule: str, virtual: int, memory: MemoryModel | None
+        self,
+        devices: Sequence[Device],
+        schedule: str,
+        virtual: int,
+        memory: MemoryModel,
+        inflight: InflightFn | None,
     ) -> Solution:
         from partition.markers import marker_bounds
         from partition.solve import Problem, evaluate
@@ -107,10 +109,11 @@ class Analysis:
         problem = Problem(
             graph=self.graph,
             devices=tuple(devices),
-            schedule=canonical_schedule(schedule),
+            schedule=schedule,
             microbatches=self.microbatches,
             virtual=virtual,
-            memory=memory or MemoryModel(),
+            memory=memory,
+            inflight_fn=inflight or closed_form_inflight,
         )
         bounds_t = tuple(bounds)
         return Solution(
@@ -201,9 +204,13 @@ def analyze(
 
 
 def build_plan(
-    analysis: Analysis, solution: Solution, stages: Sequence[Stage] | None = None
+    analysis: Analysis,
+    solution: Solution,
+    *,
+    predict: StepPredictor,
+    stages: Sequence[Stage] | None = None,
 ) -> Plan:
-    """A `Plan` from a solved split, with the simulator's predicted step time and bubble."""
+    """A `Plan` from a solved split, with the step time and bubble ``predict`` gives."""
     problem, evaluation = solution.problem, solution.evaluation
     graph = analysis.graph
     stages = list(stages) if stages is not None else split(analysis.traced, graph, solution.bounds)
@@ -241,7 +248,7 @@ def build_plan(
                 outputs=stage.outputs if not stage.is_last else (),
             )
         )
-    step_time, bubble = predict_step(
+    step_time, bubble = predict(
         problem.schedule, problem.virtual, problem.microbatches, stage_plans
     )
     holders: dict[str, list[int]] = {}
@@ -280,178 +287,6 @@ def _first_path(paths: Any) -> str:
         if path:
             return str(path)
     return ""
-
-
-def simulate_plan(
-    plan: Plan, *, schedule: str | None = None, microbatches: int | None = None
-) -> SimResult:
-    """The simulator run on ``plan``'s stages (its schedule and micro-batches unless overridden).
-
-    Stage times are the plan's per-micro-batch predictions: forward FLOPs over device speed for F,
-    the rest of the stage's compute for B (split in half for zero-bubble I and W), and latency +
-    bytes / bandwidth for each cut, sends overlapping compute.
-    """
-    return _simulate(
-        schedule or plan.schedule, plan.virtual, microbatches or plan.microbatches, plan.stages
-    )
-
-
-def _simulate(
-    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
-) -> SimResult:
-    from pipeline.schedules import build_schedule
-    from pipeline.simulate import simulate
-
-    schedule = canonical_schedule(schedule)
-    if (schedule == "interleaved") != (virtual > 1):
-        raise PlanError(
-            f"the plan has {virtual} stage(s) per device, which schedule {schedule!r} cannot run; "
-            "re-plan with --schedule interleaved --virtual V (V >= 2) for an interleaved pipeline"
-        )
-    num_ranks = len(stages) // virtual
-    built = build_schedule(schedule, num_ranks, microbatches, virtual)
-    fwd = [s.forward_flops / s.device.flops for s in stages]
-    bwd = [max(s.compute_time - f, 0.0) for s, f in zip(stages, fwd, strict=True)]
-    comm = [
-        s.device.latency + s.send_bytes / s.device.bandwidth if s.send_bytes else 0.0
-        for s in stages[:-1]
-    ]
-    activations = [s.saved_bytes for s in stages]
-    return simulate(
-        built, forward_time=fwd, backward_time=bwd, comm_time=comm, activation_bytes=activations
-    )
-
-
-def predict_step(
-    schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
-) -> tuple[float, float]:
-    """Simulated step time and bubble of ``schedule`` with the stages' predicted times."""
-    result = _simulate(schedule, virtual, microbatches, stages)
-    return float(result.step_time), float(result.bubble_fraction)
-
-
-def reprice(plan: Plan, devices: Sequence[Device]) -> Plan:
-    """The same split priced on other ``devices`` (one per rank): times, capacities, prediction.
-
-    Works from the plan file alone — each stage becomes one node of a stage-level graph, which
-    the same objective (`partition.algorithms.objective.evaluate`) prices.
-    """
-    from dataclasses import replace
-
-    from partition.algorithms.objective import Problem, evaluate
-
-    if len(devices) != plan.num_ranks:
-        raise PlanError(
-            f"the plan has {plan.num_ranks} ranks but {len(devices)} devices were given"
-        )
-    stages = plan.stages
-    element = (
-        plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4.0
-    )
-    graph = LinearGraph(
-        names=tuple(f"stage{s.index}" for s in stages),
-        module_paths=tuple(s.first_module for s in stages),
-        compute=np.array([s.flops for s in stages], dtype=np.float64),
-        forward=np.array([s.forward_flops for s in stages], dtype=np.float64),
-        param_bytes=np.array([s.param_bytes for s in stages], dtype=np.float64),
-        saved_bytes=np.array([s.saved_bytes for s in stages], dtype=np.float64),
-        cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
-        param_element_size=element,
-    )
-    problem = Problem(
-        graph=graph,
-        devices=tuple(devices),
-        schedule=plan.schedule,
-        microbatches=plan.microbatches,
-        virtual=plan.virtual,
-        memory=plan.memory_model,
-    )
-    evaluation = evaluate(problem, tuple(range(len(stages) + 1)))
-    new_stages = tuple(
-        replace(
-            stage,
-            device=problem.stage_device(s),
-            capacity=int(evaluation.caps[s]),
-            compute_time=evaluation.stage_compute_times[s],
-            comm_time=evaluation.stage_comm_times[s],
-            memory={**evaluation.stage_memory_parts[s], "total": evaluation.stage_memory[s]},
-        )
-        for s, stage in enumerate(stages)
-    )
-    step_time, bubble = predict_step(plan.schedule, plan.virtual, plan.microbatches, new_stages)
-    return replace(
-        plan,
-        stages=new_stages,
-        bottleneck=evaluation.bottleneck,
-        perfect_balance=evaluation.perfect_balance,
-        step_time=step_time,
-        bubble=bubble,
-    )
-
-
-def plan_model(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | torch.Tensor,
-    example_kwargs: Mapping[str, Any] | None = None,
-    *,
-    devices: Sequence[Device],
-    schedule: str = "1f1b",
-    microbatches: int = DEFAULT_MICROBATCHES,
-    virtual: int = 1,
-    memory: MemoryModel | None = None,
-    algorithm: str = "optimal",
-    method: TraceMethod = "auto",
-    leaf_modules: Sequence[Any] = (),
-    concrete_args: Mapping[str, Any] | None = None,
-    order: str = "auto",
-    profile: bool = False,
-    progress: Progress | None = None,
-    cuts: Cuts = "partitioner",
-) -> Plan:
-    """Plan ``model`` over ``devices``: the one call most users need.
-
-    Args:
-        model: the model, on any device (``meta`` for models larger than memory).
-        example_inputs: one full batch; see [Note: micro-batch shapes].
-        devices: one per pipeline rank, in pipeline order.
-        schedule: ``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device) or
-            ``zb-h1``; decides how many micro-batches each stage keeps in memory.
-        microbatches: micro-batches per step.
-        memory: what training keeps per parameter (optimizer state; default Adam, no fp32 master).
-        algorithm: ``optimal`` (the exact partitioner) or a baseline: ``uniform``, ``params``,
-            ``time``.
-        profile: measure node times on this machine (CUDA if available, else CPU) taking
-            ``devices[0]`` as the kind of device it is, instead of pricing FLOPs.
-        cuts: ``"partitioner"`` (``algorithm`` places them), or ``"markers"``: one stage per
-            segment between the model's ``torch.distributed.pipelining.pipe_split()`` calls, so
-            ``len(devices) * virtual`` must be the number of markers + 1 (the node order is then
-            the program order).
-
-    Raises:
-        InputError, TraceError: the inputs or the model cannot be traced.
-        InfeasibleError: no split fits; the message says what would.
-    """
-    schedule = canonical_schedule(schedule)
-    if not devices:
-        raise PlanError("no devices given")
-    analysis = analyze(
-        model,
-        example_inputs,
-        example_kwargs,
-        microbatches=microbatches,
-        method=method,
-        leaf_modules=leaf_modules,
-        concrete_args=concrete_args,
-        order="graph" if cuts == "markers" and order == "auto" else order,
-        profile_on=devices[0] if profile else None,
-        profile_device="cuda" if profile and torch.cuda.is_available() else "cpu",
-        progress=progress,
-    )
-    if progress:
-        progress(f"partitioning {len(analysis.graph)} nodes over {len(devices)} devices")
-    return analysis.plan(
-        devices, schedule=schedule, virtual=virtual, memory=memory, algorithm=algorithm, cuts=cuts
-    )
 
 
 def stages_for_plan(analysis: Analysis, plan: Plan) -> list[Stage]:

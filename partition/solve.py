@@ -48,7 +48,7 @@ from partition.algorithms.optimal import min_devices, optimal_split
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.memory import MemoryModel
+from partition.memory import InflightFn, MemoryModel, closed_form_inflight
 from partition.microbatch import DEFAULT_MICROBATCHES
 
 __all__ = ["ALGORITHMS", "Evaluation", "Problem", "Solution", "evaluate", "min_devices", "solve"]
@@ -83,6 +83,7 @@ def solve(
     virtual: int = 1,
     memory: MemoryModel = DEFAULT_MEMORY,
     algorithm: str = "optimal",
+    inflight: InflightFn | None = None,
 ) -> Solution:
     """Split ``graph`` into pipeline stages over ``devices``.
 
@@ -95,6 +96,8 @@ def solve(
         virtual: virtual stages per device (``interleaved`` only).
         memory: what training keeps per parameter byte.
         algorithm: one of `ALGORITHMS`; see [Note: what optimal guarantees].
+        inflight: the micro-batches each stage holds (default the closed forms); see [Note:
+            in-flight counts come from the schedule] in `partition.memory`.
 
     Returns:
         The split and its evaluation.
@@ -114,6 +117,7 @@ def solve(
         microbatches=microbatches,
         virtual=virtual,
         memory=memory,
+        inflight_fn=inflight or closed_form_inflight,
     )
     bounds = run(problem)
     return Solution(

@@ -1,4 +1,5 @@
-"""pipepart's pipeline: schedules as data, the simulator, and the runtime that trains a split model.
+"""pipepart's pipeline: schedules as data, the simulator, the planner that uses them
+(`plan_model`), and the runtime that trains a split model.
 
 Names are imported on first use, so importing a schedule does not start torch.distributed.
 As in `partition` (see [Note: no name is a submodule's] there), no public name is a submodule's:
@@ -14,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from partition.errors import BatchError, BoundaryError, PeerError, StageError
+    from partition.options import PlanOptions
     from pipeline.gantt import plot_gantt
     from pipeline.launch import run_pipeline
+    from pipeline.planning import plan_analysis, plan_model, reprice, simulate_plan
     from pipeline.runtime import Pipeline, PipelineOptions
     from pipeline.schedules import Action, Kind, Schedule, build_schedule, validate
     from pipeline.simulate import SimResult
@@ -28,6 +31,11 @@ _WHERE: dict[str, tuple[str, str]] = {
     "StageError": ("partition.errors", "StageError"),
     "plot_gantt": ("pipeline.gantt", "plot_gantt"),
     "run_pipeline": ("pipeline.launch", "run_pipeline"),
+    "PlanOptions": ("partition.options", "PlanOptions"),
+    "plan_analysis": ("pipeline.planning", "plan_analysis"),
+    "plan_model": ("pipeline.planning", "plan_model"),
+    "reprice": ("pipeline.planning", "reprice"),
+    "simulate_plan": ("pipeline.planning", "simulate_plan"),
     "Pipeline": ("pipeline.runtime", "Pipeline"),
     "PipelineOptions": ("pipeline.runtime", "PipelineOptions"),
     "Action": ("pipeline.schedules", "Action"),
@@ -48,12 +56,17 @@ __all__ = [
     "PeerError",
     "Pipeline",
     "PipelineOptions",
+    "PlanOptions",
     "Schedule",
     "SimResult",
     "StageError",
     "build_schedule",
+    "plan_analysis",
+    "plan_model",
     "plot_gantt",
+    "reprice",
     "run_pipeline",
+    "simulate_plan",
     "simulate_schedule",
     "validate",
 ]

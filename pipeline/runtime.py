@@ -171,7 +171,7 @@ class Pipeline:
 
         Args:
             model_fn: builds the model; called under ``torch.device("meta")``.
-            plan: a plan from `partition.planner.plan_model` / ``pipepart plan``.
+            plan: a plan from `pipeline.planning.plan_model` / ``pipepart plan``.
             options: see `PipelineOptions`.
             loss_fn: ``loss_fn(output, target)`` on the last stage (default: the factory's).
             optimizer_factory: ``optimizer_factory(params)`` for this rank's parameters.

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # What a fork server imports once for all the ranks it starts. torch._dynamo is imported when
 # parameters are initialised on meta, and takes seconds on its own.
-_PRELOAD = ("torch", "torch._dynamo", "pipeline.launch", "pipeline.spawn", "partition.planner")
+_PRELOAD = ("torch", "torch._dynamo", "pipeline.launch", "pipeline.spawn", "pipeline.planning")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from partition import parse_devices
 from partition.planner import analyze
 from partition.registry import resolve
 from pipeline.launch import RunOptions, run_pipeline
+from pipeline.planning import plan_analysis
 from pipeline.runtime import PipelineOptions
 
 MODELS = ["hf:gpt2", "hf:bert", "hf:llama", "hf:vit"]
@@ -24,7 +25,7 @@ def test_published_size_traces_on_meta_and_plans_for_4_devices(name: str) -> Non
         model, args, kwargs, _, _ = spec.build()
     analysis = analyze(model, args, kwargs, microbatches=4)
     assert analysis.traced.method == "export"  # transformers 5 models only export
-    plan = analysis.plan(parse_devices("a100-40", 4))
+    plan = plan_analysis(analysis, parse_devices("a100-40", 4))
     assert plan.fits() and plan.num_stages == 4
     params = sum(p.numel() for p in model.parameters())  # each once: tied weights too
     buffers = sum(b.numel() for b in model.buffers())  # counted when the forward reads them

@@ -8,11 +8,13 @@ A package attribute named like a submodule becomes that submodule once anything 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +120,40 @@ def test_importing_the_packages_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["[]", "False"], out
+
+
+def _imports(path: str) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (function-local imports too)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_partition_imports_nothing_from_pipeline() -> None:
+    """Dependencies run one way, ``pipeline`` -> ``partition``, even inside functions."""
+    offenders = {}
+    for name in _submodules(partition):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin, name
+        path = spec.origin
+        bad = sorted(m for m in _imports(path) if m == "pipeline" or m.startswith("pipeline."))
+        if bad:
+            offenders[name] = bad
+    assert offenders == {}
+    code = (
+        "import importlib, pkgutil, sys, partition\n"
+        "for m in pkgutil.walk_packages(partition.__path__, 'partition.'):\n"
+        "    try: importlib.import_module(m.name)\n"
+        "    except ImportError: pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pipeline'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["[]"], out

@@ -13,7 +13,7 @@ Times are seconds per micro-batch; the activation crosses a link forward and its
 back over the same link, hence the 2. The first stage has no link in and the last none out (cut 0
 comes from the data loader, cut ``n`` goes to the loss), but ``c_0`` and ``c_n`` still count as
 buffers if the graph gives them (`LinearGraph` makes them 0). ``kappa`` is
-`MemoryModel.bytes_per_param_byte` and ``inflight_s`` is `inflight_microbatches`; see
+`MemoryModel.bytes_per_param_byte` and ``inflight_s`` is `Problem.inflight`; see
 [Note: stage memory] in `partition.memory`.
 
 The objective, in this order (lexicographic):
@@ -79,7 +79,7 @@ import numpy.typing as npt
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.memory import MemoryModel, canonical_schedule, inflight_microbatches
+from partition.memory import InflightFn, MemoryModel, canonical_schedule, closed_form_inflight
 
 __all__ = ["Bounds", "Costs", "Evaluation", "Problem", "evaluate"]
 
@@ -108,6 +108,9 @@ class Problem:
     """Virtual stages per device (``interleaved`` only)."""
     memory: MemoryModel = DEFAULT_MEMORY
     """What training keeps per parameter byte."""
+    inflight_fn: InflightFn = closed_form_inflight
+    """The micro-batches each stage holds at its peak, for any number of ranks; see [Note:
+    in-flight counts come from the schedule] in `partition.memory`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.graph, LinearGraph):
@@ -153,11 +156,19 @@ class Problem:
     @cached_property
     def inflight(self) -> tuple[int, ...]:
         """Micro-batches whose activations each stage keeps at its peak."""
-        k = self.num_stages
-        return tuple(
-            inflight_microbatches(self.schedule, s, k, self.microbatches, self.virtual)
-            for s in range(k)
+        return self.inflight_for(len(self.devices))
+
+    def inflight_for(self, ranks: int) -> tuple[int, ...]:
+        """The in-flight counts of each stage on ``ranks`` devices (the others as here)."""
+        counts = tuple(
+            int(c) for c in self.inflight_fn(self.schedule, ranks, self.microbatches, self.virtual)
         )
+        if len(counts) != ranks * self.virtual or min(counts) < 1:
+            raise PlanError(
+                f"the in-flight counts {list(counts)} are not one positive count per stage of "
+                f"{ranks * self.virtual}"
+            )
+        return counts
 
     @cached_property
     def kappa(self) -> float:

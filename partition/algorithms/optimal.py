@@ -98,7 +98,6 @@ from partition.algorithms.reach import RTOL, Search
 from partition.algorithms.ties import tie_break
 from partition.devices import Device, format_size
 from partition.errors import InfeasibleError
-from partition.memory import inflight_microbatches
 
 __all__ = ["memory_fits", "min_devices", "optimal_split"]
 
@@ -243,12 +242,10 @@ def _relaxation_fits(problem: Problem, count: int) -> bool:
     fewest activation bytes); if that is less than ``A``, no split fits.
     """
     devices = _devices_for(problem, count)
-    v, mb = problem.virtual, problem.microbatches
+    v = problem.virtual
     k = count * v
     caps = np.array([devices[s % count].memory / v for s in range(k)], dtype=np.float64)
-    inflight = np.array(
-        [inflight_microbatches(problem.schedule, s, k, mb, v) for s in range(k)], dtype=np.float64
-    )
+    inflight = np.array(problem.inflight_for(count), dtype=np.float64)
     c = problem.costs
     params, acts = problem.kappa * float(c.W[-1]), float(c.A[-1])
     if params > caps.sum():

@@ -19,9 +19,10 @@ from torch.distributed.pipelining import pipe_split
 
 from partition.devices import parse_devices
 from partition.errors import PlanError
-from partition.planner import analyze, plan_model
+from partition.planner import analyze
 from partition.split import split
 from pipeline.cli import main
+from pipeline.planning import plan_model
 
 D = 8
 

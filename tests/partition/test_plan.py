@@ -12,7 +12,8 @@ from partition.devices import parse_devices
 from partition.errors import InputError, PlanError
 from partition.examples import gpt, skipnet
 from partition.plan import Plan
-from partition.planner import analyze, plan_model, reprice, stages_for_plan
+from partition.planner import analyze, stages_for_plan
+from pipeline.planning import plan_model, reprice
 
 
 def _plan(**kw: object) -> Plan:

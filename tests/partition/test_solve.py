@@ -288,7 +288,7 @@ def test_ties_go_to_less_communication_then_less_memory() -> None:
 
 
 def _simulated_step(problem: Problem, bounds: tuple[int, ...]) -> float:
-    """The step time the planner predicts (`partition.planner.predict_step`'s arithmetic)."""
+    """The step time the planner predicts (`pipeline.planning.predict_step`'s arithmetic)."""
     from pipeline.schedules import build_schedule
     from pipeline.simulate import simulate
 

@@ -156,9 +156,9 @@ def test_bench_lists_and_writes_where_asked(
 def test_bench_outside_a_checkout_says_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.cli
+    import pipeline.cli_bench
 
-    monkeypatch.setattr(pipeline.cli, "_BENCHMARKS", tmp_path / "benchmarks")
+    monkeypatch.setattr(pipeline.cli_bench, "_BENCHMARKS", tmp_path / "benchmarks")
     assert main(["bench", "list"]) == 2
     err = capsys.readouterr().err
     assert "no benchmarks/ folder" in err and "source checkout" in err and err.count("\n") == 1, err

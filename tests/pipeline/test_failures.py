@@ -33,8 +33,8 @@ from harness import RankOutcome, run_ranks
 from partition import examples
 from partition.devices import parse_devices
 from partition.errors import PlanError
-from partition.planner import plan_model
 from partition.registry import build_meta_model
+from pipeline.planning import plan_model
 from pipeline.runtime import BatchError, Pipeline, PipelineOptions
 
 PG_TIMEOUT = 8.0  # seconds a rank may wait for a peer; failures must end well within it

@@ -24,9 +24,10 @@ from partition.devices import parse_devices
 from partition.errors import PlanError
 from partition.mode_split import modal_stages
 from partition.modes import ModalStage, analyze_modes, stage_module
-from partition.planner import analyze, plan_model
+from partition.planner import analyze
 from partition.registry import build_meta_model
 from partition.split import split
+from pipeline.planning import plan_model
 from pipeline.runtime import Pipeline, PipelineOptions
 
 # --- models (module level: the ranks import them) ----------------------------------------------

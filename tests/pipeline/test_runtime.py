@@ -353,7 +353,7 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: Any) -> None:
     from partition.devices import parse_devices
-    from partition.planner import plan_model
+    from pipeline.planning import plan_model
 
     case = Case("gpt", "1f1b", 2, 4)
     (x, y), *_ = case.batches()

@@ -22,7 +22,7 @@ from torch.distributed.pipelining import pipe_split
 
 from partition.devices import parse_devices
 from partition.plan import Plan
-from partition.planner import plan_model
+from pipeline.planning import plan_model
 from pipeline.runtime import Pipeline
 
 D, BATCH, STEPS = 8, 4, 2

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from partition.devices import parse_devices
-from partition.planner import plan_model
+from pipeline.planning import plan_model
 from pipeline.runtime import Pipeline, PipelineOptions
 from pipeline.spawn import spawn_ranks
 from zoo.models import ZOO

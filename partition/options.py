@@ -1,0 +1,87 @@
+"""How to plan a model: every knob of `pipeline.planning.plan_model` and ``pipepart plan``, once.
+
+One frozen, keyword-only object with one default per knob, checked when it is made, so a bad
+value fails before anything is traced — in Python and on the command line alike (the CLI builds
+a `PlanOptions` from its flags and never patches them afterwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from partition.errors import PlanError
+from partition.graph import ORDERS
+from partition.memory import MemoryModel, canonical_schedule
+from partition.microbatch import DEFAULT_MICROBATCHES
+from partition.trace import TraceMethod
+
+__all__ = ["CUTS", "Cuts", "PlanOptions"]
+
+Cuts = Literal["partitioner", "markers"]
+"""Who places the cuts: the partitioner, or the model's ``pipe_split()`` markers."""
+CUTS: tuple[str, ...] = get_args(Cuts)
+_METHODS: tuple[str, ...] = get_args(TraceMethod)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """How to trace, cost and split a model. See `pipeline.planning.plan_model`."""
+
+    schedule: str = "1f1b"
+    """``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device) or ``zb-h1``
+    (aliases accepted, stored canonical); decides how many micro-batches each stage holds."""
+    microbatches: int = DEFAULT_MICROBATCHES
+    """Micro-batches per step; the example inputs are one full batch of them."""
+    virtual: int = 1
+    """Stages per device (``interleaved`` only, and then at least 2)."""
+    memory: MemoryModel = field(default_factory=MemoryModel)
+    """What training keeps per parameter (optimizer state, master weights)."""
+    algorithm: str = "optimal"
+    """``optimal`` (the exact partitioner) or a baseline: ``uniform``, ``params``, ``time``."""
+    cuts: Cuts = "partitioner"
+    """``partitioner`` (``algorithm`` places the cuts), or ``markers``: one stage per segment
+    between the model's ``pipe_split()`` calls (see `partition.markers`)."""
+    method: TraceMethod = "auto"
+    """``fx``, ``export``, or ``auto`` (fx, falling back to export)."""
+    leaf_modules: tuple[Any, ...] = ()
+    """Module classes or qualified names fx keeps whole (it does not trace inside them)."""
+    concrete_args: Mapping[str, Any] | None = None
+    """fx's ``concrete_args``: arguments fixed at trace time."""
+    order: str = "auto"
+    """The node order cuts are placed in: ``auto``, ``graph`` or ``late`` (see
+    [Note: node order] in `partition.graph`); with ``cuts="markers"``, ``auto`` means ``graph``."""
+    profile: bool = False
+    """Measure node times on this machine (CUDA if available, else CPU), taking the first device
+    as the kind this machine is, instead of pricing FLOPs."""
+
+    def __post_init__(self) -> None:
+        from partition.solve import ALGORITHMS
+
+        object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        for name in ("microbatches", "virtual"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(f"{name} must be a positive integer, got {value!r}")
+        if (self.schedule == "interleaved") != (self.virtual > 1):
+            raise PlanError(
+                f"schedule {self.schedule!r} with {self.virtual} stage(s) per device: the "
+                "interleaved schedule needs virtual >= 2, and virtual >= 2 needs it"
+            )
+        if not isinstance(self.memory, MemoryModel):
+            raise PlanError(f"memory must be a MemoryModel, got {type(self.memory).__name__}")
+        for name, value, allowed in (
+            ("algorithm", self.algorithm, ALGORITHMS),
+            ("cuts", self.cuts, CUTS),
+            ("method", self.method, _METHODS),
+            ("order", self.order, ORDERS),
+        ):
+            if value not in allowed:
+                raise PlanError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+    @property
+    def node_order(self) -> str:
+        """The order to linearise in: ``graph`` for marker cuts left on ``auto``."""
+        return "graph" if self.cuts == "markers" and self.order == "auto" else self.order
