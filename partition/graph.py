@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     import torch.fx as fx
 
     from partition.cost import CostGraph
+    from partition.trace import TracedModel
 
-__all__ = ["ORDERS", "LinearGraph", "linearize"]
+__all__ = ["ORDERS", "LinearGraph", "linearize", "node_order"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -68,6 +69,24 @@ class LinearGraph:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @classmethod
+    def uncosted(
+        cls, names: tuple[str, ...], *, extra: dict[str, object] | None = None
+    ) -> LinearGraph:
+        """Only an order of nodes, every cost zero: enough to split along (`partition.split`
+        reads the names alone), never to price."""
+        zeros = np.zeros(len(names))
+        return cls(
+            names=names,
+            module_paths=names,
+            compute=zeros,
+            forward=zeros,
+            param_bytes=zeros,
+            saved_bytes=zeros,
+            cut_bytes=np.zeros(len(names) + 1),
+            extra=dict(extra or {}),
+        )
 
     @classmethod
     def from_arrays(
@@ -124,20 +143,8 @@ def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
     bytes live across it); ties keep ``"graph"``. Whatever the order, a value that skips several
     stages (a residual, a mask) is charged on every cut it crosses.
     """
-    graph = costs.traced.graph
-    all_nodes = [n for n in graph.nodes if n.op != "output"]
-    if order not in ORDERS:
-        raise PlanError(f"unknown node order {order!r}; choose one of {', '.join(ORDERS)}")
-    local = costs.traced.param_placeholders
-    inputs = [n for n in all_nodes if n.op == "placeholder" and n.name not in local]
-    rest = [n for n in all_nodes if n not in inputs]
-    candidates = {}  # model inputs come first: the data loader feeds them to stage 0
-    if order in ("auto", "graph"):
-        candidates["graph"] = inputs + rest
-    if order in ("auto", "late"):
-        candidates["late"] = inputs + [n for n in _late_order(all_nodes) if n not in inputs]
-    best_name, best_nodes, best_cuts = "", all_nodes, np.zeros(0)
-    for name, nodes in candidates.items():
+    best_name, best_nodes, best_cuts = "", [], np.zeros(0)
+    for name, nodes in _candidates(costs.traced, order).items():
         cuts = _cut_bytes(nodes, costs)
         if not best_name or cuts.sum() < best_cuts.sum():
             best_name, best_nodes, best_cuts = name, nodes, cuts
@@ -164,6 +171,31 @@ def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
         param_element_size=total_param_bytes / numel if numel else 4.0,
         extra={"order": best_name},
     )
+
+
+def node_order(traced: TracedModel, order: str) -> LinearGraph:
+    """The nodes of ``traced`` in ``order`` (``graph`` or ``late``, as a plan records it), with
+    no costs: what a rank that was given a plan cuts, without costing the model again."""
+    if order not in ("graph", "late"):
+        raise PlanError(f"a plan's node order is 'graph' or 'late', not {order!r}")
+    names = tuple(n.name for n in _candidates(traced, order)[order])
+    return LinearGraph.uncosted(names, extra={"order": order})
+
+
+def _candidates(traced: TracedModel, order: str) -> dict[str, list[fx.Node]]:
+    """The node orders ``order`` asks to compare, by name; see [Note: node order]."""
+    if order not in ORDERS:
+        raise PlanError(f"unknown node order {order!r}; choose one of {', '.join(ORDERS)}")
+    all_nodes = [n for n in traced.graph.nodes if n.op != "output"]
+    local = traced.param_placeholders
+    inputs = [n for n in all_nodes if n.op == "placeholder" and n.name not in local]
+    rest = [n for n in all_nodes if n not in inputs]
+    candidates = {}  # model inputs come first: the data loader feeds them to stage 0
+    if order in ("auto", "graph"):
+        candidates["graph"] = inputs + rest
+    if order in ("auto", "late"):
+        candidates["late"] = inputs + [n for n in _late_order(all_nodes) if n not in inputs]
+    return candidates
 
 
 def _late_order(nodes: list[fx.Node]) -> list[fx.Node]:

@@ -19,7 +19,6 @@ import torch.fx as fx
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.modes import ModalStage, OtherMode, node_key
-from partition.planner import Analysis
 from partition.split import Stage, split
 from partition.trace import TracedModel, module_path
 
@@ -29,9 +28,9 @@ Wire = tuple[fx.Node, tuple[int, ...]]
 
 
 def modal_stages(
-    analysis: Analysis, other_mode: OtherMode | None, stages: Sequence[Stage]
+    traced: TracedModel, other_mode: OtherMode | None, stages: Sequence[Stage]
 ) -> list[Stage]:
-    """``stages`` (split from ``analysis``), each with its graph in the other mode.
+    """``stages`` (split from ``traced``), each with its graph in the other mode.
 
     [Note: corresponding cuts]
     The two graphs are aligned node by node (`difflib` over what each node is: its op, target
@@ -49,7 +48,7 @@ def modal_stages(
     """
     if other_mode is None:
         return list(stages)
-    traced, other = analysis.traced, other_mode.traced
+    other = other_mode.traced
     mode = not other_mode.mode
     what = "train" if other_mode.mode else "eval"
     partner = _align(traced, other)
@@ -72,15 +71,12 @@ def modal_stages(
     bounds = [0]
     for c in counts:
         bounds.append(bounds[-1] + c)
-    zeros = [0.0] * len(order_b)
-    linear = LinearGraph.from_arrays(
-        zeros, zeros, zeros, [0.0] * (len(order_b) + 1), names=tuple(n.name for n in order_b)
-    )
+    linear = LinearGraph.uncosted(tuple(n.name for n in order_b))
     try:
         split_b = split(other, linear, bounds)
     except PlanError as e:
         raise PlanError(f"the split does not carry over to {what} mode: {e}") from e
-    order_a = [by_name[name] for name in analysis.graph.names]
+    order_a = [by_name[name] for stage in stages for name in stage.nodes]
     live_a = _live(traced, order_a, stage_a, len(stages))
     live_b = _live(other, order_b, stage_b, len(stages))
     for s, (stage, stage_other) in enumerate(zip(stages, split_b, strict=True)):

@@ -31,7 +31,7 @@ from torch import nn
 
 from partition.errors import PlanError
 from partition.microbatch import first_microbatch
-from partition.planner import Analysis, analyze
+from partition.planner import Analysis, analyze_traced
 from partition.split import Stage
 from partition.trace import TracedModel, TraceMethod, module_path, trace
 
@@ -42,6 +42,7 @@ __all__ = [
     "bind_other_mode",
     "node_key",
     "stage_module",
+    "trace_modes",
 ]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -189,20 +190,28 @@ def analyze_modes(
         The analysis, and the model traced in the other mode (same route, same micro-batch
         inputs) — ``None`` when the two graphs are equal; see [Note: proving the modes equal].
     """
+    traced, other = trace_modes(
+        model, example_inputs, example_kwargs, microbatches=microbatches, method=method
+    )
+    return analyze_traced(traced, microbatches=microbatches, order=order), other
+
+
+def trace_modes(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    microbatches: int = 1,
+    method: TraceMethod = "auto",
+) -> tuple[TracedModel, OtherMode | None]:
+    """The model traced in its mode (at one micro-batch), and in the other mode when it differs
+    — what `analyze_modes` costs, and all a rank given a plan needs."""
+    args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
     with _training_reads(model) as reads:
-        analysis = analyze(
-            model,
-            example_inputs,
-            example_kwargs,
-            microbatches=microbatches,
-            method=method,
-            order=order,
-        )
-    traced = analysis.traced
+        traced = trace(model, args, kwargs, method=method)
     modules = dict(model.named_modules(remove_duplicate=False))
     if all(_run_at_run_time(traced, p) or _same_in_both(modules[p]) for p in reads):
-        return analysis, None
-    args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
+        return traced, None
     flags = [(m, m.training) for m in model.modules()]
     mode = not model.training
     model.train(mode)
@@ -211,7 +220,7 @@ def analyze_modes(
     finally:
         for module, flag in flags:
             module.training = flag
-    return analysis, None if _same_graph(traced, other) else OtherMode(other, mode)
+    return traced, None if _same_graph(traced, other) else OtherMode(other, mode)
 
 
 def node_key(node: fx.Node, traced: TracedModel) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from torch import nn
 from partition.cost import CostGraph, cost_model
 from partition.devices import Device
 from partition.errors import PlanError
-from partition.graph import LinearGraph, linearize
+from partition.graph import LinearGraph, linearize, node_order
 from partition.memory import InflightFn, MemoryModel, closed_form_inflight
 from partition.microbatch import first_microbatch
 from partition.options import PlanOptions
@@ -33,7 +33,14 @@ from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
 from partition.trace import TracedModel, TraceMethod, trace
 
-__all__ = ["Analysis", "StepPredictor", "analyze", "build_plan", "stages_for_plan"]
+__all__ = [
+    "Analysis",
+    "StepPredictor",
+    "analyze",
+    "analyze_traced",
+    "build_plan",
+    "stages_for_plan",
+]
 
 Progress = Callable[[str], None]
 StepPredictor = Callable[[str, int, int, Sequence[StagePlan]], tuple[float, float]]
@@ -125,20 +132,11 @@ class Analysis:
 
     @property
     def graph_hash(self) -> str:
-        by_name = {n.name: n for n in self.traced.graph.nodes}
-        metas = []
-        for name in self.graph.names:
-            node = by_name[name]
-            val = node.meta.get("val")
-            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            metas.append(f"{node.op}|{getattr(node.target, '__name__', node.target)}|{shape}")
-        return graph_hash(self.graph, metas)
+        return _graph_hash(self.traced, self.graph)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
-            class_name=str(
-                getattr(self.traced.model, "model_class", type(self.traced.model).__name__)
-            ),
+            class_name=_class_name(self.traced),
             graph_hash=self.graph_hash,
             num_nodes=len(self.graph),
             num_parameters=self.costs.param_numel,
@@ -183,6 +181,26 @@ def analyze(
         concrete_args=concrete_args,
         tracer_class=tracer_class,
     )
+    return analyze_traced(
+        traced,
+        microbatches=microbatches,
+        order=order,
+        profile_on=profile_on,
+        profile_device=profile_device,
+        progress=progress,
+    )
+
+
+def analyze_traced(
+    traced: TracedModel,
+    *,
+    microbatches: int = 1,
+    order: str = "auto",
+    profile_on: Device | None = None,
+    profile_device: str = "cpu",
+    progress: Progress | None = None,
+) -> Analysis:
+    """Cost an already traced model (traced at one micro-batch of ``microbatches``); see `analyze`."""
     if progress:
         progress(f"costing {len(traced.graph.nodes)} nodes")
     costs = cost_model(traced)
@@ -289,7 +307,28 @@ def _first_path(paths: Any) -> str:
     return ""
 
 
-def stages_for_plan(analysis: Analysis, plan: Plan) -> list[Stage]:
-    """The stage modules of ``plan``, after checking it was made for this model."""
-    plan.check_model(analysis.model_info().class_name, analysis.graph_hash, len(analysis.graph))
-    return split(analysis.traced, analysis.graph, plan.bounds)
+def stages_for_plan(traced: TracedModel, plan: Plan) -> list[Stage]:
+    """The stage modules of ``plan``, after checking it was made for this model.
+
+    Only the plan's node order is rebuilt (`partition.graph.node_order`): nothing is costed, so a
+    rank given a plan pays for a trace on meta and no more.
+    """
+    order = node_order(traced, plan.model.order)
+    plan.check_model(_class_name(traced), _graph_hash(traced, order), len(order))
+    return split(traced, order, plan.bounds)
+
+
+def _class_name(traced: TracedModel) -> str:
+    return str(getattr(traced.model, "model_class", type(traced.model).__name__))
+
+
+def _graph_hash(traced: TracedModel, order: LinearGraph) -> str:
+    """`partition.plan.graph_hash` of ``order``: each node's op, target and output shape."""
+    by_name = {n.name: n for n in traced.graph.nodes}
+    metas = []
+    for name in order.names:
+        node = by_name[name]
+        val = node.meta.get("val")
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+        metas.append(f"{node.op}|{getattr(node.target, '__name__', node.target)}|{shape}")
+    return graph_hash(order, metas)

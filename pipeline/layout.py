@@ -2,7 +2,8 @@
 plan or from the options, checked before any process talks to another.
 
 Given a plan, a rank traces the model (on meta, cheap and identical on every rank) and cuts it
-where the plan says; the plan must be for this world size and these micro-batches. Without one,
+where the plan says, in the plan's node order — nothing is costed; the plan must be for this
+world size and these micro-batches. Without one,
 the partitioner splits it for ``world`` CPU-like devices (or ``bounds`` say where). Both modes are
 traced when the model reads ``self.training`` (`partition.modes`).
 """
@@ -32,7 +33,7 @@ def layout(
 ) -> tuple[list[Stage], Schedule]:
     """Every stage (on meta) and the schedule, from the plan or the options; see [Note: building on meta]."""
     from partition.mode_split import modal_stages
-    from partition.modes import analyze_modes
+    from partition.modes import analyze_modes, trace_modes
     from partition.planner import stages_for_plan
     from partition.split import split
 
@@ -70,10 +71,8 @@ def layout(
             for s in plan.model.inputs
         }
         method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
-        analysis, other = analyze_modes(
-            built.model, (), meta_inputs, method=method, order=plan.model.order
-        )
-        return modal_stages(analysis, other, stages_for_plan(analysis, plan)), schedule
+        traced, other = trace_modes(built.model, (), meta_inputs, method=method)
+        return modal_stages(traced, other, stages_for_plan(traced, plan)), schedule
     analysis, other = analyze_modes(built.model, built.args or (), built.kwargs, microbatches=m)
     bounds = options.bounds
     if bounds is None:
@@ -89,7 +88,8 @@ def layout(
             f"bounds {list(bounds)} make {len(bounds) - 1} stages; {world} ranks with {virtual} "
             f"stage(s) each need {world * virtual}"
         )
-    return modal_stages(analysis, other, split(analysis.traced, analysis.graph, bounds)), schedule
+    stages = split(analysis.traced, analysis.graph, bounds)
+    return modal_stages(analysis.traced, other, stages), schedule
 
 
 def check_channel_order(schedule: Schedule) -> None:

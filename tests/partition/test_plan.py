@@ -66,9 +66,9 @@ def test_plan_for_another_model_is_refused() -> None:
     model, inputs, _ = gpt("toy", batch=8, layers=3)
     analysis = analyze(model, inputs, microbatches=4)
     with pytest.raises(PlanError, match="this plan was made for GPT"):
-        stages_for_plan(analysis, plan)
+        stages_for_plan(analysis.traced, plan)
     model, inputs, _ = gpt("toy", batch=8)
-    assert len(stages_for_plan(analyze(model, inputs, microbatches=4), plan)) == 3
+    assert len(stages_for_plan(analyze(model, inputs, microbatches=4).traced, plan)) == 3
 
 
 @pytest.mark.parametrize(

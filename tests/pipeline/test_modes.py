@@ -154,7 +154,7 @@ def test_every_cut_runs_the_eval_graph(name: str, route: str) -> None:
     for cut in range(1, n):
         try:
             stages = modal_stages(
-                analysis, other, split(analysis.traced, analysis.graph, [0, cut, n])
+                analysis.traced, other, split(analysis.traced, analysis.graph, [0, cut, n])
             )
         except PlanError as e:
             assert "stage 1 cannot receive the same tensors in both modes" in str(e)
@@ -187,7 +187,9 @@ def test_a_cut_with_no_partner_names_the_stage() -> None:
     names = list(analysis.graph.names)
     cut = names.index("relu")  # `aux(a)` is live here in train mode only
     with pytest.raises(PlanError, match=r"stage 1 cannot receive the same tensors in both modes"):
-        modal_stages(analysis, other, split(analysis.traced, analysis.graph, [0, cut, len(names)]))
+        modal_stages(
+            analysis.traced, other, split(analysis.traced, analysis.graph, [0, cut, len(names)])
+        )
 
 
 def test_models_that_do_not_read_the_mode_are_traced_once() -> None:
