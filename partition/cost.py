@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from partition.constants import CONSTANTS
 from partition.inplace import alias_key, mutates
 from partition.meta import fetch_args, run_node
-from partition.trace import TracedModel, module_path
+from partition.traced import TracedModel, module_path
 
 __all__ = ["CostGraph", "NodeCost", "cost_model", "tensor_bytes"]
 

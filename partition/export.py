@@ -29,7 +29,7 @@ from partition.constants import CONSTANTS, graph_module
 from partition.errors import TraceError
 from partition.functions import watch_functions
 from partition.markers import take_markers
-from partition.trace import TracedModel, propagate_shapes
+from partition.traced import TracedModel, propagate_shapes
 
 __all__ = ["trace_export"]
 

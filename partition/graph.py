@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch.fx as fx
 
     from partition.cost import CostGraph
-    from partition.trace import TracedModel
+    from partition.traced import TracedModel
 
 __all__ = ["ORDERS", "LinearGraph", "linearize", "node_order"]
 

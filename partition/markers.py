@@ -29,7 +29,7 @@ from partition.errors import PlanError
 
 if TYPE_CHECKING:
     from partition.graph import LinearGraph
-    from partition.trace import TracedModel
+    from partition.traced import TracedModel
 
 __all__ = ["SEGMENT", "marker_bounds", "record_markers", "take_markers"]
 

@@ -20,7 +20,7 @@ from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.modes import ModalStage, OtherMode, node_key
 from partition.split import Stage, split
-from partition.trace import TracedModel, module_path
+from partition.traced import TracedModel, module_path
 
 __all__ = ["modal_stages"]
 

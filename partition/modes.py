@@ -33,7 +33,8 @@ from partition.errors import PlanError
 from partition.microbatch import first_microbatch
 from partition.planner import Analysis, analyze_traced
 from partition.split import Stage
-from partition.trace import TracedModel, TraceMethod, module_path, trace
+from partition.trace import TraceMethod, trace
+from partition.traced import TracedModel, module_path
 
 __all__ = [
     "ModalStage",

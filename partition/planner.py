@@ -31,7 +31,8 @@ from partition.options import PlanOptions
 from partition.plan import ModelInfo, Plan, StagePlan, graph_hash
 from partition.solve import Solution, solve
 from partition.split import Stage, TensorSpec, split
-from partition.trace import TracedModel, TraceMethod, trace
+from partition.trace import TraceMethod, trace
+from partition.traced import TracedModel
 
 __all__ = [
     "Analysis",

@@ -43,7 +43,7 @@ from partition.constants import constant_key, graph_module
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.inplace import derived_from, mutated_by
-from partition.trace import TracedModel
+from partition.traced import TracedModel
 
 __all__ = ["Stage", "TensorSpec", "split"]
 

@@ -11,7 +11,6 @@ traced when the model reads ``self.training`` (`partition.modes`).
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,10 +19,8 @@ from partition.plan import Plan
 from partition.registry import BuiltModel
 from partition.split import Stage
 from partition.trace import TraceMethod
+from pipeline.options import PipelineOptions
 from pipeline.schedules import Kind, Schedule, build_schedule, validate
-
-if TYPE_CHECKING:
-    from pipeline.runtime import PipelineOptions
 
 __all__ = ["check_channel_order", "layout"]
 

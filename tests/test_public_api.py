@@ -157,3 +157,19 @@ def test_partition_imports_nothing_from_pipeline() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["[]"], out
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """The modules of both packages import in one direction only — no cycle, even through
+    function-local or ``TYPE_CHECKING`` imports (a cycle is how two rooms become one)."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for package in (partition, pipeline):
+        for name in _submodules(package):
+            spec = importlib.util.find_spec(name)
+            assert spec is not None and spec.origin, name
+            for target in _imports(spec.origin):
+                if target.split(".")[0] in ("partition", "pipeline") and "." in target:
+                    graph.add_edge(name, target)
+    assert sorted(nx.simple_cycles(graph)) == []
