@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.schedules import Schedule, build_schedule, validate, with_communication
+from pipeline.schedule_check import validate
+from pipeline.schedules import Schedule, build_schedule, with_communication
 from pipeline.simulate import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simulate_speed.json"

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from pipeline.launch import run_pipeline
     from pipeline.planning import plan_analysis, plan_model, reprice, simulate_plan
     from pipeline.runtime import Pipeline, PipelineOptions
-    from pipeline.schedules import Action, Kind, Schedule, build_schedule, validate
+    from pipeline.schedule_check import validate
+    from pipeline.schedules import Action, Kind, Schedule, build_schedule
     from pipeline.simulate import SimResult
     from pipeline.simulate import simulate as simulate_schedule
 
@@ -42,7 +43,7 @@ _WHERE: dict[str, tuple[str, str]] = {
     "Kind": ("pipeline.schedules", "Kind"),
     "Schedule": ("pipeline.schedules", "Schedule"),
     "build_schedule": ("pipeline.schedules", "build_schedule"),
-    "validate": ("pipeline.schedules", "validate"),
+    "validate": ("pipeline.schedule_check", "validate"),
     "SimResult": ("pipeline.simulate", "SimResult"),
     "simulate_schedule": ("pipeline.simulate", "simulate"),
 }

@@ -10,8 +10,6 @@ traced when the model reads ``self.training`` (`partition.modes`).
 
 from __future__ import annotations
 
-import collections
-
 import torch
 
 from partition.errors import PlanError
@@ -20,9 +18,10 @@ from partition.registry import BuiltModel
 from partition.split import Stage
 from partition.trace import TraceMethod
 from pipeline.options import PipelineOptions
-from pipeline.schedules import Kind, Schedule, build_schedule, validate
+from pipeline.schedule_check import validate
+from pipeline.schedules import Schedule, build_schedule
 
-__all__ = ["check_channel_order", "layout"]
+__all__ = ["layout"]
 
 
 def layout(
@@ -87,24 +86,3 @@ def layout(
         )
     stages = split(analysis.traced, analysis.graph, bounds)
     return modal_stages(analysis.traced, other, stages), schedule
-
-
-def check_channel_order(schedule: Schedule) -> None:
-    """Sends and receives of every link carry micro-batches in the same order; see [Note: same-peer exchange]."""
-    order: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
-    for row in schedule.actions:
-        for a in row:
-            if a.kind is Kind.SEND_F:
-                order["F", a.stage].append(a.microbatch)
-            elif a.kind is Kind.RECV_F:
-                order["F-recv", a.stage - 1].append(a.microbatch)
-            elif a.kind is Kind.SEND_B:
-                order["B", a.stage].append(a.microbatch)
-            elif a.kind is Kind.RECV_B:
-                order["B-recv", a.stage + 1].append(a.microbatch)
-    for (kind, s), sent in order.items():
-        if kind in ("F", "B") and order.get((f"{kind}-recv", s)) != sent:
-            raise PlanError(
-                f"schedule {schedule.name!r}: stage {s} sends {'activations' if kind == 'F' else 'gradients'} "
-                f"for micro-batches {sent} but they are received in the order {order.get((f'{kind}-recv', s))}"
-            )

@@ -53,8 +53,9 @@ from partition.registry import build_meta_model, target_free, unpack_model
 from pipeline.batch import split_batch
 from pipeline.batchnorm import defer_batchnorm
 from pipeline.executor import RankExecutor
-from pipeline.layout import check_channel_order, layout
+from pipeline.layout import layout
 from pipeline.options import PipelineOptions
+from pipeline.schedule_check import check_channel_order
 from pipeline.schedules import (
     Action,
     Kind,

@@ -110,7 +110,7 @@ def simulate(
 
     Args:
         schedule: with or without communication actions; it should pass
-            :func:`~pipeline.schedules.validate` (only deadlocks and missing producers are
+            :func:`~pipeline.schedule_check.validate` (only deadlocks and missing producers are
             detected here).
         forward_time: seconds of one micro-batch's F, one number or one per stage.
         backward_time: seconds of one micro-batch's full backward (B), one number or one per

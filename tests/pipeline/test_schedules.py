@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partition.errors import PlanError
+from pipeline.schedule_check import validate
 from pipeline.schedules import (
     SCHEDULES,
     Action,
@@ -19,7 +20,6 @@ from pipeline.schedules import (
     interleaved_1f1b,
     one_f_one_b,
     peak_inflight,
-    validate,
     with_communication,
     zero_bubble_h1,
 )
