@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -242,6 +243,14 @@ def test_node_counts_are_current() -> None:
 # --- memory -------------------------------------------------------------------------------------
 
 
+def _rss_kib() -> int:
+    """This process's resident memory now (not its peak: a forked rank's ``ru_maxrss`` starts at
+    its parent's)."""
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
 def _memory(bounds: tuple[int, ...], weights: str) -> dict[str, Any]:
     def peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -311,10 +320,10 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
     # R12: nothing is kept from one step to the next, and memory stays flat
     for _ in range(3):
         pipe.step(x, y)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = _rss_kib()
     for _ in range(20):
         pipe.step(x, y)
-    out["rss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
+    out["rss_growth_kib"] = _rss_kib() - rss
     out["idle"] = pipe.transport.idle and not any(e._saved for e in pipe.executors.values())
     out["pools_full"] = all(len(pool._free) >= 2 for pool in pipe.runner._pools.values())
 
