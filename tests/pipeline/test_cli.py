@@ -113,9 +113,14 @@ def test_simulate_a_saved_plan_and_draw_it(
     png = tmp_path / "gantt.png"
     same = _json(capsys, ["simulate", str(plan), "--png", str(png), "--json"])
     assert same["microbatches"] == 8 and same["schedule"] == "1f1b"
-    assert same["step_time"] == pytest.approx(
-        json.loads(plan.read_text())["predicted"]["step_time"]
-    )
+    saved = json.loads(plan.read_text())
+    assert same["step_time"] == pytest.approx(saved["predicted"]["step_time"])
+    # not only self-consistent (both come from the simulator): within what any 1F1B step takes,
+    # from the plan's own per-micro-batch stage times — no faster than the slowest stage doing
+    # all 8 micro-batches plus the others' first forward / last backward, no slower than serial
+    work = [st["compute_time"] for st in saved["stages"]]
+    comm = sum(st["comm_time"] for st in saved["stages"])
+    assert 8 * max(work) <= same["step_time"] <= 8 * sum(work) + 16 * comm
     assert png.stat().st_size > 10_000
     gpipe = _json(capsys, ["simulate", str(plan), "--schedule", "gpipe", "--json"])
     assert gpipe["peak_activation_microbatches"] == [8, 8, 8, 8]
