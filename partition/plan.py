@@ -19,6 +19,7 @@ from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel, canonical_schedule
+from partition.schema import check_plan
 from partition.split import TensorSpec
 
 __all__ = ["SCHEMA_VERSION", "ModelInfo", "Plan", "StagePlan", "graph_hash"]
@@ -265,13 +266,24 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        version = data.get("schema_version")
+    def from_dict(cls, data: dict[str, Any], source: str = "the plan") -> Plan:
+        """A plan from its JSON object, after checking it against the schema (`partition.schema`).
+
+        Raises:
+            PlanError: another schema version, an unknown or missing field, a value of the wrong
+                type, or stages that do not fit together; the message names the field and
+                ``source`` (the file).
+        """
+        version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
             raise PlanError(
-                f"plan schema version {version!r} is not supported (this pipepart reads "
-                f"version {SCHEMA_VERSION}); re-create the plan with `pipepart plan`"
+                f"{source}: plan schema version {version!r} is not supported (this pipepart reads "
+                f"version {SCHEMA_VERSION}"
+                + ("; the file was written by a newer pipepart" if newer else "")
+                + "); re-create the plan with `pipepart plan`"
             )
+        check_plan(data, source)
         try:
             return cls(
                 model=ModelInfo.from_dict(data["model"]),
@@ -289,20 +301,20 @@ class Plan:
                     str(k): [int(i) for i in v] for k, v in data.get("shared_params", {}).items()
                 },
             )
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from e
         except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PlanError):
-                raise
-            raise PlanError(f"the plan file is malformed: {type(e).__name__}: {e}") from e
+            raise PlanError(f"{source} is malformed: {type(e).__name__}: {e}") from e
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str, source: str = "the plan") -> Plan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PlanError(f"the plan is not valid JSON: {e}") from e
+            raise PlanError(f"{source} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
-            raise PlanError("the plan must be a JSON object")
-        return cls.from_dict(data)
+            raise PlanError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source)
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON (atomically: a temporary file renamed into place)."""
@@ -319,7 +331,25 @@ class Plan:
             raise PlanError(
                 f"no plan file at {path}; make one with `pipepart plan MODEL --out {path}`"
             )
-        return cls.from_json(path.read_text())
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read the plan file {path}: {e}") from e
+        return cls.from_json(text, f"plan file {path}")
+
+    def check_model_class(self, class_name: str) -> None:
+        """Raise `PlanError` unless the plan was made for a model of class ``class_name``.
+
+        Checked before tracing: another model's ``forward`` may not even take the plan's inputs.
+        """
+        if class_name != self.model.class_name:
+            inputs = ", ".join(t.describe() for t in self.model.inputs)
+            raise PlanError(
+                f"this plan was made for another model: {self.model.class_name} (graph "
+                f"{self.model.graph_hash}, {self.model.num_nodes} nodes, inputs {inputs}), but "
+                f"the model given is {class_name}; re-plan for {class_name} with `pipepart plan`, "
+                f"or give the plan of {class_name}"
+            )
 
     def check_model(self, class_name: str, graph_hash_value: str, num_nodes: int) -> None:
         """Raise `PlanError` unless the plan was made for this model."""

@@ -24,7 +24,9 @@ returns the model's own output structure.
 * Python values that are not tensors (sizes, dtypes) are never sent: a stage that needs one from
   an earlier stage gets the value shape propagation found, as a constant. They depend only on
   shapes, which the plan fixes per micro-batch. A ``torch.device`` is recomputed from the stage's
-  first input tensor instead.
+  first input tensor instead. Anything else used across a cut (a dict holding tensors, an object
+  such as a dataclass, from a leaf module) could be neither sent nor rebuilt: `split` refuses
+  that cut, naming the value and the module that made it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from partition.constants import constant_key, graph_module
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.inplace import derived_from, mutated_by
-from partition.traced import TracedModel
+from partition.traced import TracedModel, module_path
 
 __all__ = ["Stage", "TensorSpec", "split"]
 
@@ -213,17 +215,51 @@ def _live_tensors(
         [(node, ()) for node in inputs if _tensor_paths(node.meta.get("val"))]
     ]
     for start in bounds[1:-1]:
+        crossing = [
+            node
+            for node in order
+            if (position[node] < start or node in inputs)
+            and last_use[node] >= start
+            and node.name not in local
+        ]
+        for node in crossing:
+            _check_crossable(node, order[start], max(node.users, key=lambda u: position.get(u, n)))
         live.append(
-            [
-                (node, path)
-                for node in order
-                if (position[node] < start or node in inputs)
-                and last_use[node] >= start
-                and node.name not in local
-                for path in _tensor_paths(node.meta.get("val"))
-            ]
+            [(node, path) for node in crossing for path in _tensor_paths(node.meta.get("val"))]
         )
     return live
+
+
+_CONSTANTS = (
+    type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout,
+    torch.memory_format, slice, type(Ellipsis),
+)  # fmt: skip
+
+
+def _crossable(value: Any, tensors: bool = True) -> bool:
+    """Whether ``value`` can cross a cut: tensors (in tuples and lists), and plain constants."""
+    if isinstance(value, torch.Tensor):
+        return tensors
+    if isinstance(value, (tuple, list)):
+        return all(_crossable(v, tensors) for v in value)
+    if isinstance(value, dict):  # baked into the next stage as a constant: no tensor inside
+        return all(_crossable(v, tensors=False) for v in value.values())
+    return isinstance(value, _CONSTANTS)
+
+
+def _check_crossable(node: fx.Node, first_after: fx.Node, last_user: fx.Node) -> None:
+    """Raise `PlanError` if ``node``'s value, used after the cut before ``first_after``, cannot
+    cross it (see the module docstring)."""
+    value = node.meta.get("val")
+    if _crossable(value):
+        return
+    made_by = module_path(node) or "the model's forward"
+    raise PlanError(
+        f"{node.name!r} (a {type(value).__name__}, made by {made_by}) is used after the cut "
+        f"before node {first_after.name!r}, but only tensors, tuples or lists of tensors and "
+        f"plain constants cross a cut. Cut before {node.name!r} or after {last_user.name!r} "
+        f"(bounds=..., pipe_split()), or make {made_by} return a tensor or a tuple of tensors"
+    )
 
 
 def _build_stage(

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from partition.errors import PipepartError
-from pipeline import cli_bench, cli_plan, cli_run
+from pipeline import cli_bench, cli_checkpoint, cli_plan, cli_run
 
 __all__ = ["main"]
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (cli_plan, cli_run, cli_bench):
+    for command in (cli_plan, cli_run, cli_checkpoint, cli_bench):
         command.register(sub)
     return parser
 

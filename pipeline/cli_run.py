@@ -39,6 +39,8 @@ examples:
   pipepart run gpt --ranks 2 --steps 3 --check
   pipepart run gpt --ranks 4 --schedule interleaved --virtual 2 --microbatches 8 --json
   pipepart run gpt --ranks 2 --plan plan.json --steps 10 --png run.png
+  pipepart run gpt --ranks 2 --steps 100 --checkpoint-dir ckpt --checkpoint-every 10 --restarts 2
+  pipepart run gpt --ranks 4 --steps 200 --checkpoint-dir ckpt --checkpoint-every 10 --resume
   torchrun --nproc-per-node 4 -m pipeline.cli run gpt --ranks 4 --steps 100   # joins torchrun's group
 """
 
@@ -92,6 +94,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             weights=args.weights,
             checkpoint=args.checkpoint,
         ),
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
+        resume=args.resume,
+        restarts=args.restarts,
     )
     with progress(not args.json) as report:
         report(f"training {args.model} on {args.ranks} ranks")
@@ -227,6 +234,28 @@ def register(sub: Any) -> None:
         "--checkpoint",
         default=None,
         help="a whole-model state_dict (.pt) or .safetensors file; each rank reads only its tensors",
+    )
+    run.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save pipeline checkpoints (step-N directories) here, and resume from them",
+    )
+    run.add_argument("--checkpoint-every", type=int, default=None, help="save after every N steps")
+    run.add_argument(
+        "--keep", type=int, default=None, help="keep only the newest K complete checkpoints"
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from the newest complete checkpoint in --checkpoint-dir (says why it "
+        "skipped any newer one)",
+    )
+    run.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        help="when a rank dies, start every rank again up to N times, resuming from the newest "
+        "complete checkpoint (local ranks; under torchrun use its --max-restarts)",
     )
     run.add_argument(
         "--seed",

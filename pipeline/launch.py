@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import inspect
 import logging
+import math
 import os
 import tempfile
 import time
@@ -89,6 +90,16 @@ def _synthetic(built: BuiltModel, seed: int) -> tuple[tuple[Any, ...] | dict[str
     return args, target
 
 
+@dataclass(frozen=True)
+class _Checkpoints:
+    """Where and how often the ranks save, and whether they start from the newest save."""
+
+    root: str
+    every: int | None
+    keep: int | None
+    resume: bool
+
+
 def _rank_run(
     factory: ModelFactory,
     plan: Plan | None,
@@ -99,17 +110,30 @@ def _rank_run(
     inputs: tuple[Any, ...] | dict[str, Any],
     target: Any,
     collect: bool,
+    checkpoints: _Checkpoints | None = None,
 ) -> dict[str, Any]:
     pipe = Pipeline(
         factory, plan=plan, options=options, optimizer_factory=OptimizerFactory(optimizer, lr)
     )
-    losses, times, timelines = [], [], []
-    for _ in range(steps):
-        start = time.monotonic()
+    # Each rank's random stream (dropout) from the seed, so that a run repeats, under torchrun
+    # as on local ranks; a resume then restores the stream the checkpoint saved.
+    torch.manual_seed(options.seed * 1_000_003 + pipe.rank + 1)
+    losses: list[float | None] = []
+    times: list[float] = []
+    timelines: list[Any] = []
+    start = 0
+    if checkpoints is not None and checkpoints.resume:
+        start, losses = _resume(pipe, checkpoints.root)
+        times = [math.nan] * start
+        timelines = [[] for _ in range(start)]
+    for k in range(start, steps):
+        began = time.monotonic()
         loss = pipe.step(inputs, target)
-        times.append(time.monotonic() - start)
+        times.append(time.monotonic() - began)
         losses.append(None if loss is None else float(loss))
         timelines.append([(r, str(a), s, e) for r, a, s, e in pipe.timeline])
+        if checkpoints is not None and checkpoints.every and (k + 1) % checkpoints.every == 0:
+            _save(pipe, checkpoints, losses)
     out: dict[str, Any] = {
         "rank": pipe.rank,
         "stages": list(pipe.my_stages),
@@ -117,6 +141,7 @@ def _rank_run(
         "losses": losses,
         "times": times,
         "weights": sorted(set(pipe.weight_sources.values())),
+        "resumed_from": start,
     }
     out["timelines"] = timelines
     if collect:
@@ -125,6 +150,41 @@ def _rank_run(
         out["grads"] = {n: p.grad.detach().cpu() for n, p in named.items() if p.grad is not None}
         out["buffers"] = {n: b.detach().cpu() for n, b in pipe.named_buffers().items()}
     return out
+
+
+def _save(pipe: Pipeline, checkpoints: _Checkpoints, losses: list[float | None]) -> None:
+    """A checkpoint after step ``pipe.steps_done``; the losses so far (from the last stage's
+    rank, gathered) travel in it so that a resumed run reports every step."""
+    from pipeline.checkpoint import save_checkpoint
+
+    gathered: list[Any] = [None] * pipe.world_size
+    dist.all_gather_object(gathered, losses, group=pipe.group)
+    known = [next((g[k] for g in gathered if g[k] is not None), None) for k in range(len(losses))]
+    save_checkpoint(
+        pipe,
+        checkpoints.root,
+        data_position=pipe.steps_done,  # every step trains on the same batch
+        extra={"losses": known},
+        keep=checkpoints.keep,
+    )
+
+
+def _resume(pipe: Pipeline, root: str) -> tuple[int, list[float | None]]:
+    """The step to start from and the losses before it: 0 and none when ``root`` holds no
+    complete checkpoint yet (each one skipped is logged with why)."""
+    from pipeline.checkpoint import latest_complete, load_checkpoint
+
+    found, skipped = latest_complete(root)
+    for path, why in skipped:
+        log.warning("rank %d: skipping checkpoint %s: %s", pipe.rank, path, why)
+    if found is None:
+        log.warning("rank %d: no complete checkpoint in %s; starting at step 0", pipe.rank, root)
+        return 0, []
+    info = load_checkpoint(pipe, found)
+    losses = list(info.extra.get("losses", [None] * info.step))
+    mine = losses if pipe.is_last else [None] * len(losses)
+    log.info("rank %d: resumed from %s at step %d", pipe.rank, found, info.step)
+    return info.step, mine
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +215,17 @@ class RunOptions:
     seq: int | None = None
     """For a bundled or ``hf:`` model name: the sequence length."""
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    checkpoint_dir: str | Path | None = None
+    """Where the ranks save checkpoints (``step-N`` directories; see `pipeline.checkpoint`)."""
+    checkpoint_every: int | None = None
+    """Save after every this many steps (needs ``checkpoint_dir``)."""
+    keep: int | None = None
+    """Keep only the newest ``keep`` complete checkpoints (never deleting the only one)."""
+    resume: bool = False
+    """Start from the newest complete checkpoint in ``checkpoint_dir`` (from step 0 if none)."""
+    restarts: int = 0
+    """Local ranks only: when a rank dies, start every rank again this many times, resuming
+    from the newest complete checkpoint (under torchrun, its ``--max-restarts`` does this)."""
 
     def __post_init__(self) -> None:
         for name in ("ranks", "steps", "batch"):
@@ -167,6 +238,27 @@ class RunOptions:
         if not self.timeout > 0:
             raise InputError(f"timeout must be positive, got {self.timeout}")
         OptimizerFactory(self.optimizer, self.lr)  # an unknown name fails here
+        for name in ("checkpoint_every", "keep"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be at least 1, got {value}")
+        if self.restarts < 0:
+            raise InputError(f"restarts must be at least 0, got {self.restarts}")
+        needs_dir = [
+            flag
+            for flag, given in (
+                ("checkpoint_every", self.checkpoint_every is not None),
+                ("keep", self.keep is not None),
+                ("resume", self.resume),
+                ("restarts", self.restarts > 0),
+            )
+            if given
+        ]
+        if needs_dir and self.checkpoint_dir is None:
+            raise InputError(
+                f"{', '.join(needs_dir)} need checkpoint_dir (--checkpoint-dir DIR): that is "
+                "where checkpoints are saved and resumed from"
+            )
 
 
 def run_pipeline(
@@ -189,8 +281,12 @@ def run_pipeline(
         plan: a `Plan` or a plan file; without one, the options' schedule and micro-batches are
             used and the partitioner splits the model.
 
+    With ``checkpoint_dir``, the ranks save every ``checkpoint_every`` steps and, with ``resume``
+    (or after a restart), start from the newest complete checkpoint; see `pipeline.checkpoint`.
+
     Returns:
-        ``{"ranks", "stages", "weights", "steps": [{"step", "time", "loss"}], "timeline" (the
+        ``{"ranks", "stages", "weights", "restarts", "resumed_from", "steps": [{"step", "time",
+        "loss"}], "timeline" (the
         last step's ``(rank, action, start, end)`` from every rank, seconds from its start),
         "check"}`` (``check`` only when asked: see `pipeline.check.compare`).
 
@@ -229,30 +325,28 @@ def run_pipeline(
             weights_file = str(Path(folder) / "factory.safetensors")
             save_tensors(eager.model, weights_file)
         ranks_options = dataclasses.replace(pipe_options, factory_weights=weights_file)
-        args = (factory, plan, ranks_options, run.optimizer, run.lr, steps, inputs, target, check)
-        if torchrun:
-            results = _under_torchrun(args, run.timeout, run.backend)
+        checkpoints = (
+            _Checkpoints(str(run.checkpoint_dir), run.checkpoint_every, run.keep, run.resume)
+            if run.checkpoint_dir is not None
+            else None
+        )
+        restarted = 0
+        common = (factory, plan, ranks_options, run.optimizer, run.lr, steps, inputs, target)
+        if torchrun:  # torchrun --max-restarts starts us again: resume when there is a save
+            resume = checkpoints is not None and (
+                run.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+            )
+            again = dataclasses.replace(checkpoints, resume=resume) if checkpoints else None
+            results = _under_torchrun((*common, check, again), run.timeout, run.backend)
             if results is None:
                 return {}
         else:
-            outcomes = spawn_ranks(
-                _rank_run,
-                run.ranks,
-                args,
-                timeout=run.timeout * 2 + 60,
-                pg_timeout=run.timeout,
-                backend=run.backend,
-                start_method="forkserver",
-            )
-            failed = [o for o in outcomes if not o.ok]
-            if failed:
-                first_failure = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
-                report = "\n".join(o.describe() for o in outcomes)
-                raise StageError(
-                    f"{report}\n--- rank {first_failure.rank} ---\n{first_failure.traceback}"
-                )
-            results = [o.value for o in outcomes]
+            results, restarted = _spawn_with_restarts(run, common, check, checkpoints)
+            if restarted:
+                log.warning("ranks restarted %d time(s)", restarted)
     summary = _summary(results, steps)
+    summary["restarts"] = restarted
+    summary["resumed_from"] = min(r["resumed_from"] for r in results)
     if check:
         if eager is None:  # under torchrun: rank 0 builds the reference now
             eager = unpack_model(build_eager(factory, seed))
@@ -270,6 +364,72 @@ def run_pipeline(
     return summary
 
 
+def _spawn_with_restarts(
+    run: RunOptions,
+    common: tuple[Any, ...],
+    check: bool,
+    checkpoints: _Checkpoints | None,
+) -> tuple[list[dict[str, Any]], int]:
+    """The local ranks' results, starting every rank again (resuming from the newest complete
+    checkpoint) up to ``run.restarts`` times when one fails; and how many restarts it took."""
+    for attempt in range(run.restarts + 1):
+        again = checkpoints
+        if checkpoints is not None and attempt > 0:
+            again = dataclasses.replace(checkpoints, resume=True)
+        outcomes = spawn_ranks(
+            _rank_run,
+            run.ranks,
+            (*common, check, again),
+            timeout=run.timeout * 2 + 60,
+            pg_timeout=run.timeout,
+            backend=run.backend,
+            start_method="forkserver",
+        )
+        failed = [o for o in outcomes if not o.ok]
+        if not failed:
+            return [o.value for o in outcomes], attempt
+        first_failure = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
+        report = "\n".join(o.describe() for o in outcomes)
+        if attempt < run.restarts:
+            log.warning(
+                "a rank failed; restarting every rank (%d left):\n%s",
+                run.restarts - attempt,
+                report,
+            )
+            continue
+        raise StageError(f"{report}\n--- rank {first_failure.rank} ---\n{first_failure.traceback}")
+    raise AssertionError("unreachable")
+
+
+def _init_torchrun_group(backend: str, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` from torchrun's environment, in a store namespace of its own per
+    restart.
+
+    [Note: one store namespace per restart]
+    After ``torchrun --max-restarts`` starts the ranks again, the rendezvous store can still hold
+    the addresses the dead attempt's ranks published (torch assumes a fresh store per attempt,
+    and the standalone agent's store outlives it), so a new rank may dial a port nobody listens
+    on any more and time out. Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT`` keeps each
+    attempt's addresses apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    prefixed = dist.PrefixStore(f"pipepart/restart-{restart}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+
+
 def _under_torchrun(
     args: tuple[Any, ...], timeout: float, backend: str | None
 ) -> list[dict[str, Any]] | None:
@@ -280,7 +440,7 @@ def _under_torchrun(
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        _init_torchrun_group(backend, datetime.timedelta(seconds=timeout))
     result = _rank_run(*args)  # on failure, raise: torchrun then stops the other ranks
     root = dist.get_rank() == 0
     gathered: list[Any] = [None] * dist.get_world_size() if root else []

@@ -10,9 +10,15 @@ traced when the model reads ``self.training`` (`partition.modes`).
 
 from __future__ import annotations
 
-import torch
+import hashlib
+from collections.abc import Sequence
+from typing import Any
 
-from partition.errors import PlanError
+import torch
+import torch.distributed as dist
+
+from partition.errors import PeerError, PlanError
+from partition.memory import canonical_schedule
 from partition.plan import Plan
 from partition.registry import BuiltModel
 from partition.split import Stage
@@ -21,7 +27,7 @@ from pipeline.options import PipelineOptions
 from pipeline.schedule_check import validate
 from pipeline.schedules import Schedule, build_schedule
 
-__all__ = ["layout"]
+__all__ = ["agree_on_layout", "layout"]
 
 
 def layout(
@@ -49,7 +55,16 @@ def layout(
             raise PlanError(
                 f"the plan has {plan.virtual} stages per rank, the options ask for {options.virtual}"
             )
-        name, m, virtual = options.schedule or plan.schedule, plan.microbatches, plan.virtual
+        if options.schedule is not None and canonical_schedule(
+            options.schedule
+        ) != canonical_schedule(plan.schedule):
+            raise PlanError(  # its memory budget and prediction are that schedule's
+                f"the plan was made for the {plan.schedule!r} schedule, the options ask for "
+                f"{options.schedule!r}; re-plan with --schedule {options.schedule}, or leave "
+                "the schedule to the plan (schedule=None)"
+            )
+        plan.check_model_class(type(built.model).__name__)
+        name, m, virtual = plan.schedule, plan.microbatches, plan.virtual
     else:
         if options.microbatches is None:
             raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
@@ -86,3 +101,51 @@ def layout(
         )
     stages = split(analysis.traced, analysis.graph, bounds)
     return modal_stages(analysis.traced, other, stages), schedule
+
+
+def agree_on_layout(
+    stages: Sequence[Stage], schedule: Schedule, group: dist.ProcessGroup | None = None
+) -> None:
+    """Raise `PlanError` on every rank unless every rank of ``group`` laid out the same pipeline.
+
+    [Note: ranks agree before any message]
+    Every rank lays its pipeline out alone (`layout`), so ranks given different plans (or
+    options, or a model built differently) would each run a consistent pipeline of their own:
+    receives of the wrong shape, a hang or a silently wrong loss. So before any other collective
+    and any point-to-point message, the ranks all-gather a digest of their layouts — the
+    schedule and its counts, every stage's nodes and boundary tensors — and every rank raises
+    if any differs, naming what each rank has. A peer that failed before this point (its own
+    error says why) makes the gather fail at once: a `PeerError`, never a wait.
+    """
+    digest = hashlib.sha256(repr(_layout_facts(stages, schedule)).encode()).hexdigest()[:12]
+    cuts = [s.nodes[-1] for s in stages[:-1]]
+    shown = cuts if len(cuts) <= 6 else [*cuts[:3], "...", *cuts[-2:]]
+    mine = (
+        f"{len(stages)} stages cut after {shown}, {schedule.name} with "
+        f"{schedule.num_microbatches} micro-batches (layout {digest})"
+    )
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    try:
+        dist.all_gather_object(gathered, (digest, mine), group=group)
+    except RuntimeError as e:  # gloo: the peer closed its connection
+        raise PeerError(
+            "a peer rank ended before the ranks compared their pipeline layouts (its own error "
+            f"says why): {e}"
+        ) from e
+    if len({d for d, _ in gathered}) > 1:
+        described = "; ".join(f"rank {r}: {text}" for r, (_, text) in enumerate(gathered))
+        raise PlanError(
+            f"the ranks disagree on the plan: {described}. Give every rank the same plan (one "
+            "plan file, or plan_model on the same model and inputs) and the same options"
+        )
+
+
+def _layout_facts(stages: Sequence[Stage], schedule: Schedule) -> tuple[Any, ...]:
+    return (
+        schedule.name,
+        schedule.num_ranks,
+        schedule.num_stages,
+        schedule.num_microbatches,
+        tuple((s.index, s.nodes, tuple(s.inputs), tuple(s.outputs), s.params) for s in stages),
+    )

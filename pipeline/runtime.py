@@ -39,7 +39,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ from partition.registry import build_meta_model, target_free, unpack_model
 from pipeline.batch import split_batch
 from pipeline.batchnorm import defer_batchnorm
 from pipeline.executor import RankExecutor
-from pipeline.layout import layout
+from pipeline.layout import agree_on_layout, layout
 from pipeline.options import PipelineOptions
 from pipeline.schedule_check import check_channel_order
 from pipeline.schedules import (
@@ -65,6 +66,9 @@ from pipeline.simulate import TimelineEvent
 from pipeline.stage import LossFn, StageExecutor
 from pipeline.tied import TiedWeights
 from pipeline.weights import allocate, describe_sources, fill, init_order
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint import CheckpointInfo
 
 __all__ = [
     "BatchError",
@@ -132,6 +136,7 @@ class Pipeline:
         self.log = _RankLog(log, self.rank)
         # Every check that can fail runs before the first collective, identically on every rank.
         built = build_meta_model(model_fn)
+        self.plan, self.model_class = plan, type(built.model).__name__  # for checkpoints
         loss_fn = loss_fn or built.loss_fn
         if loss_fn is None:
             raise PlanError(
@@ -147,6 +152,7 @@ class Pipeline:
         self.my_stages = self.schedule.stages_of(self.rank)
         with_comm = with_communication(self.schedule)
         check_channel_order(with_comm)
+        agree_on_layout(self.stages, self.schedule, group)  # the first collective
         self._actions = with_comm.actions[self.rank]
         self._eval_actions = tuple(
             a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
@@ -283,6 +289,18 @@ class Pipeline:
         for s in self.my_stages:
             out.update(self.stages[s].module.state_dict())
         return out
+
+    def save(self, root: str | Path, **kwargs: Any) -> Path:
+        """Save a checkpoint under ``root`` (a collective); see `pipeline.checkpoint.save_checkpoint`."""
+        from pipeline.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, root, **kwargs)
+
+    def load(self, path: str | Path) -> CheckpointInfo:
+        """Restore a checkpoint (a collective); see `pipeline.checkpoint.load_checkpoint`."""
+        from pipeline.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path)
 
     def train(self, mode: bool = True) -> Pipeline:
         """Put this rank's stages in training (or, with ``False``, evaluation) mode: each runs

@@ -21,6 +21,10 @@ NAMES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith(
 # Top-level keys of each benchmark's JSON, and the keys of each of its rows ("rows" holds them;
 # a top-level list is the rows itself). A benchmark not listed is only run and read back.
 EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "checkpoint_cost": (
+        ("question", "command", "quick", "machine", "state_bytes_per_rank", "rows"),
+        ("mode", "plain_step_s", "save_cost_s", "step_ratio", "peak_rss_growth_mib"),
+    ),
     "trace_cost": (("target_seconds_96_blocks", "rows"), ("blocks", "nodes", "trace_s", "cost_s")),
     "partition_speed": (("meta", "quick", "rows"), ()),
     "simulate_speed": (("quick", "machine", "verdict", "rows"), ("schedule", "ranks", "seconds")),

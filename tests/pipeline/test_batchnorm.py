@@ -141,13 +141,13 @@ def _train(cases: list[Case], plans: dict[tuple[str, str], Any]) -> list[dict[st
     results = []
     for case in cases:
         options = PipelineOptions(
-            schedule=case.schedule,
             recompute=case.recompute,
             batchnorm=case.batchnorm,  # type: ignore[arg-type]
         )
+        plan = plans[case.model, case.route]  # the same cut, run with the case's schedule
         pipe = Pipeline(
             functools.partial(factory, case.model),
-            plan=plans[case.model, case.route],
+            plan=dataclasses.replace(plan, schedule=case.schedule),
             options=options,
             optimizer_factory=functools.partial(torch.optim.SGD, lr=LR),
         )
