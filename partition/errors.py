@@ -6,6 +6,7 @@ __all__ = [
     "BatchError",
     "BoundaryError",
     "CheckpointError",
+    "FactoryError",
     "InfeasibleError",
     "InputError",
     "PeerError",
@@ -13,6 +14,7 @@ __all__ = [
     "PlanError",
     "StageError",
     "TraceError",
+    "factory_error",
     "stage_error",
 ]
 
@@ -37,6 +39,10 @@ class CheckpointError(PipepartError, ValueError):
     """A checkpoint is missing tensors, or its tensors do not match the stage."""
 
 
+class FactoryError(PipepartError, RuntimeError):
+    """The model factory raised; the message names the factory and how it was called."""
+
+
 class StageError(PipepartError, RuntimeError):
     """A failure inside a pipeline rank, re-raised with `[rank · stage · step · action]` context."""
 
@@ -57,20 +63,21 @@ class PeerError(PipepartError, ConnectionError):
     """A send or receive failed because the peer rank died or hung up; names the peer."""
 
 
-_MIXED: dict[type, type] = {}
+_MIXED: dict[tuple[type, type], type] = {}
 
 
-def stage_error(error: Exception, message: str) -> Exception:
-    """A `StageError` saying ``message`` that is also an instance of ``type(error)`` (class
-    ``Stage<Name>``), when that type allows it — so ``except ValueError`` still catches a
-    rank's ValueError re-raised with its place."""
+def _with_kind(kind: type[PipepartError], error: Exception, message: str) -> Exception:
+    """A ``kind`` saying ``message`` that is also an instance of ``type(error)`` (class
+    ``<Kind prefix><Name>``, e.g. ``StageValueError``), when that type allows it — so
+    ``except ValueError`` still catches a ValueError re-raised with its context."""
     cls = type(error)
     try:
-        mixed = _MIXED.get(cls)
+        mixed = _MIXED.get((kind, cls))
         if mixed is None:
-            mixed = _MIXED[cls] = type(
-                f"Stage{cls.__name__}",
-                (StageError, cls),
+            prefix = kind.__name__.removesuffix("Error")
+            mixed = _MIXED[kind, cls] = type(
+                f"{prefix}{cls.__name__}",
+                (kind, cls),
                 {"__module__": __name__, "__str__": BaseException.__str__},
             )
         err = mixed(message)
@@ -78,4 +85,14 @@ def stage_error(error: Exception, message: str) -> Exception:
             return err
     except TypeError:
         pass
-    return StageError(message)
+    return kind(message)
+
+
+def stage_error(error: Exception, message: str) -> Exception:
+    """A `StageError` saying ``message`` (a rank's error with its place), also a ``type(error)``."""
+    return _with_kind(StageError, error, message)
+
+
+def factory_error(error: Exception, message: str) -> Exception:
+    """A `FactoryError` saying ``message`` (what the factory raised), also a ``type(error)``."""
+    return _with_kind(FactoryError, error, message)

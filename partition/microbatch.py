@@ -45,9 +45,13 @@ def check_divisible(batch: int, m: int) -> None:
         )
     divisors = [d for d in range(1, batch + 1) if batch % d == 0]
     nearest = min(divisors, key=lambda d: (abs(d - m), -d))
+    problem = (
+        f"is smaller than {m} micro-batches (some would be empty)"
+        if batch < m
+        else f"is not divisible by {m} micro-batches"
+    )
     raise BatchError(
-        f"batch {batch} is not divisible by {m} micro-batches; use a batch of {options}… "
-        f"or --microbatches {nearest}"
+        f"batch {batch} {problem}; use a batch of {options}… or --microbatches {nearest}"
     )
 
 

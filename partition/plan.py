@@ -351,12 +351,16 @@ class Plan:
                 f"or give the plan of {class_name}"
             )
 
-    def check_model(self, class_name: str, graph_hash_value: str, num_nodes: int) -> None:
+    def check_model(
+        self, class_name: str, graph_hash_value: str, num_nodes: int, num_parameters: int
+    ) -> None:
         """Raise `PlanError` unless the plan was made for this model."""
         if graph_hash_value != self.model.graph_hash or num_nodes != self.model.num_nodes:
             raise PlanError(
-                f"this plan was made for {self.model.class_name} (graph {self.model.graph_hash}, "
-                f"{self.model.num_nodes} nodes), but the model given is {class_name} (graph "
-                f"{graph_hash_value}, {num_nodes} nodes). Plans are tied to one model, one "
-                "micro-batch shape and one trace route: re-plan with `pipepart plan`"
+                f"this plan was made for another model: {self.model.class_name} with "
+                f"{self.model.num_parameters:,} parameters (graph {self.model.graph_hash}, "
+                f"{self.model.num_nodes} nodes), but the model given is {class_name} with "
+                f"{num_parameters:,} parameters (graph {graph_hash_value}, {num_nodes} nodes). "
+                "Plans are tied to one model, one micro-batch shape and one trace route: "
+                "re-plan with `pipepart plan`"
             )

@@ -315,7 +315,8 @@ def stages_for_plan(traced: TracedModel, plan: Plan) -> list[Stage]:
     rank given a plan pays for a trace on meta and no more.
     """
     order = node_order(traced, plan.model.order)
-    plan.check_model(_class_name(traced), _graph_hash(traced, order), len(order))
+    given = sum(p.numel() for p in traced.model.parameters())  # each once, as the plan counts
+    plan.check_model(_class_name(traced), _graph_hash(traced, order), len(order), given)
     return split(traced, order, plan.bounds)
 
 

@@ -11,6 +11,7 @@ tensors. Bundled and ``hf:`` models come with a synthetic target for training ru
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from partition import examples
-from partition.errors import InputError
+from partition.errors import InputError, factory_error
 
 __all__ = [
     "BUNDLED",
@@ -71,9 +72,35 @@ def unpack_model(built: Any) -> BuiltModel:
 
 
 def build_meta_model(model_fn: Callable[[], Any]) -> BuiltModel:
-    """Call ``model_fn`` under ``torch.device("meta")``; so building the model costs no memory."""
+    """Call ``model_fn`` under ``torch.device("meta")``; so building the model costs no memory.
+
+    Raises:
+        FactoryError: the factory raised (also an instance of what it raised, which is the cause).
+        InputError: it returned something that is not a model.
+    """
     with torch.device("meta"):
-        return unpack_model(model_fn())
+        try:
+            built = model_fn()
+        except Exception as e:
+            raise factory_error(
+                e,
+                f"the model factory {factory_name(model_fn)} raised {type(e).__name__}: {e} "
+                "(it was called under torch.device('meta'), to build the model without memory; "
+                "its traceback is above)",
+            ) from e
+        return unpack_model(built)
+
+
+def factory_name(model_fn: Callable[..., Any]) -> str:
+    """How a message names a factory: ``module.qualname``, a partial with its arguments."""
+    if isinstance(model_fn, functools.partial):
+        given = [repr(a) for a in model_fn.args] + [
+            f"{k}={v!r}" for k, v in model_fn.keywords.items()
+        ]
+        return f"{factory_name(model_fn.func)}({', '.join(given)})"
+    name = getattr(model_fn, "__qualname__", None) or type(model_fn).__qualname__
+    module = getattr(model_fn, "__module__", None)
+    return f"{module}.{name}" if module and module not in ("__main__", "builtins") else name
 
 
 def _with_target(result: Any, target: torch.Tensor) -> Any:

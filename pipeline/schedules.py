@@ -260,11 +260,11 @@ def interleaved_1f1b(num_ranks: int, m: int, virtual: int) -> Schedule:
         return one_f_one_b(num_ranks, m)
     p, v = num_ranks, virtual
     if m % p:
-        lower = max(p, m - m % p)
+        near = " or ".join(str(n) for n in sorted({max(p, m - m % p), m - m % p + p}))
         raise PlanError(
             f"interleaved schedule needs the number of micro-batches to be a multiple of the "
             f"number of ranks (Megatron's rule): got {m} micro-batches on {p} ranks; use "
-            f"{lower} or {m - m % p + p} micro-batches, or the '1f1b' schedule"
+            f"{near} micro-batches, or the '1f1b' schedule"
         )
     total = m * v
 

@@ -11,6 +11,13 @@ on the processes themselves, so a rank killed by a signal is seen at once; with
 ``kill_on_failure`` the first failure kills every other rank, and a rank still running at
 ``timeout`` is asked for its Python stacks (SIGUSR1, faulthandler) and killed: the call never
 hangs. Ranks destroy their process group on the way out (giving up after 10 s if peers are gone).
+
+[Note: local ranks stay off the network]
+The rendezvous is a file in a temporary directory only this user can read (``mkdtemp``'s 0700).
+Gloo binds each rank's connections to the address the host name resolves to, which on many
+machines is the LAN's: so unless the user chose an interface (``GLOO_SOCKET_IFNAME``), a local
+rank binds gloo to the loopback interface, and nothing it opens is reachable from another machine.
+NCCL's own bootstrap sockets follow ``NCCL_SOCKET_IFNAME``, which is left to the user.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -38,13 +46,19 @@ import torch.distributed as dist
 
 from partition.errors import InputError
 
-__all__ = ["RankOutcome", "spawn_ranks"]
+__all__ = ["RankOutcome", "loopback_interface", "spawn_ranks"]
 
 log = logging.getLogger(__name__)
 
 # What a fork server imports once for all the ranks it starts. torch._dynamo is imported when
 # parameters are initialised on meta, and takes seconds on its own.
 _PRELOAD = ("torch", "torch._dynamo", "pipeline.launch", "pipeline.spawn", "pipeline.planning")
+
+
+def loopback_interface() -> str | None:
+    """The loopback network interface's name (``lo`` on Linux, ``lo0`` on BSD and macOS)."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next((n for n in ("lo", "lo0") if n in names), None)
 
 
 @dataclass
@@ -236,6 +250,9 @@ def _rank_main(
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
+        loopback = loopback_interface()
+        if loopback is not None:  # see [Note: local ranks stay off the network]
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         dist.init_process_group(
             backend,
             init_method=f"file://{init}",

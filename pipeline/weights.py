@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import socket
 import tempfile
@@ -38,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from partition.errors import CheckpointError, InputError
+from partition.errors import CheckpointError, FactoryError, factory_error
+from partition.registry import factory_name
 from pipeline.tensorfile import TensorFile, all_tensors, save_tensors
 
 __all__ = [
@@ -54,6 +56,8 @@ __all__ = [
     "share_factory_weights",
 ]
 
+log = logging.getLogger(__name__)
+
 WeightsMode = Literal["auto", "factory", "init"]
 """See [Note: the model's own weights]."""
 
@@ -62,10 +66,21 @@ def build_eager(model_fn: Callable[[], Any], seed: int) -> Any:
     """``model_fn()`` called the plain way, after ``torch.manual_seed(seed)``, on the CPU.
 
     The caller's random state is left as it was (the build runs under ``fork_rng``).
+
+    Raises:
+        FactoryError: the factory raised (also an instance of what it raised, which is the cause).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_fn()
+        try:
+            return model_fn()
+        except Exception as e:
+            raise factory_error(
+                e,
+                f"the model factory {factory_name(model_fn)} raised {type(e).__name__}: {e} "
+                f"(it was called the plain way, for the model's own weights: "
+                f"torch.manual_seed({seed}), then the factory on the CPU)",
+            ) from e
 
 
 def model_bytes(module: nn.Module) -> int:
@@ -210,7 +225,8 @@ def share_factory_weights(
             save_tensors(model, path)
             del model
         except Exception as e:  # reported on every rank below
-            error = f"{type(e).__name__}: {e}"
+            log.exception("building the model's weights failed")
+            error = str(e) if isinstance(e, FactoryError) else f"{type(e).__name__}: {e}"
     outcomes: list[Any] = [None] * world
     dist.all_gather_object(outcomes, (path, error), group=group)
     failed = [(r, err) for r, (_, err) in enumerate(outcomes) if err]
@@ -218,7 +234,7 @@ def share_factory_weights(
         if path is not None:
             Path(path).unlink(missing_ok=True)
         r, err = failed[0]
-        raise InputError(f"building the model's weights with its factory failed on rank {r}: {err}")
+        raise FactoryError(f"on rank {r}, which logged its traceback: {err}")
     mine = outcomes[leader][0]
     problem = ""
     try:

@@ -80,6 +80,7 @@ def test_every_error_is_a_pipepart_error_and_a_standard_type() -> None:
         "BatchError": ValueError,
         "BoundaryError": ValueError,
         "CheckpointError": ValueError,
+        "FactoryError": RuntimeError,
         "InfeasibleError": ValueError,
         "InputError": TypeError,
         "PeerError": ConnectionError,

@@ -65,7 +65,9 @@ def test_plan_for_another_model_is_refused() -> None:
     plan = _plan()
     model, inputs, _ = gpt("toy", batch=8, layers=3)
     analysis = analyze(model, inputs, microbatches=4)
-    with pytest.raises(PlanError, match="this plan was made for GPT"):
+    with pytest.raises(
+        PlanError, match="this plan was made for another model: GPT with 16,480 parameters"
+    ):
         stages_for_plan(analysis.traced, plan)
     model, inputs, _ = gpt("toy", batch=8)
     assert len(stages_for_plan(analyze(model, inputs, microbatches=4).traced, plan)) == 3

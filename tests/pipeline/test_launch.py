@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from harness import run_ranks
 
+from partition import examples
 from pipeline.launch import RunOptions, run_pipeline
-from pipeline.runtime import PipelineOptions
+from pipeline.runtime import Pipeline, PipelineOptions
+from pipeline.spawn import loopback_interface
 
 
 @pytest.mark.timeout(120)
@@ -82,3 +90,41 @@ def test_run_pipeline_joins_torchrun(tmp_path: Path) -> None:
     assert len(lines) == 1, done.stdout  # only rank 0 reports
     (step,) = json.loads(lines[0][len("RESULT ") :])
     assert step["loss"] > 0
+
+
+def _my_sockets() -> dict[str, Any]:
+    """After a step, the local addresses of this rank's TCP sockets (from ``/proc``)."""
+    pipe = Pipeline(
+        functools.partial(examples.gpt, "toy", batch=4), options=PipelineOptions(microbatches=2)
+    )
+    x = torch.randint(0, 96, (4, 16))
+    pipe.step(x, x)
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    local = []
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    local.append(fields[1].split(":")[0])
+    return {"local": local, "interface": os.environ.get("GLOO_SOCKET_IFNAME")}
+
+
+_LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 in /proc's hex
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/net/tcp"), reason="reads Linux's /proc")
+@pytest.mark.timeout(120)
+def test_local_ranks_open_nothing_but_loopback() -> None:
+    """Every TCP socket a local rank holds after a step is on loopback; gloo was bound to the
+    loopback interface, not to the host name's address (here both are loopback, see
+    [Note: local ranks stay off the network])."""
+    for rank, got in enumerate(run_ranks(2, _my_sockets, timeout=90)):
+        assert got["interface"] == loopback_interface() == "lo", (rank, got)
+        assert got["local"], (rank, "no socket found: the check would prove nothing")
+        assert set(got["local"]) <= _LOOPBACK, (rank, got["local"])
