@@ -316,6 +316,7 @@ def _infeasible_message(problem: Problem) -> str:
             + (", or fewer virtual stages" if v > 1 else "")
         )
     spec = problem.devices[-1]
+    kind = spec.name.rsplit(":", 1)[0] if _homogeneous(problem.devices) else spec.name  # h100:3
     m = min_devices(problem)
     total = float(problem.kappa * c.W[-1] + c.A[-1])
     head = (
@@ -325,12 +326,12 @@ def _infeasible_message(problem: Problem) -> str:
     )
     if m is None:
         return (
-            f"{head}, and no number of {spec.name!r} devices ({format_size(spec.memory)} each) fits: "
+            f"{head}, and no number of {kind!r} devices ({format_size(spec.memory)} each) fits: "
             "some stage's received activations and gradients alone exceed a device. Use devices "
             "with more memory or fewer micro-batches"
         )
     if _homogeneous(problem.devices):
-        like = f"{spec.name!r} devices of {format_size(spec.memory)}"
+        like = f"{kind!r} devices of {format_size(spec.memory)}"
     else:
         like = f"the given devices in order, then copies of the last, {spec.name!r}"
     return (

@@ -153,7 +153,7 @@ ROWS: dict[str, tuple[type[Exception], tuple[str, ...]]] = {
     ),
     "memory that more devices would have": (
         InfeasibleError,
-        ("no split of the 117 nodes fits 2 device(s)", "The fewest devices that fit is 5"),
+        ("no split of the 117 nodes fits 2 device(s)", "fit is 5 ('device' devices of 150 KiB)"),
     ),
     "memory that no number of devices has": (
         InfeasibleError,
