@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from partition import examples
-from partition.errors import InputError, factory_error
+from partition.errors import InputError, PipepartError, factory_error
 
 __all__ = [
     "BUNDLED",
@@ -79,16 +79,25 @@ def build_meta_model(model_fn: Callable[[], Any]) -> BuiltModel:
         InputError: it returned something that is not a model.
     """
     with torch.device("meta"):
-        try:
-            built = model_fn()
-        except Exception as e:
-            raise factory_error(
-                e,
-                f"the model factory {factory_name(model_fn)} raised {type(e).__name__}: {e} "
-                "(it was called under torch.device('meta'), to build the model without memory; "
-                "its traceback is above)",
-            ) from e
+        built = call_factory(
+            model_fn,
+            factory_name(model_fn),
+            "it was called under torch.device('meta'), to build the model without memory",
+        )
         return unpack_model(built)
+
+
+def call_factory(model_fn: Callable[..., Any], name: str, how: str, **kwargs: Any) -> Any:
+    """``model_fn(**kwargs)``; what it raises (unless a pipepart error, which says enough) comes
+    back as a `FactoryError` naming the factory and ``how`` it was called, also an instance of
+    the type it raised, with the original as its cause."""
+    try:
+        return model_fn(**kwargs)
+    except PipepartError:
+        raise
+    except Exception as e:
+        message = f"the model factory {name} raised {type(e).__name__}: {e} ({how})"
+        raise factory_error(e, message) from e
 
 
 def factory_name(model_fn: Callable[..., Any]) -> str:
@@ -155,7 +164,15 @@ class ModelSpec:
         """The model, its example inputs, loss and target; call under ``torch.device("meta")`` to
         skip weights."""
         factory = _factory(self.name)
-        result = factory(size=self.size, batch=self.batch, seq=self.seq, **self.options)
+        result = call_factory(
+            factory,
+            self.name,
+            "building the model, its inputs and its loss",
+            size=self.size,
+            batch=self.batch,
+            seq=self.seq,
+            **self.options,
+        )
         return normalise(self.name, result)
 
 

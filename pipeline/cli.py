@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from partition.errors import PipepartError
+from partition.errors import FactoryError, PipepartError
 from pipeline import cli_bench, cli_checkpoint, cli_plan, cli_run
 
 __all__ = ["main"]
@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PipepartError, OSError) as e:
         if args.debug:
             raise
-        print(f"pipepart {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        hint = "; --debug shows its traceback" if isinstance(e, FactoryError) else ""
+        print(f"pipepart {args.command}: error: {_one_line(str(e))}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pipepart {args.command}: interrupted", file=sys.stderr)

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from partition.errors import CheckpointError, FactoryError, factory_error
-from partition.registry import factory_name
+from partition.errors import CheckpointError, FactoryError
+from partition.registry import call_factory, factory_name
 from pipeline.tensorfile import TensorFile, all_tensors, save_tensors
 
 __all__ = [
@@ -72,15 +72,11 @@ def build_eager(model_fn: Callable[[], Any], seed: int) -> Any:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            return model_fn()
-        except Exception as e:
-            raise factory_error(
-                e,
-                f"the model factory {factory_name(model_fn)} raised {type(e).__name__}: {e} "
-                f"(it was called the plain way, for the model's own weights: "
-                f"torch.manual_seed({seed}), then the factory on the CPU)",
-            ) from e
+        how = (
+            "it was called the plain way, for the model's own weights: "
+            f"torch.manual_seed({seed}), then the factory on the CPU"
+        )
+        return call_factory(model_fn, factory_name(model_fn), how)
 
 
 def model_bytes(module: nn.Module) -> int:

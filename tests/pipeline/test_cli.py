@@ -80,6 +80,12 @@ def test_heterogeneous_devices(capsys: pytest.CaptureFixture[str]) -> None:
         ),
         (["plan", "gpt", "--device-spec", "mem=64KiB,tflops=1", "--devices", "2"], "fit"),
         (["show", "missing.json"], "no plan file"),
+        (  # a factory that raises: named, what it raised, and how to see its traceback
+            ["plan", "json:loads"],
+            "the model factory json:loads raised TypeError: loads() missing 1 required "
+            "positional argument: 's' (building the model, its inputs and its loss); "
+            "--debug shows its traceback",
+        ),
     ],
 )
 def test_errors_are_one_line_and_non_zero(
