@@ -3,7 +3,7 @@
 Both `benchmarks.schedules` and `benchmarks.vs_pipelining` run these, so that their numbers
 describe the same work. A `Workload` is a picklable model factory (spawned ranks call it under
 ``torch.device("meta")``) returning ``(model, args, kwargs, loss_fn, target)`` like
-`partition.registry`; its sizes make each stage's compute dominate a step on one CPU thread:
+`partition.models.registry`; its sizes make each stage's compute dominate a step on one CPU thread:
 
 * ``gpt``: the bundled GPT, width 256, 4 heads, a small vocabulary (1,024) so that blocks, not
   the LM head, hold the time; ``rows`` sequences of ``seq`` tokens per micro-batch.
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from partition import examples
-from partition.registry import BuiltModel
+from partition.models import examples
+from partition.models.registry import BuiltModel
 
 __all__: list[str] = []
 
@@ -45,7 +45,7 @@ class Workload:
 
     @property
     def loss_fn(self) -> Any:
-        """The loss of ``model``'s factory in `partition.examples` (no model built)."""
+        """The loss of ``model``'s factory in `partition.models.examples` (no model built)."""
         return examples.lm_loss if self.model == "gpt" else torch.nn.functional.mse_loss
 
     def describe(self) -> str:

@@ -43,10 +43,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from partition import examples
-from pipeline.checkpoint import save_checkpoint, save_checkpoint_async
-from pipeline.runtime import Pipeline, PipelineOptions
-from pipeline.spawn import spawn_ranks
+from partition.models import examples
+from pipeline.checkpoint.save_load import save_checkpoint, save_checkpoint_async
+from pipeline.launch.spawn import spawn_ranks
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_cost.json"
 _PAGE = os.sysconf("SC_PAGE_SIZE")

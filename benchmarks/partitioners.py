@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from partition import Analysis, analyze
 from partition.algorithms.objective import Problem
 from partition.devices import Device, parse_devices
 from partition.errors import InfeasibleError, PlanError
 from partition.graph import FloatArray, LinearGraph
 from partition.memory import MemoryModel
-from partition.planner import Analysis, analyze
-from partition.registry import resolve
+from partition.models.registry import resolve
+from partition.planning.predict import predict_step
 from partition.solve import Solution, evaluate, solve
-from pipeline.planning import predict_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY = MemoryModel(optimizer="adam", master_weights=True)

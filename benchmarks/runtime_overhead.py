@@ -12,7 +12,7 @@ compute times that step's ideal is simulated with. Each measured step (the slowe
 ``Pipeline.step`` wall time, which also includes sending, waiting, the end-of-step flush and the
 optimizer step) is compared with its own ideal, so that a step slowed by another process on the
 machine meets an ideal slowed alike; the overhead is the median over steps. The per-action
-timelines are saved in the JSON, for Gantt charts (``pipeline.gantt.plot_gantt``, drawn beside
+timelines are saved in the JSON, for Gantt charts (``partition.schedules.gantt.plot_gantt``, drawn beside
 it) and for comparisons with other runtimes. On a shared machine, compare rows from one run only.
 """
 
@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from partition import examples
-from pipeline.runtime import Pipeline, PipelineOptions
-from pipeline.schedules import Action, Kind, build_schedule
-from pipeline.simulate import simulate
-from pipeline.spawn import spawn_ranks
+from partition.models import examples
+from partition.schedules.actions import Action, Kind, build_schedule
+from partition.schedules.simulate import simulate
+from pipeline.launch.spawn import spawn_ranks
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime_overhead.json"
 GOAL = 0.10
@@ -145,7 +145,7 @@ def _plot(rows: list[dict[str, Any]], ranks: int, path: Path) -> None:
     """Measured (last step) above ideal timelines, one pair of charts per schedule."""
     from matplotlib.figure import Figure
 
-    from pipeline.gantt import plot_gantt
+    from partition.schedules.gantt import plot_gantt
 
     fig = Figure(figsize=(12, 2.2 * len(rows) * (0.6 + 0.35 * ranks)), layout="constrained")
     axes = fig.subplots(2 * len(rows), 1)

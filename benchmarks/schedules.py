@@ -17,7 +17,7 @@ machine's load and can be compared with each other. How to read the table:
   included); **span** — first action start to last action end over all ranks, from the
   runtime's per-action timeline: the part of the step a schedule decides.
 * **bubble** — ``1 - busy / (ranks × span)``, busy being the F/B/I/W actions' time.
-* **predicted** — `pipeline.simulate.simulate` on the same schedule, driven by times taken from
+* **predicted** — `partition.schedules.simulate.simulate` on the same schedule, driven by times taken from
   the step's own timeline: per stage, the mean F, B (I and W) durations, plus what the rank
   spends posting that stage's sends and the least it spent in one of its receives (a receive
   whose data is already there); per cut, the link time as the mean delay from the end of a
@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from benchmarks import _workloads
 from benchmarks._workloads import Workload
-from pipeline.schedules import Action, Kind, build_schedule
+from partition.schedules.actions import Action, Kind, build_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "schedules.json"
 TARGET = 0.10
@@ -103,7 +103,7 @@ def _rank(
     target: torch.Tensor,
 ) -> dict[str, Any]:
     """Build one `Pipeline` per schedule, then step them in turn, the order rotating."""
-    from pipeline.runtime import Pipeline, PipelineOptions
+    from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
     start_mib = _workloads.rss_mib()[0]
     pipes, built = [], []
@@ -207,7 +207,7 @@ def _profile(steps: list[list[Event]], num_stages: int) -> dict[str, Any]:
 def _predict(
     schedule: str, ranks: int, m: int, virtual: int, profile: dict[str, Any], full: bool
 ) -> Any:
-    from pipeline.simulate import simulate
+    from partition.schedules.simulate import simulate
 
     sched = build_schedule(schedule, ranks, m, virtual)
     forward, backward, weight = profile["forward"], profile["backward"], profile["weight"]
@@ -237,11 +237,10 @@ def run_group(
     model: str, ranks: int, m: int, *, quick: bool, steps: int
 ) -> list[tuple[dict[str, Any], list[Event], Any]]:
     """Every schedule on one model, rank count and micro-batch count, in one set of ranks."""
+    from partition import analyze, plan_analysis
     from partition.devices import parse_devices
-    from partition.planner import analyze
-    from partition.registry import build_meta_model
-    from pipeline.planning import plan_analysis
-    from pipeline.spawn import spawn_ranks
+    from partition.models.registry import build_meta_model
+    from pipeline.launch.spawn import spawn_ranks
 
     workload = _workload(model, m, quick)
     built = build_meta_model(workload)
@@ -267,7 +266,7 @@ def run_group(
         timeout=1800,
         pg_timeout=300,
         start_method="forkserver",
-        preload=("torch._dynamo", "pipeline.runtime", "benchmarks._workloads"),
+        preload=("torch._dynamo", "pipeline.runtime.pipeline", "benchmarks._workloads"),
     )
     failed = [o for o in outcomes if not o.ok]
     if failed:
@@ -364,7 +363,7 @@ def _analyse(
 def _gantt(path: Path, title: str, measured: list[Event], simulated: Any, ranks: int) -> None:
     from matplotlib.figure import Figure
 
-    from pipeline.gantt import plot_gantt
+    from partition.schedules.gantt import plot_gantt
 
     t0 = min(s for _, _, s, _ in measured)
     shifted = [(r, a, s - t0, e - t0) for r, a, s, e in measured]

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.schedule_check import validate
-from pipeline.schedules import Schedule, build_schedule, with_communication
-from pipeline.simulate import simulate
+from partition.schedules.actions import Schedule, build_schedule, with_communication
+from partition.schedules.check import validate
+from partition.schedules.simulate import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simulate_speed.json"
 TARGET_S = 5.0

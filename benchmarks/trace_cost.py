@@ -27,8 +27,8 @@ TARGET_SECONDS = 10.0
 
 _CHILD = """
 import json, resource, sys, time, torch
-from partition.examples import gpt
-from partition.trace import trace
+from partition.models.examples import gpt
+from partition.trace.fx import trace
 from partition.cost import cost_model
 from partition.graph import linearize
 layers = int(sys.argv[1])

@@ -60,7 +60,7 @@ import torch.distributed as dist
 
 from benchmarks import _workloads
 from benchmarks._workloads import Workload
-from pipeline.schedules import Schedule
+from partition.schedules.actions import Schedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vs_pipelining.json"
 TARGET, GOAL = 1.0, 0.9
@@ -222,7 +222,7 @@ class _Pipelining:
 
 
 def _pipepart(workload: Workload, schedule: str, virtual: int, bounds: tuple[int, ...]) -> Any:
-    from pipeline.runtime import Pipeline, PipelineOptions
+    from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
     options = PipelineOptions(
         schedule=schedule, microbatches=workload.microbatches, virtual=virtual, bounds=bounds
@@ -235,10 +235,10 @@ def _own_stages(
 ) -> dict[int, torch.nn.Module]:
     """This rank's stage modules with pipepart's weights, built without a `Pipeline` (for the
     memory run of pipelining alone): the same trace, split and per-module initialisation."""
-    from partition.materialize import materialize
-    from partition.planner import analyze
-    from partition.registry import build_meta_model
+    from partition import analyze
+    from partition.models.registry import build_meta_model
     from partition.split import split
+    from pipeline.runtime.init import materialize
 
     built = build_meta_model(workload)
     analysis = analyze(
@@ -282,7 +282,7 @@ def _runners(
     mode: str,
     modules: dict[int, torch.nn.Module],
 ) -> _Pipelining:
-    from pipeline.schedules import build_schedule
+    from partition.schedules.actions import build_schedule
 
     actions = None
     if mode == "actions":
@@ -398,9 +398,9 @@ def _rank_alone(
 
 def _bounds(workload: Workload, ranks: int, schedule: str, virtual: int) -> tuple[int, ...]:
     """The split both runtimes use: pipepart's partitioner on this model, CPU devices."""
+    from partition import analyze
     from partition.devices import parse_devices
-    from partition.planner import analyze
-    from partition.registry import build_meta_model
+    from partition.models.registry import build_meta_model
     from partition.solve import solve
 
     built = build_meta_model(workload)
@@ -418,7 +418,7 @@ def _bounds(workload: Workload, ranks: int, schedule: str, virtual: int) -> tupl
 
 
 def _spawn(fn: Callable[..., Any], ranks: int, args: tuple[Any, ...]) -> list[Any]:
-    from pipeline.spawn import spawn_ranks
+    from pipeline.launch.spawn import spawn_ranks
 
     outcomes = spawn_ranks(
         fn,
@@ -429,7 +429,7 @@ def _spawn(fn: Callable[..., Any], ranks: int, args: tuple[Any, ...]) -> list[An
         start_method="forkserver",
         preload=(
             "torch._dynamo",
-            "pipeline.runtime",
+            "pipeline.runtime.pipeline",
             "torch.distributed.pipelining",
             "benchmarks._workloads",
         ),

@@ -1,6 +1,6 @@
 """The cost model: FLOPs, parameter bytes, saved-activation bytes and output bytes of every node.
 
-Every compute node of a `TracedModel` is run once more on meta tensors (see `partition.meta`):
+Every compute node of a `TracedModel` is run once more on meta tensors (see `partition.trace.meta`):
 
 * **FLOPs** — `torch.utils.flop_counter.FlopCounterMode` around the node's forward, and around
   ``torch.autograd.grad`` of its outputs for the backward. Summed over nodes this equals the
@@ -16,7 +16,7 @@ Every compute node of a `TracedModel` is run once more on meta tensors (see `par
   tensor produced by one node and saved by several (a residual input) is counted once, at the
   first node that saves it; the result of an in-place op is the tensor it wrote, so a buffer that
   ``relu_`` saves and a later node saves again is counted once (see [Note: in-place ops] in
-  `partition.inplace`, which also says how an in-place node is run on its own). [Note: fused
+  `partition.trace.inplace`, which also says how an in-place node is run on its own). [Note: fused
   attention] Scaled-dot-product attention is the one
   exception: on meta it runs the math kernel, which saves the ``T × T`` attention matrix, but
   training runs a fused kernel (flash / memory-efficient) that saves only its inputs (q, k, v,
@@ -39,10 +39,10 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from partition.constants import CONSTANTS
-from partition.inplace import alias_key, mutates
-from partition.meta import fetch_args, run_node
-from partition.traced import TracedModel, module_path
+from partition.trace.inplace import alias_key, mutates
+from partition.trace.meta import fetch_args, run_node
+from partition.trace.tensor_constants import CONSTANTS
+from partition.trace.traced import TracedModel, module_path
 
 __all__ = ["CostGraph", "NodeCost", "cost_model", "tensor_bytes"]
 

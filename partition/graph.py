@@ -17,13 +17,13 @@ import numpy as np
 import numpy.typing as npt
 
 from partition.errors import PlanError
-from partition.inplace import derived_from
+from partition.trace.inplace import derived_from
 
 if TYPE_CHECKING:
     import torch.fx as fx
 
     from partition.cost import CostGraph
-    from partition.traced import TracedModel
+    from partition.trace.traced import TracedModel
 
 __all__ = ["ORDERS", "LinearGraph", "linearize", "node_order"]
 

@@ -2,7 +2,7 @@
 
 One check of it (`check_divisible`) serves the planner, which traces the model on the first of
 the ``m`` chunks of the example batch (`first_microbatch`), and the runtime, which splits every
-step's batch (`pipeline.batch`); both raise the same `BatchError` with the same advice.
+step's batch (`pipeline.runtime.batch`); both raise the same `BatchError` with the same advice.
 """
 
 from __future__ import annotations

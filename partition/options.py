@@ -1,4 +1,4 @@
-"""How to plan a model: every knob of `pipeline.planning.plan_model` and ``pipepart plan``, once.
+"""How to plan a model: every knob of `partition.planning.model.plan_model` and ``pipepart plan``, once.
 
 One frozen, keyword-only object with one default per knob, checked when it is made, so a bad
 value fails before anything is traced — in Python and on the command line alike (the CLI builds
@@ -8,16 +8,17 @@ a `PlanOptions` from its flags and never patches them afterwards).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 from partition.errors import PlanError
 from partition.graph import ORDERS
-from partition.memory import MemoryModel, canonical_schedule
+from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
-from partition.trace import TraceMethod
+from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule
+from partition.trace.fx import TraceMethod
 
-__all__ = ["CUTS", "Cuts", "PlanOptions"]
+__all__ = ["CUTS", "Cuts", "PlanOptions", "with_knobs"]
 
 Cuts = Literal["partitioner", "markers"]
 """Who places the cuts: the partitioner, or the model's ``pipe_split()`` markers."""
@@ -27,9 +28,9 @@ _METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 @dataclass(frozen=True, kw_only=True)
 class PlanOptions:
-    """How to trace, cost and split a model. See `pipeline.planning.plan_model`."""
+    """How to trace, cost and split a model. See `partition.planning.model.plan_model`."""
 
-    schedule: str = "1f1b"
+    schedule: str = DEFAULT_SCHEDULE
     """``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device) or ``zb-h1``
     (aliases accepted, stored canonical); decides how many micro-batches each stage holds."""
     microbatches: int = DEFAULT_MICROBATCHES
@@ -42,13 +43,15 @@ class PlanOptions:
     """``optimal`` (the exact partitioner) or a baseline: ``uniform``, ``params``, ``time``."""
     cuts: Cuts = "partitioner"
     """``partitioner`` (``algorithm`` places the cuts), or ``markers``: one stage per segment
-    between the model's ``pipe_split()`` calls (see `partition.markers`)."""
+    between the model's ``pipe_split()`` calls (see `partition.trace.markers`)."""
     method: TraceMethod = "auto"
     """``fx``, ``export``, or ``auto`` (fx, falling back to export)."""
     leaf_modules: tuple[Any, ...] = ()
     """Module classes or qualified names fx keeps whole (it does not trace inside them)."""
     concrete_args: Mapping[str, Any] | None = None
     """fx's ``concrete_args``: arguments fixed at trace time."""
+    tracer_class: Any = None
+    """A `torch.fx.Tracer` subclass of your own for the fx route (default: pipepart's)."""
     order: str = "auto"
     """The node order cuts are placed in: ``auto``, ``graph`` or ``late`` (see
     [Note: node order] in `partition.graph`); with ``cuts="markers"``, ``auto`` means ``graph``."""
@@ -85,3 +88,15 @@ class PlanOptions:
     def node_order(self) -> str:
         """The order to linearise in: ``graph`` for marker cuts left on ``auto``."""
         return "graph" if self.cuts == "markers" and self.order == "auto" else self.order
+
+
+def with_knobs(options: PlanOptions | None, knobs: Mapping[str, Any]) -> PlanOptions:
+    """``options`` (default `PlanOptions()`) with ``knobs``, its fields one by one, over it; an
+    unknown knob is a `TypeError` naming the fields there are."""
+    names = [f.name for f in fields(PlanOptions)]
+    unknown = sorted(set(knobs) - set(names))
+    if unknown:
+        raise TypeError(
+            f"unknown planning option(s) {', '.join(unknown)}; PlanOptions has {', '.join(names)}"
+        )
+    return replace(options or PlanOptions(), **knobs) if knobs else options or PlanOptions()

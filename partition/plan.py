@@ -18,7 +18,8 @@ from typing import Any
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.memory import MemoryModel, canonical_schedule
+from partition.memory import MemoryModel
+from partition.schedules.names import canonical_schedule
 from partition.schema import check_plan
 from partition.split import TensorSpec
 

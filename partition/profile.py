@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from partition.cost import CostGraph
 from partition.devices import Device
-from partition.inplace import mutates
-from partition.meta import fetch_args
+from partition.trace.inplace import mutates
+from partition.trace.meta import fetch_args
 
 __all__ = ["profile"]
 

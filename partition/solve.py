@@ -48,8 +48,9 @@ from partition.algorithms.optimal import min_devices, optimal_split
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.memory import InflightFn, MemoryModel, closed_form_inflight
+from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
+from partition.schedules.names import DEFAULT_SCHEDULE
 
 __all__ = ["ALGORITHMS", "Evaluation", "Problem", "Solution", "evaluate", "min_devices", "solve"]
 
@@ -78,12 +79,11 @@ def solve(
     graph: LinearGraph,
     devices: Sequence[Device],
     *,
-    schedule: str = "1f1b",
+    schedule: str = DEFAULT_SCHEDULE,
     microbatches: int = DEFAULT_MICROBATCHES,
     virtual: int = 1,
     memory: MemoryModel = DEFAULT_MEMORY,
     algorithm: str = "optimal",
-    inflight: InflightFn | None = None,
 ) -> Solution:
     """Split ``graph`` into pipeline stages over ``devices``.
 
@@ -96,8 +96,6 @@ def solve(
         virtual: virtual stages per device (``interleaved`` only).
         memory: what training keeps per parameter byte.
         algorithm: one of `ALGORITHMS`; see [Note: what optimal guarantees].
-        inflight: the micro-batches each stage holds (default the closed forms); see [Note:
-            in-flight counts come from the schedule] in `partition.memory`.
 
     Returns:
         The split and its evaluation.
@@ -117,7 +115,6 @@ def solve(
         microbatches=microbatches,
         virtual=virtual,
         memory=memory,
-        inflight_fn=inflight or closed_form_inflight,
     )
     bounds = run(problem)
     return Solution(

@@ -14,8 +14,8 @@ returns the model's own output structure.
   it under ``shared_params`` and the runtime sums its gradient across the stages that hold it.
 * Tensor constants (a tensor default argument, a plain tensor attribute, a tensor made in
   ``forward``) are not sent either: each stage holds those it reads, outside its parameters and
-  buffers (see [Note: tensor constants] in `partition.constants`).
-* In-place ops (see [Note: in-place ops] in `partition.inplace`): tensors that share storage
+  buffers (see [Note: tensor constants] in `partition.trace.tensor_constants`).
+* In-place ops (see [Note: in-place ops] in `partition.trace.inplace`): tensors that share storage
   cross a cut as one tensor (the result of ``relu_`` is the tensor it wrote; a view of written
   storage is taken again from its base after the cut), and a stage that writes in place into an
   activation it receives (``nn.ReLU(inplace=True)`` as its first op) starts with a ``clone`` of
@@ -41,11 +41,11 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_unflatten
 
-from partition.constants import constant_key, graph_module
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.inplace import derived_from, mutated_by
-from partition.traced import TracedModel, module_path
+from partition.trace.inplace import derived_from, mutated_by
+from partition.trace.tensor_constants import constant_key, graph_module
+from partition.trace.traced import TracedModel, module_path
 
 __all__ = ["Stage", "TensorSpec", "split"]
 
@@ -194,7 +194,7 @@ def _live_tensors(
 ) -> list[list[Wire]]:
     """For each stage, the tensors produced before it and used in it or after.
 
-    Tensors sharing storage cross as one (see `partition.inplace.derived_from`): the result of an
+    Tensors sharing storage cross as one (see `partition.trace.inplace.derived_from`): the result of an
     in-place op is the tensor it wrote, a view of written storage is taken again from its base;
     that first tensor stays live for as long as any of them is used.
     """

@@ -2,7 +2,7 @@
 
 ``run_ranks(world_size, fn, *args, timeout=...)`` runs ``fn(*args)`` on ``world_size`` spawned
 processes joined in a gloo process group (file rendezvous in a temporary directory, one thread
-per rank), through `pipeline.spawn.spawn_ranks`. By default the first failure kills every rank,
+per rank), through `pipeline.launch.spawn.spawn_ranks`. By default the first failure kills every rank,
 the test fails with every rank's traceback, and a rank still running at ``timeout`` is killed
 after dumping its Python stacks (so a hang is a failure with a stack, not a stuck CI job).
 ``expect_failure=True`` instead lets ranks end on their own and returns every `RankOutcome`, for
@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.spawn import RankOutcome, spawn_ranks
+from pipeline.launch.spawn import RankOutcome, spawn_ranks
 
 __all__ = ["RankOutcome", "run_ranks"]
 
-# Imported once by the fork server beside pipeline.spawn's own list.
+# Imported once by the fork server beside pipeline.launch.spawn's own list.
 _PRELOAD = ("pytest", "harness")
 
 

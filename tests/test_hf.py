@@ -8,12 +8,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from partition import parse_devices
-from partition.planner import analyze
-from partition.registry import resolve
-from pipeline.launch import RunOptions, run_pipeline
-from pipeline.planning import plan_analysis
-from pipeline.runtime import PipelineOptions
+from partition import analyze, parse_devices, plan_analysis
+from partition.models.registry import resolve
+from pipeline.launch.run import RunOptions, run_pipeline
+from pipeline.runtime.pipeline import PipelineOptions
 
 MODELS = ["hf:gpt2", "hf:bert", "hf:llama", "hf:vit"]
 

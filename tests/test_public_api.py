@@ -1,7 +1,7 @@
 """The packages' public names: never a submodule, whatever was imported first; errors in one tree.
 
 A package attribute named like a submodule becomes that submodule once anything imports it
-(``partition.trace`` was the function until ``import partition.cost`` imported the module); see
+(``partition.trace.fx`` was the function until ``import partition.cost`` imported the module); see
 [Note: no name is a submodule's] in `partition`.
 """
 
@@ -24,7 +24,7 @@ from partition import errors
 
 PACKAGES = (partition, pipeline)
 # Submodules that need an optional extra to import; the rest must all import.
-OPTIONAL = {"partition.hf": "transformers", "partition.plots": "matplotlib"}
+OPTIONAL = {"partition.models.hf": "transformers", "partition.plots": "matplotlib"}
 
 
 def _submodules(package: types.ModuleType) -> list[str]:
@@ -65,8 +65,8 @@ def test_public_names_after_every_submodule_is_imported(package: types.ModuleTyp
 def test_public_functions_are_callable_after_their_modules_are_imported() -> None:
     import torch
 
-    importlib.import_module("partition.trace")
-    importlib.import_module("partition.cost")  # imports partition.trace: the original symptom
+    importlib.import_module("partition.trace.fx")
+    importlib.import_module("partition.cost")  # imports partition.trace.fx: the original symptom
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     traced = partition.trace_model(model, (torch.randn(3, 4),))
     assert isinstance(traced, partition.TracedModel)
@@ -96,8 +96,8 @@ def test_every_error_is_a_pipepart_error_and_a_standard_type() -> None:
         assert getattr(partition, name) is error, name
     for name in ("BatchError", "BoundaryError", "PeerError", "StageError"):
         assert getattr(pipeline, name) is getattr(errors, name), name
-    from pipeline.comm import BoundaryError, PeerError
-    from pipeline.runtime import BatchError
+    from pipeline.runtime.comm import BoundaryError, PeerError
+    from pipeline.runtime.pipeline import BatchError
 
     assert (BoundaryError, PeerError, BatchError) == (
         errors.BoundaryError,
@@ -114,7 +114,7 @@ def test_importing_the_packages_stays_light() -> None:
         "    return [m for m in sys.modules if m == 'torch' or m.startswith(('partition.', 'pipeline.'))]\n"
         "import partition, pipeline\n"
         "print(sorted(loaded()))\n"
-        "import partition.errors, pipeline.schedules\n"
+        "import partition.errors, partition.schedules.actions\n"
         "print('torch' in loaded())\n"
     )
     out = subprocess.run(

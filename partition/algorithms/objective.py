@@ -79,7 +79,9 @@ import numpy.typing as npt
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.memory import InflightFn, MemoryModel, canonical_schedule, closed_form_inflight
+from partition.memory import MemoryModel
+from partition.schedules.inflight import schedule_inflight
+from partition.schedules.names import canonical_schedule
 
 __all__ = ["Bounds", "Costs", "Evaluation", "Problem", "evaluate"]
 
@@ -108,9 +110,6 @@ class Problem:
     """Virtual stages per device (``interleaved`` only)."""
     memory: MemoryModel = DEFAULT_MEMORY
     """What training keeps per parameter byte."""
-    inflight_fn: InflightFn = closed_form_inflight
-    """The micro-batches each stage holds at its peak, for any number of ranks; see [Note:
-    in-flight counts come from the schedule] in `partition.memory`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.graph, LinearGraph):
@@ -161,7 +160,7 @@ class Problem:
     def inflight_for(self, ranks: int) -> tuple[int, ...]:
         """The in-flight counts of each stage on ``ranks`` devices (the others as here)."""
         counts = tuple(
-            int(c) for c in self.inflight_fn(self.schedule, ranks, self.microbatches, self.virtual)
+            int(c) for c in schedule_inflight(self.schedule, ranks, self.microbatches, self.virtual)
         )
         if len(counts) != ranks * self.virtual or min(counts) < 1:
             raise PlanError(

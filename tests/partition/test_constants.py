@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from partition import analyze
 from partition.errors import PlanError, TraceError
-from partition.planner import analyze
 from partition.split import split
-from partition.trace import trace
+from partition.trace.fx import trace
 
 D = 6
 _DEFAULT = torch.linspace(-1.0, 1.0, D)  # made when the class is defined

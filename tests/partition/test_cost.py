@@ -11,9 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from partition.cost import cost_model
-from partition.examples import Block, GPTConfig, gpt
 from partition.graph import linearize
-from partition.trace import trace
+from partition.models.examples import Block, GPTConfig, gpt
+from partition.trace.fx import trace
 
 
 class _Conv(nn.Module):

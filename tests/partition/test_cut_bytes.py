@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from partition import examples
-from partition.planner import analyze
+from partition import analyze
+from partition.models import examples
 from partition.split import split
 
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from partition import analyze
 from partition.errors import TraceError
-from partition.planner import analyze
 from partition.split import split
-from pipeline.stage import StageExecutor
+from pipeline.runtime.stage import StageExecutor
 
 D = 6
 

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from partition import analyze
 from partition.cost import cost_model
 from partition.devices import PRESETS
-from partition.inplace import mutates
-from partition.planner import analyze
 from partition.profile import profile
 from partition.split import split
-from pipeline.stage import StageExecutor
+from partition.trace.inplace import mutates
+from pipeline.runtime.stage import StageExecutor
 
 D = 8
 

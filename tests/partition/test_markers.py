@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import pipe_split
 
+from partition import analyze, plan_model
 from partition.devices import parse_devices
 from partition.errors import PlanError
-from partition.planner import analyze
 from partition.split import split
-from pipeline.cli import main
-from pipeline.planning import plan_model
+from pipeline.cli.main import main
 
 D = 8
 

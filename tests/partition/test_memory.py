@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from partition.errors import PlanError
-from partition.memory import MemoryModel, inflight_microbatches
+from partition.memory import MemoryModel
+from partition.schedules.inflight import inflight_microbatches
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from partition import analyze, plan_model, reprice
 from partition.devices import parse_devices
 from partition.errors import InputError, PlanError
-from partition.examples import gpt, skipnet
+from partition.models.examples import gpt, skipnet
 from partition.plan import Plan
-from partition.planner import analyze, stages_for_plan
-from pipeline.planning import plan_model, reprice
+from partition.planning.analysis import stages_for_plan
 
 
 def _plan(**kw: object) -> Plan:

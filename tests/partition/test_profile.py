@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+from partition import analyze, plan_model
 from partition.devices import PRESETS, parse_devices
-from partition.examples import gpt
 from partition.graph import linearize
-from partition.planner import analyze
+from partition.models.examples import gpt
 from partition.profile import profile
-from pipeline.planning import plan_model
 
 
 def test_every_compute_node_is_timed_and_costs_follow_the_times() -> None:

@@ -298,9 +298,9 @@ def test_ties_go_to_less_communication_then_less_memory() -> None:
 
 
 def _simulated_step(problem: Problem, bounds: tuple[int, ...]) -> float:
-    """The step time the planner predicts (`pipeline.planning.predict_step`'s arithmetic)."""
-    from pipeline.schedules import build_schedule
-    from pipeline.simulate import simulate
+    """The step time the planner predicts (`partition.planning.model.predict_step`'s arithmetic)."""
+    from partition.schedules.actions import build_schedule
+    from partition.schedules.simulate import simulate
 
     ev, g = evaluate(problem, bounds), problem.graph
     k = problem.num_stages

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+from partition import analyze
 from partition.errors import PlanError
-from partition.examples import gpt, skipnet, two_tower
-from partition.materialize import initialize, materialize
-from partition.planner import analyze
+from partition.models.examples import gpt, skipnet, two_tower
 from partition.split import split
-from partition.trace import TracedModel, TraceMethod
+from partition.trace.fx import TracedModel, TraceMethod
+from pipeline.runtime.init import initialize, materialize
 
 Factory = Callable[[], tuple[Any, tuple[torch.Tensor, ...], Any]]
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from partition import analyze
 from partition.errors import InputError, TraceError
-from partition.examples import gpt, skipnet, two_tower
-from partition.planner import analyze
+from partition.models.examples import gpt, skipnet, two_tower
 from partition.split import split
-from partition.trace import trace
+from partition.trace.fx import trace
 
 
 class _Branchy(nn.Module):
@@ -69,8 +69,8 @@ def test_meta_model_traces_and_costs_without_allocating() -> None:
     script = _PEAK_KIB + textwrap.dedent(
         """
         import torch
-        from partition.examples import gpt
-        from partition.trace import trace
+        from partition.models.examples import gpt
+        from partition.trace.fx import trace
         from partition.cost import cost_model
         before = peak_kib()
         with torch.device("meta"):

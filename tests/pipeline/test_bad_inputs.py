@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from harness import run_ranks
 from torch import nn
 
-from partition import examples
+from partition import plan_model
 from partition.devices import parse_devices
 from partition.errors import (
     BatchError,
@@ -33,10 +33,10 @@ from partition.errors import (
     PlanError,
     TraceError,
 )
+from partition.models import examples
+from partition.models.registry import build_meta_model
 from partition.plan import Plan
-from partition.registry import build_meta_model
-from pipeline.planning import plan_model
-from pipeline.runtime import Pipeline, PipelineOptions
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 M = 4  # micro-batches
 FEWEST = "mem=150KiB,tflops=1"  # 2 of these hold too little; 5 are the fewest that fit the toy

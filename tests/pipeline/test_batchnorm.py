@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from harness import run_ranks
 from torch import Tensor, nn
 
+from partition import analyze, plan_model
 from partition.devices import parse_devices
-from partition.planner import analyze
-from partition.registry import build_meta_model
-from pipeline.batchnorm import DeferredBatchNorm, defer_batchnorm, recompute_contexts
-from pipeline.planning import plan_model
-from pipeline.runtime import Pipeline, PipelineOptions
+from partition.models.registry import build_meta_model
+from pipeline.runtime.batchnorm import DeferredBatchNorm, defer_batchnorm, recompute_contexts
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 M = 2  # micro-batches
 BATCH = 8

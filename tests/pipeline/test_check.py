@@ -1,6 +1,6 @@
 """``pipepart run --check`` is independent, compares like with like, and fails when it should.
 
-See [Note: an independent check] in `pipeline.check`. The models are given to the command line
+See [Note: an independent check] in `pipeline.launch.reference`. The models are given to the command line
 as ``tests.pipeline.test_check:NAME`` (``package.module:callable``), as a user would.
 """
 
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.check import Reference, compare
-from pipeline.cli import main
+from pipeline.cli.main import main
+from pipeline.launch.reference import Reference, compare
 
 MODULE = "tests.pipeline.test_check"
 

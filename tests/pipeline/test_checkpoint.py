@@ -1,4 +1,4 @@
-"""Checkpoints (`pipeline.checkpoint`): resume bit-identically in fresh processes, load under another
+"""Checkpoints (`pipeline.checkpoint.save_load`): resume bit-identically in fresh processes, load under another
 split, skip crashed saves, keep what retention must, export, refuse code and foreign models.
 
 The model is small but has what makes resuming hard: dropout on (its masks come from each rank's
@@ -27,13 +27,13 @@ from harness import run_ranks
 from torch import nn
 
 from partition.errors import CheckpointError
-from pipeline.checkpoint import (
+from pipeline.checkpoint.save_load import (
     export_checkpoint,
     latest_complete,
     prune_checkpoints,
     save_checkpoint_async,
 )
-from pipeline.runtime import Pipeline, PipelineOptions
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 # --- models and data (module level: the ranks import them) ------------------------------------
 
@@ -380,7 +380,7 @@ def _loaded_from_file(path: str) -> dict[str, Any]:
 def _plant(checkpoint: Path, name: str, evil: bytes) -> None:
     """Put ``evil`` where the file ``name`` is read from: the whole index, or every tensor record
     of a part (at the offsets DCP's index gives, the file's size unchanged)."""
-    from pipeline.checkpoint_store import _IndexUnpickler
+    from pipeline.checkpoint.store import _IndexUnpickler
 
     target = checkpoint / name
     if name.endswith(".metadata"):
@@ -437,7 +437,7 @@ def test_names_that_escape_the_directory_are_refused(saves: dict[str, Any], tmp_
             export_checkpoint(checkpoint, tmp_path / "out.safetensors")
 
     # DCP's own index naming a file outside: refused before DCP reads anything
-    from pipeline.checkpoint_store import _IndexUnpickler
+    from pipeline.checkpoint.store import _IndexUnpickler
 
     checkpoint = tmp_path / "index" / "step-00000002"
     shutil.copytree(saves["all"] / "step-00000002", checkpoint)

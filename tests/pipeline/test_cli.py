@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.schedules import build_schedule
+from partition.schedules.actions import build_schedule
+from pipeline.cli.main import main
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:  # type: ignore[type-arg]
@@ -99,7 +99,7 @@ def test_errors_are_one_line_and_non_zero(
 def test_every_subcommand_has_help_with_an_example() -> None:
     for command in ("plan", "show", "simulate", "run", "bench"):
         out = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", command, "--help"],
+            [sys.executable, "-m", "pipeline.cli.main", command, "--help"],
             capture_output=True,
             text=True,
             check=True,
@@ -167,9 +167,9 @@ def test_bench_lists_and_writes_where_asked(
 def test_bench_outside_a_checkout_says_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.cli_bench
+    import pipeline.cli.bench
 
-    monkeypatch.setattr(pipeline.cli_bench, "_BENCHMARKS", tmp_path / "benchmarks")
+    monkeypatch.setattr(pipeline.cli.bench, "_BENCHMARKS", tmp_path / "benchmarks")
     assert main(["bench", "list"]) == 2
     err = capsys.readouterr().err
     assert "no benchmarks/ folder" in err and "source checkout" in err and err.count("\n") == 1, err
@@ -364,7 +364,7 @@ def test_run_flags_train_a_users_model_like_the_plain_loop(
     ]
     driver = (  # one interpreter, as a user's shell would run the commands one after another
         "import json, sys\n"
-        "from pipeline.cli import main\n"
+        "from pipeline.cli.main import main\n"
         "for argv in json.loads(sys.argv[1]):\n"
         "    print('EXIT', main(argv), flush=True)\n"
     )

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from harness import run_ranks
 
 from partition.split import TensorSpec
-from pipeline.comm import BoundaryError, BufferPool, Link, Transport, gradient_specs
+from pipeline.runtime.comm import BoundaryError, BufferPool, Link, Transport, gradient_specs
 
 ACT = (TensorSpec("h", (2, 8), "float32"), TensorSpec("mask", (2,), "int64"))
 

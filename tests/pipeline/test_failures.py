@@ -30,12 +30,12 @@ import pytest
 import torch
 from harness import RankOutcome, run_ranks
 
-from partition import examples
+from partition import plan_model
 from partition.devices import parse_devices
 from partition.errors import PlanError
-from partition.registry import build_meta_model
-from pipeline.planning import plan_model
-from pipeline.runtime import BatchError, Pipeline, PipelineOptions
+from partition.models import examples
+from partition.models.registry import build_meta_model
+from pipeline.runtime.pipeline import BatchError, Pipeline, PipelineOptions
 
 PG_TIMEOUT = 8.0  # seconds a rank may wait for a peer; failures must end well within it
 FAULT_TO_ERROR = 2.0  # seconds from a fault to every rank's error; see [Note: time from the fault]

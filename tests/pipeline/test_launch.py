@@ -17,10 +17,10 @@ import pytest
 import torch
 from harness import run_ranks
 
-from partition import examples
-from pipeline.launch import RunOptions, run_pipeline
-from pipeline.runtime import Pipeline, PipelineOptions
-from pipeline.spawn import loopback_interface
+from partition.models import examples
+from pipeline.launch.run import RunOptions, run_pipeline
+from pipeline.launch.spawn import loopback_interface
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 
 @pytest.mark.timeout(120)
@@ -62,8 +62,8 @@ def test_run_pipeline_joins_torchrun(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import json
-            from pipeline.launch import RunOptions, run_pipeline
-            from pipeline.runtime import PipelineOptions
+            from pipeline.launch.run import RunOptions, run_pipeline
+            from pipeline.runtime.pipeline import PipelineOptions
 
             options = RunOptions(
                 ranks=2, size="toy", timeout=60,

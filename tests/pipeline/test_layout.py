@@ -6,14 +6,14 @@ import functools
 
 import pytest
 
-import partition.planner
-from partition import examples
+import partition.planning.analysis
+from partition import plan_model
 from partition.devices import parse_devices
 from partition.errors import PlanError
-from partition.registry import build_meta_model
-from pipeline.layout import layout
-from pipeline.planning import plan_model
-from pipeline.runtime import PipelineOptions
+from partition.models import examples
+from partition.models.registry import build_meta_model
+from pipeline.runtime.layout import layout
+from pipeline.runtime.pipeline import PipelineOptions
 
 
 @pytest.mark.parametrize(("order", "method"), [("graph", "fx"), ("late", "fx"), ("auto", "export")])
@@ -36,7 +36,7 @@ def test_a_rank_given_a_plan_cuts_without_costing(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a rank given a plan costed the model")
 
-    monkeypatch.setattr(partition.planner, "cost_model", refuse)
+    monkeypatch.setattr(partition.planning.analysis, "cost_model", refuse)
     stages, schedule = layout(built, plan, PipelineOptions(), 3)
     assert [(i, s.nodes[0], s.nodes[-1]) for i, s in enumerate(stages)] == planned
     assert schedule.num_microbatches == 2 and schedule.name == plan.schedule

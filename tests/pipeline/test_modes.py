@@ -19,16 +19,15 @@ import torch.nn.functional as F
 from harness import run_ranks
 from torch import Tensor, nn
 
-from partition import examples
+from partition import analyze, plan_model
 from partition.devices import parse_devices
 from partition.errors import PlanError
-from partition.mode_split import modal_stages
-from partition.modes import ModalStage, analyze_modes, stage_module
-from partition.planner import analyze
-from partition.registry import build_meta_model
+from partition.models import examples
+from partition.models.registry import build_meta_model
+from partition.modes.modal import ModalStage, analyze_modes, stage_module
+from partition.modes.split import modal_stages
 from partition.split import split
-from pipeline.planning import plan_model
-from pipeline.runtime import Pipeline, PipelineOptions
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 # --- models (module level: the ranks import them) ----------------------------------------------
 

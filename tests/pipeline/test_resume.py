@@ -18,11 +18,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from partition.errors import InputError
-from partition.examples import GPT_SIZES, gpt, lm_loss
-from pipeline.checkpoint import export_checkpoint
-from pipeline.cli import main
-from pipeline.launch import RunOptions, run_pipeline
-from pipeline.options import PipelineOptions
+from partition.models.examples import GPT_SIZES, gpt, lm_loss
+from pipeline.checkpoint.save_load import export_checkpoint
+from pipeline.cli.main import main
+from pipeline.launch.run import RunOptions, run_pipeline
+from pipeline.runtime.options import PipelineOptions
 
 M = 2  # micro-batches
 STEPS = 6
@@ -153,7 +153,7 @@ def _torchrun(tmp_path: Path, name: str, marker: Path | None) -> dict[str, Any]:
     if marker is not None:
         env["PIPEPART_TEST_MARKER"] = str(marker)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", "--max-restarts", "1", "-m", "pipeline.cli", "run"]
+    command += ["--nproc-per-node", "2", "--max-restarts", "1", "-m", "pipeline.cli.main", "run"]
     command += ["test_resume:torchrun_gpt", "--ranks", "2", "--steps", str(STEPS)]
     command += ["--microbatches", str(M), "--optimizer", "adam", "--timeout", "30"]
     command += ["--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2", "--json"]

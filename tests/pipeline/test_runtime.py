@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from harness import run_ranks
 
-from partition import examples
-from partition.planner import analyze
-from partition.registry import BuiltModel, build_meta_model, unpack_model
-from pipeline.runtime import Pipeline, PipelineOptions
+from partition import analyze
+from partition.models import examples
+from partition.models.registry import BuiltModel, build_meta_model, unpack_model
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
@@ -361,8 +361,8 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
 
 @pytest.mark.timeout(120)
 def test_evaluation_autocast_checkpoint_lr_schedule_plan_and_timeline(tmp_path: Any) -> None:
+    from partition import plan_model
     from partition.devices import parse_devices
-    from pipeline.planning import plan_model
 
     case = Case("gpt", "1f1b", 2, 4)
     (x, y), *_ = case.batches()

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partition.errors import PlanError
-from pipeline.schedule_check import validate
-from pipeline.schedules import (
+from partition.schedules.actions import (
     SCHEDULES,
     Action,
     Kind,
@@ -23,6 +22,7 @@ from pipeline.schedules import (
     with_communication,
     zero_bubble_h1,
 )
+from partition.schedules.check import validate
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
 
@@ -350,9 +350,9 @@ def _held_by_running(schedule: Schedule) -> list[int]:
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_the_planner_budgets_what_the_schedule_holds(name: str) -> None:
-    """The in-flight counts the planner prices (`pipeline.planning.schedule_inflight`, what
+    """The in-flight counts the planner prices (`partition.planning.model.schedule_inflight`, what
     `plan_model` hands the partitioner) are what running the schedule holds, p <= 8, m <= 32."""
-    from pipeline.planning import schedule_inflight
+    from partition.schedules.inflight import schedule_inflight
 
     wrong = []
     for p, m, v in _inflight_cases(name):
@@ -367,7 +367,7 @@ def test_the_planner_budgets_what_the_schedule_holds(name: str) -> None:
 def test_closed_forms_are_the_schedules_own(name: str) -> None:
     """`partition.memory`'s closed forms (used when the schedule cannot be built) are exact for
     these schedules — ZB-H1 holds min(p, m) on every stage: its W runs late."""
-    from partition.memory import closed_form_inflight
+    from partition.schedules.inflight import closed_form_inflight
 
     for p, m, v in _inflight_cases(name):
         assert list(closed_form_inflight(name, p, m, v)) == peak_inflight(
@@ -377,7 +377,7 @@ def test_closed_forms_are_the_schedules_own(name: str) -> None:
 
 def test_the_interleaved_closed_form_is_a_safe_bound() -> None:
     """Interleaved's closed form never budgets fewer micro-batches than the schedule holds."""
-    from partition.memory import closed_form_inflight
+    from partition.schedules.inflight import closed_form_inflight
 
     for p, m, v in _inflight_cases("interleaved"):
         bound = closed_form_inflight("interleaved", p, m, v)
@@ -396,9 +396,9 @@ def test_a_plan_prices_each_stage_for_what_it_holds(
     schedule holds, and its activation memory is that many micro-batches of its saved bytes."""
     import torch
 
+    from partition import plan_model
     from partition.devices import parse_devices
-    from partition.examples import gpt
-    from pipeline.planning import plan_model
+    from partition.models.examples import gpt
 
     with torch.device("meta"):
         model, inputs, _ = gpt("toy", batch=microbatches, seq=8, layers=4)
@@ -417,7 +417,7 @@ def test_a_plan_prices_each_stage_for_what_it_holds(
 
 
 def test_one_table_of_schedule_names() -> None:
-    from partition.memory import canonical_schedule
+    from partition.schedules.names import canonical_schedule
 
     for alias in ("zero-bubble", "zbh1", "interleaved-1f1b", "pipedream-flush", "ZB_H1"):
         assert build_schedule(alias, 2, 4, 2 if "interleaved" in alias else 1).name == (

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partition.errors import PlanError
-from pipeline.schedules import (
+from partition.schedules.actions import (
     SCHEDULES,
     Kind,
     Schedule,
@@ -21,7 +21,7 @@ from pipeline.schedules import (
     with_communication,
     zero_bubble_h1,
 )
-from pipeline.simulate import SimResult, simulate
+from partition.schedules.simulate import SimResult, simulate
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True)
 TIMES = st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0])  # exact in binary: sums stay exact
@@ -253,7 +253,7 @@ def test_schedule_with_a_missing_producer_raises() -> None:
 
 def test_gantt_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from pipeline.gantt import plot_gantt
+    from partition.schedules.gantt import plot_gantt
 
     result = simulate(interleaved_1f1b(2, 2, 2), forward_time=1, backward_time=2, comm_time=0.2)
     path = tmp_path / "gantt.png"
@@ -267,7 +267,7 @@ def test_gantt_draws_into_given_axes_and_checks_ranks() -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from pipeline.gantt import plot_gantt
+    from partition.schedules.gantt import plot_gantt
 
     fig = Figure()
     ax = fig.add_subplot()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from harness import run_ranks
 from torch import nn
 
-from pipeline.runtime import Pipeline, PipelineOptions
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 RANKS, M, STEPS = 4, 8, 30
 ROWS, WIDTH, DEPTH = 32, 4096, 8  # rows per micro-batch; see [Note: the RSS slack]

@@ -20,10 +20,10 @@ from harness import run_ranks
 from torch import Tensor, nn
 from torch.distributed.pipelining import pipe_split
 
+from partition import plan_model
 from partition.devices import parse_devices
 from partition.plan import Plan
-from pipeline.planning import plan_model
-from pipeline.runtime import Pipeline
+from pipeline.runtime.pipeline import Pipeline
 
 D, BATCH, STEPS = 8, 4, 2
 _DEFAULT = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)

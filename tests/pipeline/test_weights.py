@@ -21,8 +21,8 @@ from harness import run_ranks
 from torch import nn
 
 from partition.errors import CheckpointError
-from pipeline.runtime import Pipeline, PipelineOptions
-from pipeline.tensorfile import TensorFile, all_tensors, save_tensors
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
+from pipeline.runtime.tensorfile import TensorFile, all_tensors, save_tensors
 
 
 class Zoo(nn.Module):

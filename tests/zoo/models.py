@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from partition.hf import causal_lm_loss, classification_loss, masked_lm_loss
+from partition.models.hf import causal_lm_loss, classification_loss, masked_lm_loss
 from zoo import native
 from zoo.native import Built, floats, ints
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import pipe_split
 
-import partition.examples as examples
+import partition.models.examples as examples
 
 __all__ = [
     "Built",

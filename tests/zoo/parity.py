@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from partition import plan_model
 from partition.devices import parse_devices
-from pipeline.planning import plan_model
-from pipeline.runtime import Pipeline, PipelineOptions
-from pipeline.spawn import spawn_ranks
+from pipeline.launch.spawn import spawn_ranks
+from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 from zoo.models import ZOO
 
 __all__ = ["TOLERANCE", "Outcome", "check_plan", "check_runs", "first_line"]

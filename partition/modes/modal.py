@@ -1,0 +1,325 @@
+"""Train and eval modes: the graph of each mode a model distinguishes, and which one runs.
+
+Tracing runs the model's Python ``forward``, so whatever it decides from ``self.training`` is
+fixed in the graph: ``F.dropout(x, p, self.training)`` keeps ``training=True``, HF attention's
+``dropout if self.training else 0.0`` keeps ``p``, a branch on ``self.training`` keeps one side,
+and the export route bakes even ``nn.Dropout`` and ``nn.BatchNorm`` in (fx keeps torch's own
+modules as leaf nodes, which follow the module's mode at run time). So:
+
+* `analyze_modes` traces the model in the mode it is in while recording which modules' forward
+  code read ``training`` (see [Note: proving the modes equal]); only if some did is the model
+  traced again in the other mode, and that graph kept only if it differs;
+* `partition.modes.split.modal_stages` splits the other mode's graph with the cuts of the first:
+  every boundary carries the same tensors, in the same order, in both modes, or the build fails
+  naming the stage;
+* after the weights are in place, `bind_other_mode` points each other-mode stage at the same
+  submodules and tensors, and `stage_module` says which graph runs in a mode.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from partition.errors import PlanError
+from partition.microbatch import first_microbatch
+from partition.planning.analysis import Analysis, analyze_traced
+from partition.split import Stage
+from partition.trace.fx import TraceMethod, trace
+from partition.trace.traced import TracedModel, module_path
+
+__all__ = [
+    "ModalStage",
+    "OtherMode",
+    "analyze_modes",
+    "bind_other_mode",
+    "node_key",
+    "stage_module",
+    "trace_modes",
+]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_NN_DIR = os.path.join(_TORCH_DIR, "nn") + os.sep
+_OUR_DIR = os.path.dirname(__file__) + os.sep
+
+
+@dataclass(eq=False)
+class ModalStage(Stage):
+    """A stage whose model behaves differently in train and eval mode: both graphs."""
+
+    traced_mode: bool = True
+    """The mode ``module`` was traced in (the model's mode as its factory returned it)."""
+    other: fx.GraphModule | None = None
+    """The same stage traced in the other mode: the same inputs and outputs, in the same order."""
+
+
+@dataclass(frozen=True, eq=False)
+class OtherMode:
+    """The model traced in the mode its analysis was not."""
+
+    traced: TracedModel
+    mode: bool
+    """``True``: ``traced`` is the training graph; ``False``: the eval graph."""
+
+
+def stage_module(stage: Stage, mode: bool) -> fx.GraphModule:
+    """The graph module that runs ``stage`` in training (``True``) or eval (``False``) mode."""
+    if isinstance(stage, ModalStage) and stage.other is not None and mode != stage.traced_mode:
+        return stage.other
+    return stage.module
+
+
+# --- which modes differ ---------------------------------------------------------------------
+
+
+@contextmanager
+def _training_reads(model: nn.Module) -> Iterator[set[str]]:
+    """Record the paths of the modules of ``model`` whose ``training`` flag code reads.
+
+    [Note: proving the modes equal]
+    While the model is traced, every module is given, for the duration, a subclass of its own
+    class (same name and module, so tracers and plans see no difference) whose ``training`` is
+    a property that answers with the flag and notes who asked. Reads by torch's tracing
+    machinery (``torch.fx``, ``torch.export``…) and by pipepart do not count; reads by module
+    code (the user's, a library's, ``torch.nn``'s own modules traced through) do, and a module
+    that cannot be watched counts as read. A forward
+    that never read the flag runs the same Python in both modes, so the graphs are equal: no
+    second trace. The fx route's leaf modules (``call_module`` nodes) are run, not traced — they
+    follow the mode at run time — so their reads (during shape propagation and costing) are
+    dropped afterwards (`_run_at_run_time`), and so are those of ``nn.Dropout(p=0)``, the same
+    in both modes (the export route reads it in every block of the bundled GPT).
+    """
+    paths: set[str] = set()
+    swapped: dict[int, tuple[nn.Module, type[nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in swapped:
+            continue
+        original = type(module)
+        try:
+            recording = _recording_class(original)
+            if "training" not in module.__dict__:
+                raise TypeError("training is not an instance attribute")
+            module.__class__ = recording
+        except TypeError:  # a class that cannot be watched: count it as read
+            paths.add(name)
+            continue
+        module.__dict__[_FLAG] = module.__dict__.pop("training")
+        module.__dict__[_PATH] = name
+        swapped[id(module)] = (module, original)
+    _RECORDS.append(paths)
+    try:
+        yield paths
+    finally:
+        _RECORDS.remove(paths)
+        for module, original in swapped.values():
+            module.__class__ = original
+            module.__dict__["training"] = module.__dict__.pop(_FLAG)
+            module.__dict__.pop(_PATH, None)
+
+
+_FLAG = "_pipepart_training"
+_PATH = "_pipepart_path"
+_RECORDS: list[set[str]] = []
+_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _recording_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with a ``training`` property that records its readers (cached per class)."""
+    if cls not in _CLASSES:
+
+        def get(self: nn.Module) -> bool:
+            if _RECORDS and _counts(sys._getframe(1).f_code.co_filename):
+                _RECORDS[-1].add(self.__dict__[_PATH])
+            return bool(self.__dict__[_FLAG])
+
+        def set_(self: nn.Module, value: bool) -> None:
+            self.__dict__[_FLAG] = value
+
+        namespace = {
+            "training": property(get, set_),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        _CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return _CLASSES[cls]
+
+
+def _counts(filename: str) -> bool:
+    """Whether a read of ``training`` from code in ``filename`` is the model's own."""
+    if filename.startswith(_OUR_DIR):
+        return False
+    if filename.startswith(_TORCH_DIR):
+        return filename.startswith(_TORCH_NN_DIR)
+    return True
+
+
+def _run_at_run_time(traced: TracedModel, path: str) -> bool:
+    """Whether module ``path`` is (inside) a leaf of the graph, run rather than traced."""
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            if path == target or path.startswith(target + "."):
+                return True
+    return False
+
+
+def _same_in_both(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward computes the same in both modes (dropout with p = 0)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
+
+
+def analyze_modes(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    microbatches: int = 1,
+    method: TraceMethod = "auto",
+    order: str = "auto",
+) -> tuple[Analysis, OtherMode | None]:
+    """`partition.planning.analysis.analyze` in the model's mode, and the graph of the other mode.
+
+    Returns:
+        The analysis, and the model traced in the other mode (same route, same micro-batch
+        inputs) — ``None`` when the two graphs are equal; see [Note: proving the modes equal].
+    """
+    traced, other = trace_modes(
+        model, example_inputs, example_kwargs, microbatches=microbatches, method=method
+    )
+    return analyze_traced(traced, microbatches=microbatches, order=order), other
+
+
+def trace_modes(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    microbatches: int = 1,
+    method: TraceMethod = "auto",
+) -> tuple[TracedModel, OtherMode | None]:
+    """The model traced in its mode (at one micro-batch), and in the other mode when it differs
+    — what `analyze_modes` costs, and all a rank given a plan needs."""
+    args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
+    with _training_reads(model) as reads:
+        traced = trace(model, args, kwargs, method=method)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if all(_run_at_run_time(traced, p) or _same_in_both(modules[p]) for p in reads):
+        return traced, None
+    flags = [(m, m.training) for m in model.modules()]
+    mode = not model.training
+    model.train(mode)
+    try:
+        other = trace(model, args, kwargs, method=traced.method)
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    return traced, None if _same_graph(traced, other) else OtherMode(other, mode)
+
+
+def node_key(node: fx.Node, traced: TracedModel) -> tuple[str, ...]:
+    """What a node is, independent of its name and constants (how two graphs are aligned)."""
+    if node.name in traced.param_placeholders:
+        return ("tensor", traced.param_placeholders[node.name])
+    if node.op in ("placeholder", "call_module", "get_attr", "output"):
+        return (node.op, str(node.target))
+    target = getattr(node.target, "__qualname__", None) or str(node.target)
+    if not isinstance(node.target, str):
+        target = f"{getattr(node.target, '__module__', '')}.{target}"
+    return (node.op, target, module_path(node))
+
+
+def _same_graph(a: TracedModel, b: TracedModel) -> bool:
+    """Whether ``a`` and ``b`` compute the same thing: node by node the same op on the same
+    arguments (nodes are compared through the pairing, constants by value)."""
+    nodes_a, nodes_b = list(a.graph.nodes), list(b.graph.nodes)
+    if len(nodes_a) != len(nodes_b) or a.out_spec != b.out_spec:
+        return False
+    partner: dict[fx.Node, fx.Node] = {}
+    for x, y in zip(nodes_a, nodes_b, strict=True):
+        if node_key(x, a) != node_key(y, b):
+            return False
+        mapped = fx.node.map_arg(_canonical(x), lambda n: partner[n])
+        try:
+            if mapped != _canonical(y):
+                return False
+        except RuntimeError:  # a tensor constant compared by value: call it different
+            return False
+        partner[x] = y
+    return True
+
+
+_DROPOUTS = {
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.feature_dropout.default,
+    torch.ops.aten.alpha_dropout.default,
+    torch.ops.aten.feature_alpha_dropout.default,
+    torch.ops.aten.native_dropout.default,
+    torch.nn.functional.dropout,
+    torch.nn.functional.dropout1d,
+    torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d,
+    torch.nn.functional.alpha_dropout,
+    torch.nn.functional.feature_alpha_dropout,
+}
+
+
+def _canonical(node: fx.Node) -> tuple[Any, Any]:
+    """A node's arguments, with the mode flag of a dropout of probability 0 (a no-op in both
+    modes: HF models built with zero dropout read it in every layer) left out."""
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if node.target in _DROPOUTS:
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        if p == 0:
+            args = args[:2]
+            kwargs.pop("training", None)
+            kwargs.pop("train", None)
+    return args, kwargs
+
+
+# --- after materialisation ------------------------------------------------------------------
+
+
+def bind_other_mode(stage: Stage, sources: Sequence[nn.Module]) -> None:
+    """Make ``stage``'s other-mode graph use the submodules and tensors of ``sources`` (this
+    rank's stage modules in the traced mode, with their real weights), by qualified name.
+
+    Raises:
+        PlanError: the other mode reads a tensor none of ``sources`` holds.
+    """
+    if not isinstance(stage, ModalStage) or stage.other is None:
+        return
+    module = stage.other
+    modules: dict[str, nn.Module] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for source in sources:
+        modules.update(source.named_modules(remove_duplicate=False))
+        tensors.update(source.named_parameters(remove_duplicate=False))
+        tensors.update(source.named_buffers(remove_duplicate=False))
+    for node in module.graph.nodes:
+        if node.op == "call_module" and str(node.target) in modules:
+            module.set_submodule(str(node.target), modules[str(node.target)])
+    own = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    for name, _ in own:
+        if name not in tensors:
+            raise PlanError(
+                f"stage {stage.index} reads {name!r} in {'train' if not stage.traced_mode else 'eval'} "
+                "mode only, and its traced-mode stage does not hold it; choose bounds that put "
+                "its readers of both modes in one stage"
+            )
+        path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(path)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensors[name]  # type: ignore[assignment]
+        else:
+            owner._buffers[leaf] = tensors[name]

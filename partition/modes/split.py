@@ -1,0 +1,306 @@
+"""Splitting a model's graph in its other mode with the cuts chosen on the traced one.
+
+`partition.modes.modal` traces a model in both modes when they differ; the plan's cuts are indices
+into the traced mode's node order. `modal_stages` carries each cut over to the other mode's
+graph — see [Note: corresponding cuts] — so that a stage receives and sends the same tensors,
+in the same order, whichever mode runs, and `Pipeline.train` can switch graphs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from partition.errors import PlanError
+from partition.graph import LinearGraph
+from partition.modes.modal import ModalStage, OtherMode, node_key
+from partition.split import Stage, split
+from partition.trace.traced import TracedModel, module_path
+
+__all__ = ["modal_stages"]
+
+Wire = tuple[fx.Node, tuple[int, ...]]
+
+
+def modal_stages(
+    traced: TracedModel, other_mode: OtherMode | None, stages: Sequence[Stage]
+) -> list[Stage]:
+    """``stages`` (split from ``traced``), each with its graph in the other mode.
+
+    [Note: corresponding cuts]
+    The two graphs are aligned node by node (`difflib` over what each node is: its op, target
+    and module path, never its name, which shifts when a node exists in one mode only). An
+    aligned node of the other mode goes to its partner's stage; one without a partner (a
+    branch taken in one mode only) goes as late as its users allow, so that what crosses a cut
+    is, where possible, a tensor both modes make. Each boundary's tensors are then paired: by
+    their producers where those are aligned, else by the aligned node that reads them after
+    the cut (``dropout(x)`` in train mode and ``x`` in eval mode feed the same ``linear``). The
+    other mode's stage takes and returns them in the traced mode's order; a tensor without a
+    partner of the same shape and dtype is an error naming the stage.
+
+    Raises:
+        PlanError: a cut cannot be carried over to the other mode.
+    """
+    if other_mode is None:
+        return list(stages)
+    other = other_mode.traced
+    mode = not other_mode.mode
+    what = "train" if other_mode.mode else "eval"
+    partner = _align(traced, other)
+    stage_of = {name: s for s, stage in enumerate(stages) for name in stage.nodes}
+    by_name = {node.name: node for node in traced.graph.nodes}
+    stage_a = {by_name[name]: s for name, s in stage_of.items()}
+    stage_b = _assign(other, partner, stage_a, len(stages), what)
+    nodes_b = [n for n in other.graph.nodes if n.op != "output"]
+    program = {n: i for i, n in enumerate(nodes_b)}
+    order_b = sorted(nodes_b, key=lambda n: (stage_b[n], program[n]))
+    counts = [0] * len(stages)
+    for n in nodes_b:
+        counts[stage_b[n]] += 1
+    empty = [s for s, c in enumerate(counts) if c == 0]
+    if empty:
+        raise PlanError(
+            f"stage {empty[0]} has no nodes in {what} mode (everything it computes is "
+            f"{'train' if mode else 'eval'}-only); choose bounds that give it a node both modes run"
+        )
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    linear = LinearGraph.uncosted(tuple(n.name for n in order_b))
+    try:
+        split_b = split(other, linear, bounds)
+    except PlanError as e:
+        raise PlanError(f"the split does not carry over to {what} mode: {e}") from e
+    order_a = [by_name[name] for stage in stages for name in stage.nodes]
+    live_a = _live(traced, order_a, stage_a, len(stages))
+    live_b = _live(other, order_b, stage_b, len(stages))
+    for s, (stage, stage_other) in enumerate(zip(stages, split_b, strict=True)):
+        for live, made in ((live_a[s], stage), (live_b[s], stage_other)):
+            if [_wire_name(w) for w in live] != [spec.name for spec in made.inputs]:
+                raise PlanError(  # partition.split and _live disagree: a bug, not the model's
+                    f"stage {s}: internal error pairing the modes' boundaries; please report"
+                )
+        if s > 0:
+            perm = _pair(live_a[s], live_b[s], partner, stage_a, s, what)
+            _reorder_inputs(stage_other.module, perm)
+            _reorder_outputs(split_b[s - 1].module, perm)
+    last, last_other = stages[-1].outputs, split_b[-1].outputs
+    if [(t.shape, t.dtype) for t in last] != [(t.shape, t.dtype) for t in last_other]:
+        raise PlanError(
+            f"the model's outputs differ between modes: {_names(last)} in "
+            f"{'train' if mode else 'eval'} mode, {_names(last_other)} in {what} mode"
+        )
+    if traced.out_spec != other.out_spec:
+        raise PlanError(f"the model returns a different structure in {what} mode")
+    for stage_other in split_b:
+        stage_other.module.recompile()
+    names = [f.name for f in fields(Stage)]
+    return [
+        ModalStage(**{k: getattr(stage, k) for k in names}, traced_mode=mode, other=b.module)
+        for stage, b in zip(stages, split_b, strict=True)
+    ]
+
+
+def _wire_name(wire: Wire) -> str:
+    node, path = wire
+    return node.name + "".join(f"_{i}" for i in path)
+
+
+def _names(specs: Sequence[Any]) -> str:
+    return "[" + ", ".join(s.describe() for s in specs) + "]"
+
+
+def _align(a: TracedModel, b: TracedModel) -> dict[fx.Node, fx.Node]:
+    """Node of ``a`` → its partner in ``b``; see [Note: corresponding cuts]."""
+    nodes_a = [n for n in a.graph.nodes if n.op != "output"]
+    nodes_b = [n for n in b.graph.nodes if n.op != "output"]
+    keys_a, keys_b = [node_key(n, a) for n in nodes_a], [node_key(n, b) for n in nodes_b]
+    if keys_a == keys_b:
+        partner = dict(zip(nodes_a, nodes_b, strict=True))
+    else:
+        partner = {}
+        matcher = difflib.SequenceMatcher(None, keys_a, keys_b, autojunk=False)
+        for block in matcher.get_matching_blocks():
+            for k in range(block.size):
+                partner[nodes_a[block.a + k]] = nodes_b[block.b + k]
+    outputs = [next(n for n in g.graph.nodes if n.op == "output") for g in (a, b)]
+    partner[outputs[0]] = outputs[1]  # what the model returns pairs through the outputs
+    return partner
+
+
+def _is_local(traced: TracedModel, node: fx.Node) -> bool:
+    return node.op == "get_attr" or node.name in traced.param_placeholders
+
+
+def _assign(
+    b: TracedModel,
+    partner: dict[fx.Node, fx.Node],
+    stage_a: dict[fx.Node, int],
+    num_stages: int,
+    what: str,
+) -> dict[fx.Node, int]:
+    """The stage of every node of ``b``; see [Note: corresponding cuts]."""
+    back = {y: x for x, y in partner.items()}
+    nodes = [n for n in b.graph.nodes if n.op != "output"]
+    last = num_stages - 1
+    earliest: dict[fx.Node, int] = {}
+    for node in nodes:
+        inputs = [earliest[n] for n in node.all_input_nodes if not _is_local(b, n)]
+        lo = max(inputs, default=0)
+        if node.op == "placeholder" and not _is_local(b, node):
+            lo = 0
+        mate = back.get(node)
+        if mate is not None and mate in stage_a and not _is_local(b, node):
+            if stage_a[mate] < lo:
+                raise PlanError(
+                    f"stage {stage_a[mate]}: in {what} mode its node {node.name!r} reads a "
+                    f"tensor made in stage {lo}; choose other bounds around module "
+                    f"{module_path(node) or node.name!r}"
+                )
+            lo = stage_a[mate]
+        earliest[node] = lo
+    stage: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        mate = back.get(node)
+        users = [stage.get(u, last) for u in node.users]
+        if mate is not None and mate in stage_a and not _is_local(b, node):
+            stage[node] = stage_a[mate]
+        elif _is_local(b, node) or users:
+            stage[node] = max(min(users, default=earliest[node]), earliest[node])
+        else:
+            stage[node] = earliest[node]
+    return stage
+
+
+def _paths(value: Any, prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    if isinstance(value, torch.Tensor):
+        return [prefix]
+    if isinstance(value, (tuple, list)):
+        return [p for i, v in enumerate(value) for p in _paths(v, (*prefix, i))]
+    return []
+
+
+def _live(
+    traced: TracedModel, order: list[fx.Node], stage: dict[fx.Node, int], num_stages: int
+) -> list[list[Wire]]:
+    """For each stage, the tensors it receives, in the order `partition.split` sends them."""
+    position = {node: i for i, node in enumerate(order)}
+    n = len(order)
+    inputs = [x for x in order if x.op == "placeholder" and not _is_local(traced, x)]
+    last_use = {x: max((position.get(u, n) for u in x.users), default=-1) for x in order}
+    starts = [min(position[x] for x in order if stage[x] == s) for s in range(num_stages)]
+    live: list[list[Wire]] = [[(x, ()) for x in inputs if _paths(x.meta.get("val"))]]
+    for start in starts[1:]:
+        live.append(
+            [
+                (x, path)
+                for x in order
+                if (position[x] < start or x in inputs)
+                and last_use[x] >= start
+                and not _is_local(traced, x)
+                for path in _paths(x.meta.get("val"))
+            ]
+        )
+    return live
+
+
+def _pair(
+    wires_a: list[Wire],
+    wires_b: list[Wire],
+    partner: dict[fx.Node, fx.Node],
+    stage_a: dict[fx.Node, int],
+    s: int,
+    what: str,
+) -> list[int]:
+    """For each tensor stage ``s`` receives in the traced mode, the index of its partner among
+    those it receives in the other mode; see [Note: corresponding cuts]."""
+    index_b = {wire: k for k, wire in enumerate(wires_b)}
+    traced = "eval" if what == "train" else "train"
+    perm: list[int] = []
+    unpaired: list[Wire] = []
+    for node, path in wires_a:
+        k = index_b.get((partner[node], path)) if node in partner else None
+        if k is None:  # produced in one mode only: pair through a reader after the cut
+            k = _through_reader(node, path, partner, stage_a, s, index_b)
+        if k is None or k in perm or not _same_spec((node, path), wires_b[k]):
+            unpaired.append((node, path))
+        else:
+            perm.append(k)
+    if unpaired or len(perm) != len(wires_b):
+        extra = [w for k, w in enumerate(wires_b) if k not in perm]
+        raise PlanError(
+            f"stage {s} cannot receive the same tensors in both modes: "
+            f"{_describe(unpaired) or 'nothing'} ({traced} mode) has no partner among "
+            f"{_describe(extra) or 'nothing'} ({what} mode); move the cut before stage {s} "
+            "to where both modes compute the same tensors (--bounds, or re-plan)"
+        )
+    return perm
+
+
+def _through_reader(
+    node: fx.Node,
+    path: tuple[int, ...],
+    partner: dict[fx.Node, fx.Node],
+    stage_a: dict[fx.Node, int],
+    s: int,
+    index_b: dict[Wire, int],
+) -> int | None:
+    """The other mode's tensor that the first aligned reader of ``node`` after the cut reads
+    where it reads ``node`` (through nodes of one mode only in between)."""
+    queue, seen = [node], {node}
+    while queue:
+        feeder = queue.pop(0)
+        for user in feeder.users:
+            if user in seen or stage_a.get(user, s) < s:
+                continue
+            seen.add(user)
+            mate = partner.get(user)
+            if mate is None:
+                queue.append(user)
+                continue
+            position = user.all_input_nodes.index(feeder)
+            if position < len(mate.all_input_nodes):
+                k = index_b.get((mate.all_input_nodes[position], path))
+                if k is not None:
+                    return k
+    return None
+
+
+def _leaf(wire: Wire) -> Any:
+    value: Any = wire[0].meta.get("val")
+    for i in wire[1]:
+        value = value[i]
+    return value
+
+
+def _same_spec(a: Wire, b: Wire) -> bool:
+    x, y = _leaf(a), _leaf(b)
+    return bool(x.shape == y.shape and x.dtype == y.dtype)
+
+
+def _describe(wires: Sequence[Wire]) -> str:
+    return ", ".join(
+        f"{node.name}{''.join(f'[{i}]' for i in path)}: "
+        f"{str(_leaf((node, path)).dtype).removeprefix('torch.')}{list(_leaf((node, path)).shape)}"
+        for node, path in wires
+    )
+
+
+def _reorder_inputs(module: fx.GraphModule, perm: list[int]) -> None:
+    """Placeholder ``k`` becomes what was placeholder ``perm[k]``."""
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    first = next(n for n in module.graph.nodes if n.op != "placeholder")
+    for k in perm:
+        first.prepend(placeholders[k])
+
+
+def _reorder_outputs(module: fx.GraphModule, perm: list[int]) -> None:
+    output = next(n for n in module.graph.nodes if n.op == "output")
+    values: Any = output.args[0]
+    assert isinstance(values, tuple)
+    output.args = (tuple(values[k] for k in perm),)

@@ -1,0 +1,239 @@
+"""Writing a checkpoint: a rank's snapshot, then the collective write and publish, in the caller's
+thread (`write`) or in a background thread while training goes on (`PendingCheckpoint`).
+
+[Note: asynchronous save]
+A save in the background must not see the training change its tensors, and its collectives must
+not interleave with the pipeline's own. So `snapshot` copies the rank's tensors to host memory
+(the peak cost: one copy of this rank's state, what DCP's own stager allocates too), and the
+background thread runs the whole save — DCP's write, checksums, the gather, rank 0's manifest and
+rename — over a gloo group of its own (created once per pipeline, by its ranks only). DCP's
+``async_save`` is not used: its future covers DCP's writes only, while publishing needs every
+rank's files written, one more collective after them, which the same thread does. One save per
+pipeline is in flight at a time: a new save or a load first waits for the previous one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
+
+from partition.errors import CheckpointError
+from pipeline.checkpoint.state import (
+    Checkpointable,
+    model_identity,
+    optimizer_state,
+    rank_tensors,
+    rng_state,
+)
+from pipeline.checkpoint.store import (
+    FORMAT,
+    TENSORS,
+    TMP,
+    VERSION,
+    dcp_failure,
+    file_entry,
+    part_name,
+    prune_checkpoints,
+    publish,
+    step_name,
+    write_json,
+)
+
+__all__ = ["PendingCheckpoint"]
+
+log = logging.getLogger(__name__)
+
+_PUBLISHED: set[Path] = set()
+"""What this process published: complete, so retention need not read it again."""
+
+
+@dataclass
+class Snapshot:
+    """What one rank writes: its tensors (for DCP), its JSON part, and the manifest but its files."""
+
+    tensors: dict[str, Tensor]
+    part: dict[str, Any]
+    manifest: dict[str, Any]
+    rank: int
+    world: int
+
+
+def snapshot(pipe: Checkpointable, meta: dict[str, Any], *, copy_tensors: bool) -> Snapshot:
+    """This rank's state now; with ``copy_tensors``, copied to host memory (see
+    [Note: asynchronous save]), else the live tensors (written before training goes on)."""
+    local = rank_tensors(pipe)
+    key_of = {id(t): key for key, (t, _) in local.items()}
+    tensors = {f"model/{key}": t.detach() for key, (t, _) in local.items()}
+    optim_tensors, optim_json = optimizer_state(pipe.optimizer, key_of)
+    tensors.update(optim_tensors)
+    tensors.update(rng_state(pipe.rank))
+    scheduler = pipe.lr_scheduler.state_dict() if pipe.lr_scheduler is not None else None
+    part = {
+        "rank": pipe.rank,
+        "stages": list(pipe.my_stages),
+        "aliases": {k: names for k, (_, names) in local.items() if len(names) > 1},
+        "optimizer": optim_json,
+        "scheduler": scheduler,
+    }
+    if copy_tensors:
+        tensors = {k: t.to("cpu", copy=True) for k, t in tensors.items()}
+        part = copy.deepcopy(part)
+    sizes = [len(s.nodes) for s in pipe.stages]
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": pipe.steps_done,
+        **meta,
+        "world_size": pipe.world_size,
+        "schedule": pipe.schedule.name,
+        "microbatches": pipe.num_microbatches,
+        "stage_bounds": [sum(sizes[:i]) for i in range(len(sizes) + 1)],
+        "stage_ranks": [pipe.schedule.stage_to_rank(s) for s in range(len(sizes))],
+        "model": model_identity(pipe),
+        "plan": pipe.plan.to_dict() if pipe.plan is not None else None,
+    }
+    return Snapshot(tensors, part, manifest, pipe.rank, pipe.world_size)
+
+
+def _all_ok(group: Any, world: int, error: str, what: str) -> list[Any]:
+    """Gather every rank's ``error`` (empty when fine); raise the first on every rank."""
+    got: list[Any] = [None] * world
+    dist.all_gather_object(got, error, group=group)
+    failed = [(r, e) for r, e in enumerate(got) if e]
+    if failed:
+        raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+    return got
+
+
+def write(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
+    """Write ``snap`` as ``root/step-N`` and publish it: a collective over ``group``; see
+    [Note: complete or absent] in `pipeline.checkpoint.store`."""
+    rank, world = snap.rank, snap.world
+    final = root / step_name(snap.manifest["step"])
+    tmp = root / f"{TMP}{final.name}"
+    error = ""
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save of this step left
+            (tmp / TENSORS).mkdir(parents=True)
+        except OSError as e:
+            error = f"cannot create {tmp}: {e}"
+    _all_ok(group, world, error, "preparing the checkpoint")
+    try:
+        writer = dcp.FileSystemWriter(tmp / TENSORS)
+        dcp.save(snap.tensors, storage_writer=writer, process_group=group)
+    except (Exception, CheckpointException) as e:  # DCP raises one on every rank
+        raise CheckpointError(f"writing the tensors of {tmp} failed: {dcp_failure(e)}") from e
+
+    files: dict[str, Any] = {}
+    try:
+        write_json(tmp / part_name(rank), snap.part)
+        mine = [
+            part_name(rank),
+            *(f"{TENSORS}/{p.name}" for p in (tmp / TENSORS).glob(f"__{rank}_*")),
+        ]
+        mine += [f"{TENSORS}/.metadata"] if rank == 0 else []
+        files = {name: file_entry(tmp / name) for name in sorted(mine)}
+        sums = tmp / f"rank-{rank:05d}.sha256"
+        write_json(sums, files)
+        files[sums.name] = file_entry(sums)
+    except (OSError, TypeError, ValueError) as e:  # a full disk; a scheduler JSON cannot hold
+        error = f"{type(e).__name__}: {e}"
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (files, error), group=group)
+    failed = [(r, err) for r, (_, err) in enumerate(gathered) if err]
+    if failed:
+        raise CheckpointError(f"writing {tmp} failed on rank {failed[0][0]}: {failed[0][1]}")
+
+    if rank == 0:
+        try:
+            everything = {k: v for f, _ in gathered for k, v in f.items()}
+            publish(tmp, final, {**snap.manifest, "files": everything})
+            _PUBLISHED.add(final)
+            if keep is not None:
+                for old in prune_checkpoints(root, keep, known_complete=_PUBLISHED):
+                    _PUBLISHED.discard(old)
+                    log.info("deleted checkpoint %s (keep=%d)", old, keep)
+        except OSError as e:
+            error = f"publishing {final}: {e}"
+    _all_ok(group, world, error, "publishing the checkpoint")
+    return final
+
+
+# --- in the background -------------------------------------------------------------------------
+
+_PENDING: weakref.WeakKeyDictionary[Any, PendingCheckpoint] = weakref.WeakKeyDictionary()
+_GROUPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+class PendingCheckpoint:
+    """A save running in a background thread; `wait` for its directory."""
+
+    def __init__(self, snap: Snapshot, root: Path, keep: int | None, group: Any) -> None:
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self.reported = False
+        """Whether `wait` has given its outcome to the caller."""
+        self._thread = threading.Thread(
+            target=self._run, args=(snap, root, keep, group), name="pipepart-checkpoint"
+        )
+        self._thread.start()
+
+    def _run(self, snap: Snapshot, root: Path, keep: int | None, group: Any) -> None:
+        try:
+            self._path = write(snap, root, keep, group)
+        except BaseException as e:  # handed to wait(), in the caller's thread
+            self._error = e
+
+    def done(self) -> bool:
+        """Whether the save has finished (published or failed)."""
+        return not self._thread.is_alive()
+
+    def wait(self) -> Path:
+        """The published directory, once the save finished.
+
+        Raises:
+            CheckpointError: the save failed (on every rank, naming the rank).
+        """
+        self._thread.join()
+        self.reported = True
+        if self._error is not None:
+            if isinstance(self._error, CheckpointError):
+                raise self._error
+            raise CheckpointError(f"the background save failed: {self._error}") from self._error
+        assert self._path is not None
+        return self._path
+
+
+def wait_pending(pipe: Checkpointable) -> None:
+    """Finish this pipeline's save in flight, if any (raising its error)."""
+    pending = _PENDING.pop(pipe, None)
+    if pending is not None and not pending.reported:  # else the caller has had its outcome
+        pending.wait()
+
+
+def start(pipe: Checkpointable, snap: Snapshot, root: Path, keep: int | None) -> PendingCheckpoint:
+    """Write ``snap`` in the background, over the pipeline's own checkpoint group."""
+    group = _GROUPS.get(pipe)
+    if group is None:  # the pipeline's ranks only, in the same order on each
+        world = dist.get_world_size(pipe.group)
+        ranks = [
+            dist.get_global_rank(pipe.group, r) if pipe.group is not None else r
+            for r in range(world)
+        ]
+        group = _GROUPS[pipe] = dist.new_group(
+            ranks, backend="gloo", use_local_synchronization=True
+        )
+    pending = _PENDING[pipe] = PendingCheckpoint(snap, root, keep, group)
+    return pending

@@ -1,0 +1,8 @@
+"""``python -m pipeline.cli``: the ``pipepart`` command."""
+
+import sys
+
+from pipeline.cli.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The ``pipepart`` command's entry point: the parser of every sub-command, and its errors.
+
+Every sub-command prints a table for people and, with ``--json``, one JSON object on stdout for
+scripts. Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
+Each sub-command lives in the module that names it — `pipeline.cli.plan` (``plan``, ``show``,
+``simulate``), `pipeline.cli.run`, `pipeline.cli.bench` — with the flags it reads; the flags they
+share, and the options those make, are `pipeline.cli.common`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import pipeline.cli.bench as bench_command
+import pipeline.cli.export as export_command
+import pipeline.cli.plan as plan_command
+import pipeline.cli.run as run_command
+from partition.errors import FactoryError, PipepartError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipepart",
+        description="Split a PyTorch model into pipeline stages, predict it, and train it across ranks.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (plan_command, run_command, export_command, bench_command):
+        command.register(sub)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    """The line of an error that says what went wrong (a multi-rank report names the failed rank)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "failed"
+    for line in lines:
+        if line.startswith("rank ") and "killed by the launcher" not in line:
+            return line
+    return lines[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pipepart`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (PipepartError, OSError) as e:
+        if args.debug:
+            raise
+        hint = "; --debug shows its traceback" if isinstance(e, FactoryError) else ""
+        print(f"pipepart {args.command}: error: {_one_line(str(e))}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pipepart {args.command}: interrupted", file=sys.stderr)
+        return 130

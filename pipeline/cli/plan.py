@@ -1,0 +1,268 @@
+"""``pipepart plan``, ``show`` and ``simulate``: a plan made, re-read or played through the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from partition.devices import format_size, format_time, parse_devices
+from partition.plan import Plan
+from pipeline.cli.common import (
+    add_algorithm_argument,
+    add_cuts_argument,
+    add_model_arguments,
+    add_plan_arguments,
+    console,
+    devices,
+    make_plan,
+    plan_options,
+    progress,
+)
+
+__all__ = ["plan_table", "register"]
+
+_EPILOG_PLAN = """examples:
+  pipepart plan gpt --size small --devices 4
+  pipepart plan gpt --size 7b --batch 8 --seq 4096 --devices 8 --device-spec h100 --microbatches 16
+  pipepart plan gpt --size 1b --device-spec "h100;h100;a100-40;a100-40" --out plan.json
+  pipepart plan mypkg.models:build --devices 2 --device-spec "mem=16GiB,tflops=100,bw=25GB/s" --json
+"""
+
+_EPILOG_SIMULATE = """examples:
+  pipepart simulate plan.json --png gantt.png
+  pipepart simulate plan.json --schedule gpipe --microbatches 32 --json
+  pipepart simulate gpt --size 7b --seq 4096 --batch 32 --device-spec h100 --devices 8 --schedule interleaved --virtual 2 --microbatches 16
+"""
+
+_EPILOG_SHOW = """examples:
+  pipepart show plan.json
+  pipepart show plan.json --device-spec a100-40 --json
+"""
+
+
+def plan_table(plan: Plan, title: str | None = None) -> Any:
+    """A rich table of a plan: one row per stage, the prediction underneath."""
+    from rich.table import Table
+
+    bottleneck = plan.bottleneck or 1.0
+    table = Table(
+        title=title
+        or f"{plan.model.class_name} · {plan.schedule} · {plan.microbatches} micro-batches · {plan.algorithm}"
+    )
+    for column, justify in [
+        ("stage", "right"),
+        ("device", "left"),
+        ("nodes (modules)", "left"),
+        ("GFLOPs", "right"),
+        ("params", "right"),
+        ("memory / capacity", "right"),
+        ("time", "right"),
+        ("of bottleneck", "right"),
+    ]:
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    element = plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4
+    for stage in plan.stages:
+        fits = stage.memory["total"] <= stage.capacity
+        memory = f"{format_size(stage.memory['total'])} / {format_size(stage.capacity)}"
+        table.add_row(
+            str(stage.index),
+            stage.device.name,
+            f"{stage.start}–{stage.stop - 1} ({stage.first_module or stage.first_node} → {stage.last_module or stage.last_node})",
+            f"{stage.flops / 1e9:,.2f}",
+            f"{stage.param_bytes / element / 1e6:,.2f} M",
+            memory if fits else f"[red]{memory} ✗[/red]",
+            format_time(stage.time),
+            f"{stage.time / bottleneck:.0%}",
+        )
+    ratio = plan.bottleneck / plan.perfect_balance if plan.perfect_balance else float("nan")
+    table.caption = (
+        f"predicted step {format_time(plan.step_time)} · bubble {plan.bubble:.1%} · "
+        f"bottleneck stage {plan.bottleneck_stage} at {format_time(plan.bottleneck)}/micro-batch "
+        f"({ratio:.3f}× perfect balance)"
+        + ("" if plan.fits() else " · [red]does not fit memory[/red]")
+    )
+    return table
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    data = plan.to_dict()
+    data["bottleneck"] = plan.bottleneck
+    data["bottleneck_stage"] = plan.bottleneck_stage
+    data["step_time"] = plan.step_time
+    data["bubble"] = plan.bubble
+    data["fits"] = plan.fits()
+    return data
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """``--json`` of ``plan`` and ``show``: the plan file's fields and the headline numbers."""
+    data = plan.to_dict()
+    data["bottleneck"] = plan.bottleneck
+    data["bottleneck_stage"] = plan.bottleneck_stage
+    data["step_time"] = plan.step_time
+    data["bubble"] = plan.bubble
+    data["fits"] = plan.fits()
+    return data
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    options = plan_options(args)
+    with progress(not args.json) as report:
+        plan = make_plan(args, options, devices(args), report)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan_summary(plan)))
+    else:
+        out = console()
+        out.print(plan_table(plan))
+        if args.out:
+            out.print(f"plan written to {args.out}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    if args.device_spec:
+        plan = _reprice(plan, args.device_spec)
+    if args.json:
+        print(json.dumps(plan_summary(plan)))
+    else:
+        console().print(plan_table(plan))
+    return 0
+
+
+def _reprice(plan: Plan, device_spec: str) -> Plan:
+    """The same split priced on other devices (capacities and times change, nodes do not)."""
+    from partition import reprice
+
+    specs = [s for s in device_spec.split(";") if s.strip()]
+    return reprice(plan, parse_devices(specs, None if len(specs) > 1 else plan.num_ranks))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from partition import simulate_plan
+
+    if args.model.endswith(".json"):
+        plan = Plan.load(args.model)
+        if args.device_spec is not None:
+            plan = _reprice(plan, args.device_spec)
+    else:  # plan it now, on the flags (the ones not given take plan's defaults)
+        with progress(not args.json) as report:
+            plan = make_plan(args, plan_options(args), devices(args), report)
+    schedule = args.schedule or plan.schedule
+    microbatches = args.microbatches or plan.microbatches
+    result = simulate_plan(plan, schedule=schedule, microbatches=microbatches)
+    if args.png:
+        from partition.schedules.gantt import plot_gantt
+
+        plot_gantt(
+            result.timeline,
+            num_ranks=plan.num_ranks,
+            title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches · step {format_time(result.step_time)}",
+            path=args.png,
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "schedule": schedule,
+                    "microbatches": microbatches,
+                    "ranks": plan.num_ranks,
+                    "step_time": result.step_time,
+                    "bubble": result.bubble_fraction,
+                    "busy_time": list(result.busy_time),
+                    "peak_activation_microbatches": list(result.peak_activation_microbatches),
+                    "peak_activation_bytes": list(result.peak_activation_bytes or ()),
+                    "bottleneck": plan.bottleneck,
+                    "png": args.png,
+                }
+            )
+        )
+        return 0
+    from rich.table import Table
+
+    table = Table(
+        title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)"
+    )
+    for column in (
+        "rank",
+        "busy",
+        "idle",
+        "stages",
+        "peak activations (micro-batches)",
+        "peak activation memory",
+    ):
+        table.add_column(column, justify="right")
+    stages_of: dict[int, list[int]] = {}
+    for stage in plan.stages:
+        stages_of.setdefault(stage.index % plan.num_ranks, []).append(stage.index)
+    for rank, busy in enumerate(result.busy_time):
+        mine = stages_of.get(rank, [])
+        table.add_row(
+            str(rank),
+            format_time(busy),
+            f"{1 - busy / result.step_time:.1%}" if result.step_time else "–",
+            ", ".join(map(str, mine)),
+            ", ".join(str(result.peak_activation_microbatches[s]) for s in mine),
+            ", ".join(
+                format_size((result.peak_activation_bytes or [0] * plan.num_stages)[s])
+                for s in mine
+            ),
+        )
+    table.caption = (
+        f"step {format_time(result.step_time)} · bubble {result.bubble_fraction:.1%}"
+        + (f" · Gantt chart written to {args.png}" if args.png else "")
+    )
+    console().print(table)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``plan``, ``show`` and ``simulate`` to the sub-command parsers ``sub``."""
+    plan = sub.add_parser(
+        "plan",
+        help="plan a model over devices and print the stages",
+        epilog=_EPILOG_PLAN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(plan)
+    add_plan_arguments(plan)
+    add_algorithm_argument(plan)
+    add_cuts_argument(plan)
+    plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
+    plan.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+    plan.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    plan.set_defaults(func=_cmd_plan)
+
+    show = sub.add_parser(
+        "show",
+        help="re-print a saved plan, optionally priced on other devices",
+        epilog=_EPILOG_SHOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("plan", help="a plan JSON file written by `pipepart plan --out`")
+    show.add_argument("--device-spec", default=None, help="price the same split on these devices")
+    show.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+    show.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    show.set_defaults(func=_cmd_show)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="predict step time, bubble and memory of a plan's schedule; draw its Gantt chart",
+        epilog=_EPILOG_SIMULATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(simulate)
+    add_plan_arguments(simulate, defaults=False)
+    simulate.add_argument("--png", default=None, help="write the Gantt chart to this PNG")
+    simulate.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+    simulate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    simulate.set_defaults(func=_cmd_simulate)

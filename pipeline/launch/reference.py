@@ -1,0 +1,217 @@
+"""``--check``: the same steps on the user's own model in one process, and how far the pipeline is.
+
+[Note: an independent check]
+A check that shares code with what it checks proves nothing. The reference is the model exactly
+as the factory builds it (`pipeline.runtime.weights.build_eager`: ``torch.manual_seed(seed);
+model_fn()``), run the plain way in this process — never through pipepart's tracing, splitting
+or materialisation — so the check also proves that the pipeline trains the model's own weights
+(its step-0 loss must equal the eager model's). To compare like with like it runs the pipeline's
+step semantics: the same micro-batches one after another, each loss scaled by ``1/m`` for
+``loss_reduction="mean"`` (unscaled for ``"sum"``), gradient clipping by the global norm, the
+same optimizer; BatchNorm then sees the same micro-batches, as the pipeline's does.
+
+Differences are relative. A gradient: ``max|pipeline - reference|`` over its own largest
+magnitude, but at least a thousandth of the model's largest gradient (a gradient that cancels,
+like a bias before BatchNorm's, is rounding noise on both sides). A parameter or buffer: over the
+largest magnitude of any parameter (buffer) of the model — Adam turns rounding noise in
+near-zero gradients into updates the size of the learning rate, noise relative to the model, not
+to a zero-initialised bias. A step's loss: ``|loss - reference| / max(|reference|, 1e-6)``. The
+check passes when the largest of them is at most the tolerance. A non-finite loss, gradient,
+parameter or buffer on either side fails the check and is reported as ``nan`` / ``inf``, never
+as a difference of 0. With ``--batchnorm batch`` the reference's running statistics are those of
+the whole batch, as the pipeline's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DEFAULT_TOLERANCE", "Reference", "compare", "run_reference"]
+
+DEFAULT_TOLERANCE = 1e-5
+"""Relative, for fp32 (`--check-tol`); see [Note: an independent check]."""
+
+_FLOOR = 1e-6
+
+
+@dataclass
+class Reference:
+    """What the plain model did: per-step losses, and its state after the last step."""
+
+    losses: list[float]
+    params: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    canonical: dict[str, str]
+    """Every name of a tensor -> its first name (a tied weight has several)."""
+
+
+def _chunks(value: Any, m: int) -> list[Any]:
+    if isinstance(value, Tensor):
+        return list(value.tensor_split(m))
+    if isinstance(value, (tuple, list)):
+        parts = [_chunks(v, m) for v in value]
+        return [type(value)(p[i] for p in parts) for i in range(m)]
+    if isinstance(value, dict):
+        parts_by_key = {k: _chunks(v, m) for k, v in value.items()}
+        return [{k: p[i] for k, p in parts_by_key.items()} for i in range(m)]
+    return [value] * m
+
+
+def run_reference(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: tuple[Any, ...] | dict[str, Any],
+    target: Any,
+    *,
+    microbatches: int,
+    loss_reduction: str,
+    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    steps: int,
+    max_grad_norm: float | None = None,
+    batchnorm: str = "microbatch",
+) -> Reference:
+    """Train ``model`` (the factory's, eager) for ``steps`` steps with the pipeline's semantics.
+
+    With ``batchnorm="batch"`` the BatchNorm running statistics are those of one forward over
+    the whole batch per step, before the optimizer step (what `pipeline.runtime.batchnorm` commits);
+    normalisation still uses each micro-batch's own statistics.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    params = list(model.parameters())
+    optimizer = optimizer_factory(params)
+    scale = 1.0 / microbatches if loss_reduction == "mean" else 1.0
+    mb_inputs = _chunks(inputs, microbatches)
+    mb_targets = _chunks(target, microbatches) if target is not None else [None] * microbatches
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        before = [[t.clone() for t in _stats(m)] for m in norms] if batchnorm == "batch" else []
+        for x, y in zip(mb_inputs, mb_targets, strict=True):
+            output = model(**x) if isinstance(x, dict) else model(*x)
+            loss = loss_fn(output, y)
+            (loss * scale).backward()
+            total += float(loss.detach())
+        if before:  # the statistics of the whole batch instead, as the pipeline commits them
+            with torch.no_grad():
+                for m, saved in zip(norms, before, strict=True):
+                    for t, v in zip(_stats(m), saved, strict=True):
+                        t.copy_(v)
+                _ = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(total * scale)
+    named = dict(model.named_parameters())
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for source in (model.named_parameters, model.named_buffers):
+        for n, t in source(remove_duplicate=False):
+            canonical[n] = first.setdefault(id(t), n)
+    return Reference(
+        losses=losses,
+        params={n: p.detach().clone() for n, p in named.items()},
+        grads={n: p.grad.detach().clone() for n, p in named.items() if p.grad is not None},
+        buffers={n: b.detach().clone() for n, b in model.named_buffers()},
+        canonical=canonical,
+    )
+
+
+def _stats(m: nn.Module) -> list[Tensor]:
+    """A BatchNorm's running statistics (cloned when read for saving)."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    return [b for n in names if isinstance(b := getattr(m, n, None), Tensor)]
+
+
+def _relative(got: Tensor, want: Tensor, floor: float = _FLOOR) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    if not bool(torch.isfinite(got).all()) or not bool(torch.isfinite(want).all()):
+        return math.nan
+    if got.shape != want.shape:
+        return math.inf
+    if not got.numel():
+        return 0.0
+    scale = max(float(want.abs().max()), floor)
+    return float((got - want).abs().max()) / scale
+
+
+def _worst(pairs: Iterable[tuple[str, float]]) -> tuple[float, str]:
+    """The largest difference and its name; NaN (a non-finite value) beats everything."""
+    worst, name = 0.0, ""
+    for n, d in pairs:
+        if math.isnan(d):
+            return d, n
+        if d > worst:
+            worst, name = d, n
+    return worst, name
+
+
+def compare(
+    results: list[dict[str, Any]], reference: Reference, *, tolerance: float = DEFAULT_TOLERANCE
+) -> dict[str, Any]:
+    """The largest relative differences between the ranks' ``results`` and ``reference``.
+
+    ``results`` are the ranks' reports: ``losses`` per step (None off the last stage), and
+    ``params``, ``grads``, ``buffers`` by qualified name. Returns ``{"loss", "grads", "params",
+    "buffers", "worst", "tolerance", "passed", "failures", "losses", "reference_losses"}``.
+    """
+    steps = len(reference.losses)
+    pipe_losses = [
+        next((r["losses"][k] for r in results if r["losses"][k] is not None), math.nan)
+        for k in range(steps)
+    ]
+    loss_diffs = []
+    for got, want in zip(pipe_losses, reference.losses, strict=True):
+        if not (math.isfinite(got) and math.isfinite(want)):
+            loss_diffs.append(math.nan)
+        else:
+            loss_diffs.append(abs(got - want) / max(abs(want), _FLOOR))
+    out: dict[str, Any] = {"loss": _worst((f"step {k}", d) for k, d in enumerate(loss_diffs))[0]}
+    worst_names: dict[str, str] = {}
+    failures: list[str] = []
+    for what in ("grads", "params", "buffers"):
+        want_all: dict[str, Tensor] = getattr(reference, what)
+        # parameters and buffers relative to the model's largest; a gradient to its own largest,
+        # but at least a thousandth of the model's largest (rounding noise of a gradient that
+        # cancels, as a bias before BatchNorm's does, is not a difference)
+        largest = max(
+            [_FLOOR] + [float(t.detach().abs().max()) for t in want_all.values() if t.numel()]
+        )
+        floor = max(_FLOOR, 1e-3 * largest) if what == "grads" else largest
+        pairs = []
+        seen: set[str] = set()
+        for r in results:
+            for alias, t in r.get(what, {}).items():
+                name = reference.canonical.get(alias, alias)
+                seen.add(name)
+                if name not in want_all:
+                    if what == "grads":  # the pipeline computed a gradient the model did not
+                        pairs.append((name, math.inf))
+                    continue
+                pairs.append((name, _relative(t, want_all[name], floor)))
+        if what == "grads":  # a gradient the model has but no rank reported
+            pairs += [(n, math.inf) for n, g in want_all.items() if n not in seen and g.any()]
+        out[what], worst_names[what] = _worst(pairs)
+    out["worst"] = worst_names
+    out["tolerance"] = tolerance
+    for what in ("loss", "grads", "params", "buffers"):
+        d = out[what]
+        if not math.isfinite(d) or d > tolerance:
+            where = f" ({worst_names[what]})" if worst_names.get(what) else ""
+            failures.append(f"{what} {_fmt(d)}{where}")
+    out["passed"] = not failures
+    out["failures"] = failures
+    out["losses"] = pipe_losses
+    out["reference_losses"] = reference.losses
+    return out
+
+
+def _fmt(d: float) -> str:
+    return "nan" if math.isnan(d) else ("inf" if math.isinf(d) else f"{d:.3g}")

@@ -1,0 +1,77 @@
+"""How a pipeline runs: `PipelineOptions`, every knob of `pipeline.runtime.pipeline.Pipeline` with one
+default each, checked when made. Fields left ``None`` come from the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from partition.errors import PlanError
+from pipeline.runtime.weights import WeightsMode
+
+__all__ = ["PipelineOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """How to run a pipeline. Fields left ``None`` come from the plan."""
+
+    schedule: str | None = None
+    """``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1``; default the plan's, else ``1f1b``."""
+    microbatches: int | None = None
+    """Micro-batches per step; default the plan's (required without a plan)."""
+    virtual: int | None = None
+    """Stages per rank (``interleaved``); default the plan's, else 1."""
+    bounds: tuple[int, ...] | None = None
+    """Without a plan: the split, as node indices of the linear order (default: the partitioner's)."""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """How micro-batch losses combine; see [Note: loss scaling] in `pipeline.runtime.stage`."""
+    seed: int = 0
+    """The factory builds the model after ``torch.manual_seed(seed)`` (and ``weights="init"``
+    seeds its rules from it)."""
+    weights: WeightsMode = "auto"
+    """Where the values come from: ``factory`` (the model the factory builds, once per machine),
+    ``init`` (the model's per-module init rules, for a model too big for host memory), ``auto``
+    (``factory`` if the model fits in host memory); see [Note: the model's own weights] in
+    `pipeline.runtime.weights`."""
+    checkpoint: str | Path | None = None
+    """A whole-model ``state_dict`` or safetensors file; each rank reads only its tensors. What it
+    lacks (non-persistent buffers) comes from ``weights``."""
+    factory_weights: str | Path | None = None
+    """A file `pipeline.runtime.weights.save_tensors` wrote from the factory's model (the launcher passes
+    it so that no rank builds the model again)."""
+    recompute: bool = False
+    """Recompute each stage's forward during its backward instead of keeping activations."""
+    batchnorm: Literal["microbatch", "batch"] = "microbatch"
+    """BatchNorm's running statistics in train mode: updated per micro-batch (what one process
+    running the micro-batches one after another does), or once per step from the whole batch's
+    statistics (each micro-batch is still normalised with its own); see `pipeline.runtime.batchnorm`."""
+    autocast: torch.dtype | None = None
+    """Run forward under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``)."""
+    max_grad_norm: float | None = None
+    """Clip gradients to this global norm (across all stages) before the optimizer step."""
+    check_boundaries: bool = True
+    """Check each sent tensor's shape and dtype against the plan (one comparison per tensor)."""
+    device: str | None = None
+    """Where the stages live; default ``cuda:<local rank>`` under NCCL, else ``cpu``."""
+    link_groups: bool | None = None
+    """One communicator per link (default: on NCCL only); see [Note: one communicator per link]
+    in `pipeline.runtime.comm`."""
+
+    def __post_init__(self) -> None:
+        if self.loss_reduction not in ("mean", "sum"):
+            raise PlanError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise PlanError(f"microbatches must be at least 1, got {self.microbatches}")
+        if self.virtual is not None and self.virtual < 1:
+            raise PlanError(f"virtual must be at least 1, got {self.virtual}")
+        if self.batchnorm not in ("microbatch", "batch"):
+            raise PlanError(f"batchnorm must be 'microbatch' or 'batch', got {self.batchnorm!r}")
+        if self.weights not in ("auto", "factory", "init"):
+            raise PlanError(f"weights must be 'auto', 'factory' or 'init', got {self.weights!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise PlanError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
