@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from partition.algorithms.objective import Problem
+from partition.algorithms.problem import Problem
 from partition.devices import Device
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from partition import Analysis, analyze
-from partition.algorithms.objective import Problem
+from partition.algorithms.problem import Problem
 from partition.devices import Device, parse_devices
 from partition.errors import InfeasibleError, PlanError
 from partition.graph import FloatArray, LinearGraph

@@ -1,106 +1,18 @@
 """Device specs: memory, sustained FLOP/s and the link to the next device, with presets and parsing.
 
 A pipeline puts stage ``s`` on device ``s``; the link of device ``s`` is the one to device ``s + 1``.
-Sizes and rates accept human units: ``"16GiB"``, ``"80GB"``, ``"25GB/s"``, ``"100T"`` (FLOP/s).
-Decimal prefixes (k, M, G, T, P) are powers of 1000; binary ones (Ki, Mi, Gi, Ti) powers of 1024.
+A spec's sizes, rates and times are read in human units by `partition.units`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from partition.errors import PlanError
+from partition.units import parse_flops, parse_rate, parse_seconds, parse_size
 
-__all__ = [
-    "PRESETS",
-    "Device",
-    "format_size",
-    "format_time",
-    "parse_devices",
-    "parse_rate",
-    "parse_size",
-]
-
-_PREFIX = {
-    "": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "p": 10**15,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-    "pi": 2**50,
-}
-_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def _parse(text: str | float | int, units: tuple[str, ...], what: str) -> float:
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise PlanError(f"{what} must be non-negative, got {text}")
-        return float(text)
-    match = _NUMBER.match(text)
-    if match is None:
-        raise PlanError(f"cannot read {what} {text!r}: write a number with a unit, e.g. '16GiB'")
-    value, suffix = float(match.group(1)), match.group(2).lower()
-    for unit in units:
-        if suffix.endswith(unit):
-            prefix = suffix[: len(suffix) - len(unit)]
-            if prefix in _PREFIX:
-                return value * _PREFIX[prefix]
-    raise PlanError(
-        f"cannot read {what} {text!r}: unknown unit {match.group(2)!r}; "
-        f"use k/M/G/T (powers of 1000) or Ki/Mi/Gi (powers of 1024) before {units[0]!r}"
-    )
-
-
-def parse_size(text: str | float | int) -> int:
-    """Bytes from ``"16GiB"``, ``"80GB"``, ``"512MiB"`` or a plain number of bytes."""
-    return round(_parse(text, ("b", ""), "size"))
-
-
-_BINARY = (("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10))
-
-
-def format_size(x: float) -> str:
-    """Bytes with 3 significant digits in binary units: ``131 KiB``, ``2.66 GiB``.
-
-    Binary, as `parse_size` reads them: ``GiB`` is 2^30 bytes and ``GB`` 10^9, so an ``80GB``
-    device prints as ``74.5 GiB``. The one formatter of sizes (tables, errors, messages).
-    """
-    for i, (unit, scale) in enumerate(_BINARY):
-        if abs(x) >= scale:
-            if abs(x) / scale >= 999.5 and i > 0:  # rounds to 1000: one unit up
-                unit, scale = _BINARY[i - 1]
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.0f} B"
-
-
-def format_time(seconds: float) -> str:
-    """Seconds with 3 significant digits in s, ms or µs: ``1.25 s``, ``18.5 ms``, ``730 µs``."""
-    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
-        if abs(seconds) >= scale * 0.9995:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds * 1e6:.3g} µs"
-
-
-def parse_rate(text: str | float | int) -> float:
-    """Bytes per second from ``"25GB/s"``, ``"1GiB/s"`` or a plain number."""
-    if isinstance(text, str):
-        text = text.replace("/s", "").replace("ps", "")
-    return _parse(text, ("b", ""), "bandwidth")
-
-
-def parse_flops(text: str | float | int) -> float:
-    """FLOP/s from ``"100T"``, ``"312TFLOPS"``, ``"1.5e12"``."""
-    if isinstance(text, str):
-        text = re.sub(r"(?i)flop(s)?(/s)?$", "", text.strip())
-    return _parse(text, ("",), "FLOP/s")
+__all__ = ["PRESETS", "Device", "parse_devices"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +76,7 @@ class Device:
             elif key in ("bw", "bandwidth"):
                 values["bandwidth"] = parse_rate(value)
             elif key in ("lat", "latency"):
-                values["latency"] = _parse_seconds(value)
+                values["latency"] = parse_seconds(value)
             elif key == "name":
                 values["name"] = value.strip()
             else:
@@ -199,14 +111,6 @@ class Device:
             bandwidth=float(data["bandwidth"]),  # type: ignore[arg-type]
             latency=float(data["latency"]),  # type: ignore[arg-type]
         )
-
-
-def _parse_seconds(text: str) -> float:
-    text = text.strip().lower()
-    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("ns", 1e-9), ("s", 1.0)):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) / (1 / scale)
-    return float(text)
 
 
 # Published figures: memory as marketed (GB = 10^9 bytes), dense BF16 tensor-core peak, and

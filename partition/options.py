@@ -44,6 +44,9 @@ class PlanOptions:
     cuts: Cuts = "partitioner"
     """``partitioner`` (``algorithm`` places the cuts), or ``markers``: one stage per segment
     between the model's ``pipe_split()`` calls (see `partition.trace.markers`)."""
+    bounds: tuple[int, ...] | None = None
+    """The split itself, as node indices of the linear order (``0 = b_0 < ... < b_k = n``):
+    no algorithm places the cuts; the plan is priced as given."""
     method: TraceMethod = "auto"
     """``fx``, ``export``, or ``auto`` (fx, falling back to export)."""
     leaf_modules: tuple[Any, ...] = ()
@@ -64,6 +67,10 @@ class PlanOptions:
 
         object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        if self.bounds is not None:
+            object.__setattr__(self, "bounds", tuple(int(b) for b in self.bounds))
+            if self.cuts == "markers":
+                raise PlanError("give bounds or cuts='markers', not both: both place the cuts")
         for name in ("microbatches", "virtual"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

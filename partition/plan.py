@@ -21,7 +21,7 @@ from partition.graph import LinearGraph
 from partition.memory import MemoryModel
 from partition.schedules.names import canonical_schedule
 from partition.schema import check_plan
-from partition.split import TensorSpec
+from partition.wires import TensorSpec
 
 __all__ = ["SCHEMA_VERSION", "ModelInfo", "Plan", "StagePlan", "graph_hash"]
 

@@ -43,8 +43,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from partition.algorithms import baselines
-from partition.algorithms.objective import DEFAULT_MEMORY, Bounds, Evaluation, Problem, evaluate
+from partition.algorithms.objective import Bounds, Evaluation, evaluate
 from partition.algorithms.optimal import min_devices, optimal_split
+from partition.algorithms.problem import DEFAULT_MEMORY, Problem
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph

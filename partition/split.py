@@ -1,10 +1,9 @@
 """Turning a split of the linear order into one runnable `torch.fx.GraphModule` per stage.
 
 Stage ``s`` holds the nodes ``bounds[s] .. bounds[s+1]-1`` of the `LinearGraph` order. Its inputs
-are the tensors live across its first cut, its outputs those live across its last cut, both in
-producer order, so stage ``s``'s outputs are exactly stage ``s+1``'s inputs. A tensor that skips
-stages (a residual, an attention mask) passes through the stages in between. The last stage
-returns the model's own output structure.
+are the wires into it, its outputs the wires into the next stage (`partition.wires`: the tensors
+live across a cut, in producer order), so stage ``s``'s outputs are exactly stage ``s+1``'s
+inputs. The last stage returns the model's own output structure.
 
 * Parameters keep their fully-qualified names: each stage module is built with
   ``GraphModule(model, graph)``, which installs the submodules and attributes it uses under their
@@ -16,17 +15,16 @@ returns the model's own output structure.
   ``forward``) are not sent either: each stage holds those it reads, outside its parameters and
   buffers (see [Note: tensor constants] in `partition.trace.tensor_constants`).
 * In-place ops (see [Note: in-place ops] in `partition.trace.inplace`): tensors that share storage
-  cross a cut as one tensor (the result of ``relu_`` is the tensor it wrote; a view of written
-  storage is taken again from its base after the cut), and a stage that writes in place into an
-  activation it receives (``nn.ReLU(inplace=True)`` as its first op) starts with a ``clone`` of
-  it: received activations are leaves that require grad, which autograd does not let an in-place
-  op write. Other stages are unchanged.
+  cross a cut as one tensor, and a stage rebuilds the others from it (the result of ``relu_`` is
+  the tensor it wrote; a view of written storage is taken again from its base after the cut). A
+  stage that writes in place into an activation it receives (``nn.ReLU(inplace=True)`` as its
+  first op) starts with a ``clone`` of it: received activations are leaves that require grad,
+  which autograd does not let an in-place op write. Other stages are unchanged.
 * Python values that are not tensors (sizes, dtypes) are never sent: a stage that needs one from
   an earlier stage gets the value shape propagation found, as a constant. They depend only on
   shapes, which the plan fixes per micro-batch. A ``torch.device`` is recomputed from the stage's
-  first input tensor instead. Anything else used across a cut (a dict holding tensors, an object
-  such as a dataclass, from a leaf module) could be neither sent nor rebuilt: `split` refuses
-  that cut, naming the value and the module that made it.
+  first input tensor instead. Any other value used across a cut is refused
+  (`partition.wires.live_tensors`).
 """
 
 from __future__ import annotations
@@ -45,46 +43,18 @@ from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.trace.inplace import derived_from, mutated_by
 from partition.trace.tensor_constants import constant_key, graph_module
-from partition.trace.traced import TracedModel, module_path
+from partition.trace.traced import TracedModel
+from partition.wires import (
+    TensorSpec,
+    Wire,
+    leaf,
+    live_tensors,
+    tensor_paths,
+    wire_name,
+    wire_spec,
+)
 
-__all__ = ["Stage", "TensorSpec", "split"]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape and dtype of a tensor crossing a cut (per micro-batch)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        dtype: torch.dtype = getattr(torch, self.dtype)
-        return dtype
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * torch.empty((), dtype=self.torch_dtype, device="meta").element_size()
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
-        return cls(
-            name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch.")
-        )
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.dtype}{list(self.shape)}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+__all__ = ["Stage", "split"]
 
 
 @dataclass(eq=False)
@@ -111,7 +81,8 @@ def split(traced: TracedModel, graph: LinearGraph, bounds: Sequence[int]) -> lis
 
     Raises:
         PlanError: the bounds do not describe a contiguous split of ``graph`` into non-empty
-            stages, or ``graph`` was not made from ``traced``.
+            stages, ``graph`` was not made from ``traced``, or a value that cannot cross a cut
+            is used across one (see `partition.wires`).
     """
     n = len(graph)
     bounds = list(bounds)
@@ -127,14 +98,12 @@ def split(traced: TracedModel, graph: LinearGraph, bounds: Sequence[int]) -> lis
     if missing:
         raise PlanError(f"the plan's nodes {missing[:3]} are not in this model's graph")
     order = [by_name[name] for name in graph.names]
-    position = {node: i for i, node in enumerate(order)}
     output_node = next(node for node in traced.graph.nodes if node.op == "output")
     stage_of = {}
     for s in range(len(bounds) - 1):
         for i in range(bounds[s], bounds[s + 1]):
             stage_of[order[i]] = s
-    local = _local_nodes(traced)
-    live = _live_tensors(order, position, local, bounds, by_name)
+    live = live_tensors(traced, order, bounds)
     stages = []
     for s in range(len(bounds) - 1):
         stages.append(
@@ -149,117 +118,6 @@ def split(traced: TracedModel, graph: LinearGraph, bounds: Sequence[int]) -> lis
             )
         )
     return stages
-
-
-def _local_nodes(traced: TracedModel) -> set[str]:
-    """Nodes whose value every stage makes for itself: parameters and attributes."""
-    return {
-        node.name
-        for node in traced.graph.nodes
-        if node.op == "get_attr" or node.name in traced.param_placeholders
-    }
-
-
-Wire = tuple[fx.Node, tuple[int, ...]]
-"""A tensor crossing a cut: the node that made it and its index path inside the node's value."""
-
-
-def _tensor_paths(value: Any, prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
-    """Index paths of the tensors inside a tensor, or a (nested) tuple or list of them."""
-    if isinstance(value, torch.Tensor):
-        return [prefix]
-    if isinstance(value, (tuple, list)):
-        return [p for i, v in enumerate(value) for p in _tensor_paths(v, (*prefix, i))]
-    return []
-
-
-def _leaf(value: Any, path: tuple[int, ...]) -> torch.Tensor:
-    for i in path:
-        value = value[i]
-    assert isinstance(value, torch.Tensor)
-    return value
-
-
-def _wire_name(wire: Wire) -> str:
-    node, path = wire
-    return node.name + "".join(f"_{i}" for i in path)
-
-
-def _live_tensors(
-    order: list[fx.Node],
-    position: dict[fx.Node, int],
-    local: set[str],
-    bounds: list[int],
-    by_name: dict[str, fx.Node],
-) -> list[list[Wire]]:
-    """For each stage, the tensors produced before it and used in it or after.
-
-    Tensors sharing storage cross as one (see `partition.trace.inplace.derived_from`): the result of an
-    in-place op is the tensor it wrote, a view of written storage is taken again from its base;
-    that first tensor stays live for as long as any of them is used.
-    """
-    n = len(order)
-    last_use = {}
-    for node in order:
-        uses = [position.get(u, n) for u in node.users]
-        last_use[node] = max(uses) if uses else -1
-    for node in reversed(order):  # a chain folds into its first tensor
-        source = derived_from(node)
-        if source is not None and by_name.get(source[0][0]) in last_use:
-            first = by_name[source[0][0]]
-            last_use[first] = max(last_use[first], last_use[node])
-            last_use[node] = -1
-    # Model inputs all enter at stage 0 (they come from the data loader), whatever their position.
-    inputs = [node for node in order if node.op == "placeholder" and node.name not in local]
-    live: list[list[Wire]] = [
-        [(node, ()) for node in inputs if _tensor_paths(node.meta.get("val"))]
-    ]
-    for start in bounds[1:-1]:
-        crossing = [
-            node
-            for node in order
-            if (position[node] < start or node in inputs)
-            and last_use[node] >= start
-            and node.name not in local
-        ]
-        for node in crossing:
-            _check_crossable(node, order[start], max(node.users, key=lambda u: position.get(u, n)))
-        live.append(
-            [(node, path) for node in crossing for path in _tensor_paths(node.meta.get("val"))]
-        )
-    return live
-
-
-_CONSTANTS = (
-    type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout,
-    torch.memory_format, slice, type(Ellipsis),
-)  # fmt: skip
-
-
-def _crossable(value: Any, tensors: bool = True) -> bool:
-    """Whether ``value`` can cross a cut: tensors (in tuples and lists), and plain constants."""
-    if isinstance(value, torch.Tensor):
-        return tensors
-    if isinstance(value, (tuple, list)):
-        return all(_crossable(v, tensors) for v in value)
-    if isinstance(value, dict):  # baked into the next stage as a constant: no tensor inside
-        return all(_crossable(v, tensors=False) for v in value.values())
-    return isinstance(value, _CONSTANTS)
-
-
-def _check_crossable(node: fx.Node, first_after: fx.Node, last_user: fx.Node) -> None:
-    """Raise `PlanError` if ``node``'s value, used after the cut before ``first_after``, cannot
-    cross it (see the module docstring)."""
-    value = node.meta.get("val")
-    if _crossable(value):
-        return
-    made_by = module_path(node) or "the model's forward"
-    raise PlanError(
-        f"{node.name!r} (a {type(value).__name__}, made by {made_by}) is used after the cut "
-        f"before node {first_after.name!r}, but only tensors, tuples or lists of tensors and "
-        f"plain constants cross a cut. Cut before {node.name!r} or after {last_user.name!r} "
-        f"(bounds=..., pipe_split()), or make {made_by} return a tensor or a tuple of tensors"
-    )
 
 
 def _build_stage(
@@ -280,8 +138,8 @@ def _build_stage(
     copies: list[tuple[fx.Node, fx.Node]] = []
     for wire in inputs:
         node, path = wire
-        placeholder = graph.placeholder(_wire_name(wire))
-        value = _leaf(node.meta["val"], path)
+        placeholder = graph.placeholder(wire_name(wire))
+        value = leaf(node.meta["val"], path)
         placeholder.meta["val"] = value
         received.setdefault(node, {})[path] = placeholder
         first_tensor = first_tensor or placeholder
@@ -305,7 +163,7 @@ def _build_stage(
             if is_view:  # taken again from its base, so that writes are seen through both
                 env[arg] = graph.node_copy(arg, lookup)
             else:  # the result of an in-place op: the tensor it wrote
-                path = _tensor_paths(by_name[name].meta.get("val"))[i]
+                path = tensor_paths(by_name[name].meta.get("val"))[i]
                 env[arg] = _select(graph, lookup(by_name[name]), path)
             return env[arg]
         if arg.op == "get_attr" or arg.name in traced.param_placeholders:
@@ -350,11 +208,11 @@ def _build_stage(
         graph.output(result)
     else:
         graph.output(tuple(_select(graph, lookup(node), path) for node, path in outputs or []))
-        out_specs = tuple(_spec(wire) for wire in outputs or [])
+        out_specs = tuple(wire_spec(wire) for wire in outputs or [])
     module = graph_module(
         traced.model, graph, traced.constants, f"Stage{index}", traced.constant_sources
     )
-    in_specs = tuple(_spec(wire) for wire in inputs)
+    in_specs = tuple(wire_spec(wire) for wire in inputs)
     return Stage(
         index=index,
         module=module,
@@ -382,10 +240,6 @@ def _flat_nodes(value: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(value, lambda n: found.append(n) or n)  # type: ignore[func-returns-value]
     return found
-
-
-def _spec(wire: Wire) -> TensorSpec:
-    return TensorSpec.of(_wire_name(wire), _leaf(wire[0].meta["val"], wire[1]))
 
 
 def _rebuild(

@@ -51,9 +51,11 @@ def test_tiny_model_trains_on_ranks_like_one_process(name: str, ranks: int) -> N
             pipeline=PipelineOptions(schedule="1f1b", microbatches=4),
         ),
     )
-    check = result["check"]
-    assert check["loss"] < 1e-5, check
-    assert check["grads"] < 1e-5, check
-    assert check["params"] < 1e-5, check
-    first, second = (s["loss"] for s in result["steps"])
+    assert result is not None and result.check is not None
+    check = result.check
+    assert check.loss < 1e-5, check
+    assert check.grads < 1e-5, check
+    assert check.params < 1e-5, check
+    first, second = (s.loss for s in result.steps)
+    assert first is not None and second is not None
     assert second < first

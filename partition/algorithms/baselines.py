@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from partition.algorithms.objective import Bounds, Problem
+from partition.algorithms.objective import Bounds
+from partition.algorithms.problem import Problem
 from partition.errors import InfeasibleError
 
 __all__ = ["params", "time", "uniform"]

@@ -62,7 +62,7 @@ sparse table), and the band ``[L(j), sure(j))`` is tested start by start. A star
 peak memory (a max along the path, so again the best prefix per cut suffices) is then minimised
 over the tight stages: enumerated (the tight starts of a sure range are a span of the starts
 sorted by (rank, position)), or, past ``EDGE_BUDGET`` tight starts, bisected to ``1e-9``
-relative, like the bottleneck: each step asks whether cut ``n`` is reachable through tight
+relative like the bottleneck (`partition.algorithms.peak`): each step asks whether cut ``n`` is reachable through tight
 stages within ``mu`` times their caps, over only the reached starts and the ends the window
 admits at that scale (per end, the last usable start of its best rank against ``sure(j)``, a
 running maximum; the band start by start). A feasible step snaps ``mu`` down to the peak of a
@@ -93,11 +93,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from partition.algorithms.objective import Bounds, Problem
+from partition.algorithms.objective import Bounds
+from partition.algorithms.problem import Problem
 from partition.algorithms.reach import RTOL, Search
 from partition.algorithms.ties import tie_break
-from partition.devices import Device, format_size
+from partition.devices import Device
 from partition.errors import InfeasibleError
+from partition.units import format_size
 
 __all__ = ["memory_fits", "min_devices", "optimal_split"]
 

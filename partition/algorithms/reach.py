@@ -1,7 +1,8 @@
 """Stage-by-stage reachability of cut positions under a bottleneck: the probe of the search.
 
 See [Note: bottleneck search] in `partition.algorithms.optimal` for the method; this module holds
-the arrays of one stage, the reachability step with its next event, and the walk back.
+the arrays of one stage, the reachability step with its next event, and the walk back, with the
+two index searches the tie-break shares (`pairs`, `range_min`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from partition.algorithms.objective import Bounds, Costs, Problem
+from partition.algorithms.objective import Bounds, Costs
+from partition.algorithms.problem import Problem
 
-__all__ = ["RTOL", "Frame", "Probe", "Search", "pairs"]
+__all__ = ["RTOL", "Frame", "Probe", "Search", "pairs", "range_min"]
 
 RTOL = 1e-12
 """Relative slack on stage times: a probe at ``B`` admits ``T <= B (1 + RTOL)`` (float noise)."""
@@ -78,6 +80,23 @@ def pairs(
     offs = np.cumsum(cnt) - cnt
     pos = np.arange(total, dtype=np.int64) + np.repeat(p0 - offs, cnt)
     return q, (pos if ridx is None else ridx[pos]), offs[cnt > 0]
+
+
+def range_min(vals: FloatArray, lo: IntArray, hi: IntArray) -> FloatArray:
+    """``min(vals[lo..hi])`` (inclusive, non-empty) for each query: a sparse table."""
+    span = hi - lo + 1
+    top = int(span.max()).bit_length() - 1
+    table = np.full((top + 1, vals.size), _INF)
+    table[0] = vals
+    for level in range(1, top + 1):
+        w = 1 << (level - 1)
+        np.minimum(
+            table[level - 1, : vals.size - w],
+            table[level - 1, w:],
+            out=table[level, : vals.size - w],
+        )
+    lv = np.frexp(span.astype(np.float64))[1] - 1  # floor(log2(span)), exact
+    return np.minimum(table[lv, lo], table[lv, hi - (1 << lv) + 1])
 
 
 class Search:
@@ -328,5 +347,3 @@ class Search:
         for s, cut in enumerate(cuts):
             bounds.append(int(min(max(cut, bounds[-1] + 1), n - (k - 1 - s))))
         return (*bounds, n)
-
-    # --- the tie-break pass ------------------------------------------------------------------

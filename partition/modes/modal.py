@@ -6,7 +6,7 @@ fixed in the graph: ``F.dropout(x, p, self.training)`` keeps ``training=True``, 
 and the export route bakes even ``nn.Dropout`` and ``nn.BatchNorm`` in (fx keeps torch's own
 modules as leaf nodes, which follow the module's mode at run time). So:
 
-* `analyze_modes` traces the model in the mode it is in while recording which modules' forward
+* `trace_modes` traces the model in the mode it is in while recording which modules' forward
   code read ``training`` (see [Note: proving the modes equal]); only if some did is the model
   traced again in the other mode, and that graph kept only if it differs;
 * `partition.modes.split.modal_stages` splits the other mode's graph with the cuts of the first:
@@ -31,7 +31,6 @@ from torch import nn
 
 from partition.errors import PlanError
 from partition.microbatch import first_microbatch
-from partition.planning.analysis import Analysis, analyze_traced
 from partition.split import Stage
 from partition.trace.fx import TraceMethod, trace
 from partition.trace.traced import TracedModel, module_path
@@ -39,7 +38,6 @@ from partition.trace.traced import TracedModel, module_path
 __all__ = [
     "ModalStage",
     "OtherMode",
-    "analyze_modes",
     "bind_other_mode",
     "node_key",
     "stage_module",
@@ -176,27 +174,6 @@ def _same_in_both(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
 
 
-def analyze_modes(
-    model: nn.Module,
-    example_inputs: Sequence[Any],
-    example_kwargs: Mapping[str, Any] | None = None,
-    *,
-    microbatches: int = 1,
-    method: TraceMethod = "auto",
-    order: str = "auto",
-) -> tuple[Analysis, OtherMode | None]:
-    """`partition.planning.analysis.analyze` in the model's mode, and the graph of the other mode.
-
-    Returns:
-        The analysis, and the model traced in the other mode (same route, same micro-batch
-        inputs) — ``None`` when the two graphs are equal; see [Note: proving the modes equal].
-    """
-    traced, other = trace_modes(
-        model, example_inputs, example_kwargs, microbatches=microbatches, method=method
-    )
-    return analyze_traced(traced, microbatches=microbatches, order=order), other
-
-
 def trace_modes(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -206,7 +183,8 @@ def trace_modes(
     method: TraceMethod = "auto",
 ) -> tuple[TracedModel, OtherMode | None]:
     """The model traced in its mode (at one micro-batch), and in the other mode when it differs
-    — what `analyze_modes` costs, and all a rank given a plan needs."""
+    (``None`` when the two graphs are equal; see [Note: proving the modes equal]): all a rank
+    given a plan needs."""
     args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
     with _training_reads(model) as reads:
         traced = trace(model, args, kwargs, method=method)

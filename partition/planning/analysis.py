@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from partition.algorithms.objective import Bounds
 from partition.cost import CostGraph, cost_model
 from partition.devices import Device
 from partition.errors import PlanError
@@ -28,9 +29,10 @@ from partition.microbatch import first_microbatch
 from partition.options import PlanOptions, with_knobs
 from partition.plan import ModelInfo, Plan, graph_hash
 from partition.solve import Solution, solve
-from partition.split import Stage, TensorSpec, split
+from partition.split import Stage, split
 from partition.trace.fx import trace
 from partition.trace.traced import TracedModel
+from partition.wires import TensorSpec
 
 __all__ = [
     "Analysis",
@@ -62,7 +64,8 @@ class Analysis:
         """Solve a split of this model — no re-tracing, so trying many is cheap.
 
         With ``options.cuts == "markers"`` the model's ``pipe_split()`` markers are the cuts (one
-        stage per segment; see `partition.trace.markers`) and ``options.algorithm`` is not used.
+        stage per segment; see `partition.trace.markers`), with ``options.bounds`` those bounds;
+        either way ``options.algorithm`` is not used.
         """
         options = options or PlanOptions(microbatches=self.microbatches)
         if options.microbatches != self.microbatches:
@@ -72,6 +75,8 @@ class Analysis:
             )
         if options.cuts == "markers":
             return self._marker_solution(devices, options)
+        if options.bounds is not None:
+            return self._given_solution(devices, options, options.bounds, "given")
         return solve(
             self.graph,
             list(devices),
@@ -83,10 +88,9 @@ class Analysis:
         )
 
     def _marker_solution(self, devices: Sequence[Device], options: PlanOptions) -> Solution:
-        from partition.solve import Problem, evaluate
         from partition.trace.markers import marker_bounds
 
-        bounds = marker_bounds(self.traced, self.graph)
+        bounds = tuple(marker_bounds(self.traced, self.graph))
         stages, virtual = len(bounds) - 1, options.virtual
         if stages != len(devices) * virtual:
             raise PlanError(
@@ -94,6 +98,26 @@ class Analysis:
                 f"{len(devices)} device(s) × {virtual} virtual stage(s) make "
                 f"{len(devices) * virtual}; use {stages // virtual if stages % virtual == 0 else stages} "
                 "devices (--devices / --ranks), or leave the cuts to the partitioner"
+            )
+        return self._given_solution(devices, options, bounds, "markers")
+
+    def _given_solution(
+        self, devices: Sequence[Device], options: PlanOptions, bounds: Bounds, algorithm: str
+    ) -> Solution:
+        """``bounds`` as the split, priced by the partitioner's objective."""
+        from partition.solve import Problem, evaluate
+
+        virtual = options.virtual
+        if len(bounds) - 1 != len(devices) * virtual:
+            raise PlanError(
+                f"bounds {list(bounds)} make {len(bounds) - 1} stages; {len(devices)} ranks with "
+                f"{virtual} stage(s) each need {len(devices) * virtual}"
+            )
+        n = len(self.graph)
+        if bounds[0] != 0 or bounds[-1] != n or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise PlanError(
+                f"bounds {list(bounds)} are not a split of the {n} nodes: they must rise from 0 "
+                f"to {n}, each stage holding at least one node"
             )
         problem = Problem(
             graph=self.graph,
@@ -103,12 +127,11 @@ class Analysis:
             virtual=virtual,
             memory=options.memory,
         )
-        bounds_t = tuple(bounds)
         return Solution(
             problem=problem,
-            algorithm="markers",
-            bounds=bounds_t,
-            evaluation=evaluate(problem, bounds_t),
+            algorithm=algorithm,
+            bounds=bounds,
+            evaluation=evaluate(problem, bounds),
         )
 
     @property
@@ -143,13 +166,14 @@ def analyze(
     Args:
         options: the tracing fields of `PlanOptions` are used (``microbatches``, ``method``,
             ``leaf_modules``, ``concrete_args``, ``tracer_class``, ``order``); ``knobs`` are its
-            fields one by one (``microbatches=8``), over ``options``.
+            fields one by one (``microbatches=8``), over ``options``. Without ``options`` the
+            batch is traced whole, as one micro-batch.
         profile_on: the spec of the device this process runs on: node times are then measured
             here (CUDA if available, else CPU) instead of derived from FLOPs; see
             `partition.profile`.
         progress: called with a line of text as each phase starts.
     """
-    options = with_knobs(options, knobs)
+    options = with_knobs(options or PlanOptions(microbatches=1), knobs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args, kwargs = first_microbatch(example_inputs, example_kwargs, options.microbatches)
@@ -191,8 +215,8 @@ def analyze_traced(
         here = "cuda" if torch.cuda.is_available() else "cpu"
         costs = profile(costs, profile_on, torch_device=here, progress=progress)
     graph = linearize(costs, order)
-    specs = tuple(
-        TensorSpec.of(node.name, node.meta["val"])
+    specs = tuple(  # by the forward's own argument names (fx names ``input`` ``input_1``)
+        TensorSpec.of(str(node.target).lstrip("*"), node.meta["val"])
         for node in traced.graph.nodes
         if node.op == "placeholder"
         and node.name not in traced.param_placeholders

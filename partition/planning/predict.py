@@ -70,7 +70,8 @@ def reprice(plan: Plan, devices: Sequence[Device]) -> Plan:
     Works from the plan file alone — each stage becomes one node of a stage-level graph, which
     the same objective (`partition.algorithms.objective.evaluate`) prices.
     """
-    from partition.algorithms.objective import Problem, evaluate
+    from partition.algorithms.objective import evaluate
+    from partition.algorithms.problem import Problem
 
     if len(devices) != plan.num_ranks:
         raise PlanError(

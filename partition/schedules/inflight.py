@@ -5,7 +5,7 @@ What a stage holds is a fact about the schedule's action lists, so the one sourc
 schedule: `partition.schedules.actions.peak_inflight`, which the runtime's buffer pools are
 sized by too, and which the partitioner prices (`schedule_inflight`). The closed forms
 (`closed_form_inflight`, see [Note: stage memory] in `partition.memory`) equal the schedule's for
-GPipe, 1F1B and ZB-H1 (``tests/partition/test_schedules.py`` checks every p <= 8, m <= 32) and
+GPipe, 1F1B and ZB-H1 (``tests/partition/test_inflight.py`` checks every p <= 8, m <= 32) and
 bound interleaved's from above; they price a count the schedule cannot run (interleaved needs
 the micro-batches to be a multiple of the ranks), so the search for the fewest devices that fit
 can still compare it.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from partition.errors import PipepartError
+from pipeline.cli.common import add_command
 
 __all__ = ["register"]
 
@@ -19,7 +20,7 @@ _EPILOG_BENCH = """examples:
   pipepart bench vs_pipelining --json
 """
 
-_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 """A checkout's benchmarks/ folder, beside the pipeline package's source tree (not installed)."""
 
 
@@ -87,18 +88,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``bench`` to the sub-command parsers ``sub``."""
-    bench = sub.add_parser(
+    bench = add_command(
+        sub,
         "bench",
+        _cmd_bench,
         help="run a benchmark from benchmarks/ (`pipepart bench list` names them)",
         epilog=_EPILOG_BENCH,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        json_help="print the benchmark's JSON results on stdout",
     )
     bench.add_argument("name", help="a benchmark's name, or `list`")
     bench.add_argument(
         "--quick", action="store_true", help="the quick mode CI runs (under a minute)"
-    )
-    bench.add_argument(
-        "--json", action="store_true", help="print the benchmark's JSON results on stdout"
     )
     bench.add_argument(
         "--out",
@@ -106,5 +106,3 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="folder for NAME.json (and its plot, if any); default the current directory",
     )
-    bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    bench.set_defaults(func=_cmd_bench)

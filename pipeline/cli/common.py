@@ -2,6 +2,8 @@
 
 The flags become a `PlanOptions` in one place (`plan_options`), so ``plan``, ``simulate`` and
 ``run --cuts markers`` read a flag the same way, and no command patches ``args`` afterwards.
+Every sub-command's parser comes from `add_command`, which gives it ``--debug`` and ``--json``;
+see [Note: --debug anywhere].
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from partition.memory import OPTIMIZER_STATES, MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.options import CUTS, PlanOptions
 from partition.plan import Plan
-from partition.schedules.names import SCHEDULE_NAMES
+from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from partition.solve import ALGORITHMS
 
 __all__ = [
     "add_algorithm_argument",
+    "add_command",
     "add_cuts_argument",
+    "add_debug_argument",
     "add_model_arguments",
     "add_plan_arguments",
     "console",
     "devices",
+    "devices_of_spec",
     "make_plan",
     "meta_model",
     "plan_options",
@@ -37,7 +42,45 @@ __all__ = [
 ]
 
 DEFAULT_DEVICE_SPEC = "cpu"
-DEFAULT_SCHEDULE = "1f1b"
+_PLAN = PlanOptions()
+"""The defaults of the planning flags: `PlanOptions`' own, so that a flag left out plans as
+`partition.plan_model` does."""
+
+
+def add_debug_argument(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--debug`` on the top parser (``top``: default False) or on a sub-command's (no default).
+
+    [Note: --debug anywhere] ``--debug`` is accepted before the sub-command (``pipepart --debug
+    plan gpt``) and after it (``pipepart plan gpt --debug``). argparse copies every attribute of
+    a sub-parser's namespace over the top parser's, defaults included, so a sub-parser's
+    ``--debug`` defaulting to False would erase a ``--debug`` given before the sub-command. A
+    sub-parser's ``--debug`` therefore has no default (``argparse.SUPPRESS``): it sets
+    ``args.debug`` only when given, and the top parser's False stands otherwise.
+    """
+    default = False if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show the traceback of an error"
+    )
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    epilog: str,
+    json_help: str = "print one JSON object instead of the table",
+) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name`` (running ``func``) in the sub-parsers ``sub``, with
+    its examples (``epilog``), ``--json`` and ``--debug``."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true", help=json_help)
+    add_debug_argument(parser, top=False)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def console(stderr: bool = False) -> Any:
@@ -75,8 +118,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace",
         choices=("auto", "fx", "export"),
-        default="auto",
-        help="trace route (default auto)",
+        default=_PLAN.method,
+        help=f"trace route (default {_PLAN.method})",
     )
     parser.add_argument(
         "--leaf",
@@ -106,7 +149,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -
         "--schedule",
         default=DEFAULT_SCHEDULE if defaults else None,
         choices=SCHEDULE_NAMES,
-        help="pipeline schedule (default 1f1b)",
+        help=f"pipeline schedule (default {DEFAULT_SCHEDULE})",
     )
     parser.add_argument(
         "--microbatches",
@@ -115,13 +158,16 @@ def add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -
         help=f"micro-batches per step (default {DEFAULT_MICROBATCHES})",
     )
     parser.add_argument(
-        "--virtual", type=int, default=1, help="stages per device for the interleaved schedule"
+        "--virtual",
+        type=int,
+        default=_PLAN.virtual,
+        help="stages per device for the interleaved schedule",
     )
     parser.add_argument(
         "--optimizer",
-        default="adam",
+        default=_PLAN.memory.optimizer,
         choices=tuple(OPTIMIZER_STATES),
-        help="optimizer state to budget for (default adam)",
+        help=f"optimizer state to budget for (default {_PLAN.memory.optimizer})",
     )
     parser.add_argument(
         "--profile",
@@ -139,7 +185,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -
 def add_cuts_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuts",
-        default="partitioner",
+        default=_PLAN.cuts,
         choices=CUTS,
         help="who places the cuts: the partitioner (default; pipe_split() markers are ignored), "
         "or the model's torch.distributed.pipelining pipe_split() markers: one stage per "
@@ -149,41 +195,51 @@ def add_cuts_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_algorithm_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--algorithm", default="optimal", choices=ALGORITHMS, help="partitioner (default optimal)"
+        "--algorithm",
+        default=_PLAN.algorithm,
+        choices=ALGORITHMS,
+        help=f"partitioner (default {_PLAN.algorithm})",
     )
 
 
 def devices(args: argparse.Namespace, count: int | None = None) -> list[Device]:
     """The devices of ``--device-spec`` and ``--devices`` (or ``count``, e.g. the ranks)."""
     spec = args.device_spec or DEFAULT_DEVICE_SPEC
+    return devices_of_spec(spec, count or args.devices, repeat=4)
+
+
+def devices_of_spec(spec: str, count: int | None, *, repeat: int | None = None) -> list[Device]:
+    """The devices of a ``--device-spec``: several specs separated by ``;`` as given (``count``,
+    when given, must be their number); one spec repeated ``count`` times, else ``repeat`` times."""
     specs = [s for s in spec.split(";") if s.strip()]
-    if len(specs) > 1:
-        return parse_devices(specs, count or args.devices)
-    return parse_devices(specs, count or args.devices or 4)
+    return parse_devices(specs, count if len(specs) > 1 else count or repeat)
+
+
+_PLAN_FLAGS = {  # a `PlanOptions` field: the flag that sets it
+    "schedule": "schedule",
+    "microbatches": "microbatches",
+    "virtual": "virtual",
+    "algorithm": "algorithm",
+    "cuts": "cuts",
+    "method": "trace",
+    "leaf_modules": "leaf",
+    "profile": "profile",
+}
+_MEMORY_FLAGS = {"optimizer": "optimizer", "master_weights": "master_weights"}
 
 
 def plan_options(args: argparse.Namespace, **given: Any) -> PlanOptions:
-    """The `PlanOptions` of the flags (a flag left ``None`` takes the default); ``given`` wins."""
+    """The `PlanOptions` of the flags; a flag the command lacks or left ``None`` takes
+    `PlanOptions`' default, and the fields ``given`` win over the flags."""
 
-    def flag(name: str, default: Any) -> Any:
-        value = getattr(args, name, None)
-        return default if value is None else value
+    def flags(table: dict[str, str]) -> dict[str, Any]:
+        values = {field: getattr(args, flag, None) for field, flag in table.items()}
+        return {field: value for field, value in values.items() if value is not None}
 
-    fields: dict[str, Any] = {
-        "schedule": flag("schedule", DEFAULT_SCHEDULE),
-        "microbatches": flag("microbatches", DEFAULT_MICROBATCHES),
-        "virtual": flag("virtual", 1),
-        "memory": MemoryModel(
-            optimizer=flag("optimizer", "adam"), master_weights=flag("master_weights", False)
-        ),
-        "algorithm": flag("algorithm", "optimal"),
-        "cuts": flag("cuts", "partitioner"),
-        "method": flag("trace", "auto"),
-        "leaf_modules": tuple(flag("leaf", ())),
-        "profile": flag("profile", False),
-    }
-    fields.update(given)
-    return PlanOptions(**fields)
+    fields = flags(_PLAN_FLAGS)
+    if "memory" not in given:
+        fields["memory"] = MemoryModel(**flags(_MEMORY_FLAGS))
+    return PlanOptions(**{**fields, **given})
 
 
 def meta_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from partition.errors import CheckpointError
+from pipeline.cli.common import add_command
 
 __all__ = ["register"]
 
@@ -25,11 +26,13 @@ examples:
 
 def register(sub: Any) -> None:
     """Add ``export`` to the sub-command parsers ``sub``."""
-    export = sub.add_parser(
+    export = add_command(
+        sub,
         "export",
+        _cmd_export,
         help="assemble a pipeline checkpoint into one whole-model safetensors file",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        json_help="print one JSON object",
     )
     export.add_argument("checkpoint", help="a step-N checkpoint directory, or the folder of them")
     export.add_argument("out", help="a .safetensors file, or (with --model hf:...) a folder")
@@ -37,8 +40,6 @@ def register(sub: Any) -> None:
         "--model", default=None, help="hf:NAME: write a from_pretrained folder for this model"
     )
     export.add_argument("--size", default="", help="size of the --model (as for pipepart run)")
-    export.add_argument("--json", action="store_true", help="print one JSON object")
-    export.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

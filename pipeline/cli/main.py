@@ -1,7 +1,8 @@
 """The ``pipepart`` command's entry point: the parser of every sub-command, and its errors.
 
 Every sub-command prints a table for people and, with ``--json``, one JSON object on stdout for
-scripts. Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
+scripts. Errors are one line on stderr and exit code 2; ``--debug``, before or after the
+sub-command, prints the traceback above that line (see [Note: --debug anywhere] in `common`).
 Each sub-command lives in the module that names it — `pipeline.cli.plan` (``plan``, ``show``,
 ``simulate``), `pipeline.cli.run`, `pipeline.cli.bench` — with the flags it reads; the flags they
 share, and the options those make, are `pipeline.cli.common`'s.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 import pipeline.cli.bench as bench_command
@@ -19,6 +21,7 @@ import pipeline.cli.export as export_command
 import pipeline.cli.plan as plan_command
 import pipeline.cli.run as run_command
 from partition.errors import FactoryError, PipepartError
+from pipeline.cli.common import add_debug_argument
 
 __all__ = ["main"]
 
@@ -28,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pipepart",
         description="Split a PyTorch model into pipeline stages, predict it, and train it across ranks.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_debug_argument(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (plan_command, run_command, export_command, bench_command):
         command.register(sub)
@@ -55,10 +58,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (PipepartError, OSError) as e:
         if args.debug:
-            raise
-        hint = "; --debug shows its traceback" if isinstance(e, FactoryError) else ""
+            traceback.print_exc()
+        hint = (
+            "; --debug shows its traceback"
+            if isinstance(e, FactoryError) and not args.debug
+            else ""
+        )
         print(f"pipepart {args.command}: error: {_one_line(str(e))}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pipepart {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # python -m pipeline.cli.main (python -m pipeline.cli is the same)
+    sys.exit(main())

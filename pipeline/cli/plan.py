@@ -6,21 +6,24 @@ import argparse
 import json
 from typing import Any
 
-from partition.devices import format_size, format_time, parse_devices
 from partition.plan import Plan
+from partition.schedules.simulate import SimResult
+from partition.units import format_size, format_time
 from pipeline.cli.common import (
     add_algorithm_argument,
+    add_command,
     add_cuts_argument,
     add_model_arguments,
     add_plan_arguments,
     console,
     devices,
+    devices_of_spec,
     make_plan,
     plan_options,
     progress,
 )
 
-__all__ = ["plan_table", "register"]
+__all__ = ["plan_summary", "plan_table", "register"]
 
 _EPILOG_PLAN = """examples:
   pipepart plan gpt --size small --devices 4
@@ -85,16 +88,6 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     return table
 
 
-def _plan_summary(plan: Plan) -> dict[str, Any]:
-    data = plan.to_dict()
-    data["bottleneck"] = plan.bottleneck
-    data["bottleneck_stage"] = plan.bottleneck_stage
-    data["step_time"] = plan.step_time
-    data["bubble"] = plan.bubble
-    data["fits"] = plan.fits()
-    return data
-
-
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """``--json`` of ``plan`` and ``show``: the plan file's fields and the headline numbers."""
     data = plan.to_dict()
@@ -123,9 +116,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    plan = Plan.load(args.plan)
-    if args.device_spec:
-        plan = _reprice(plan, args.device_spec)
+    plan = _saved_plan(args.plan, args.device_spec)
     if args.json:
         print(json.dumps(plan_summary(plan)))
     else:
@@ -133,21 +124,22 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reprice(plan: Plan, device_spec: str) -> Plan:
-    """The same split priced on other devices (capacities and times change, nodes do not)."""
+def _saved_plan(path: str, device_spec: str | None) -> Plan:
+    """The plan file at ``path``, priced on ``device_spec``'s devices if given (the same split:
+    capacities and times change, nodes do not)."""
     from partition import reprice
 
-    specs = [s for s in device_spec.split(";") if s.strip()]
-    return reprice(plan, parse_devices(specs, None if len(specs) > 1 else plan.num_ranks))
+    plan = Plan.load(path)
+    if not device_spec:
+        return plan
+    return reprice(plan, devices_of_spec(device_spec, None, repeat=plan.num_ranks))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from partition import simulate_plan
 
     if args.model.endswith(".json"):
-        plan = Plan.load(args.model)
-        if args.device_spec is not None:
-            plan = _reprice(plan, args.device_spec)
+        plan = _saved_plan(args.model, args.device_spec)
     else:  # plan it now, on the flags (the ones not given take plan's defaults)
         with progress(not args.json) as report:
             plan = make_plan(args, plan_options(args), devices(args), report)
@@ -164,28 +156,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             path=args.png,
         )
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "schedule": schedule,
-                    "microbatches": microbatches,
-                    "ranks": plan.num_ranks,
-                    "step_time": result.step_time,
-                    "bubble": result.bubble_fraction,
-                    "busy_time": list(result.busy_time),
-                    "peak_activation_microbatches": list(result.peak_activation_microbatches),
-                    "peak_activation_bytes": list(result.peak_activation_bytes or ()),
-                    "bottleneck": plan.bottleneck,
-                    "png": args.png,
-                }
-            )
-        )
-        return 0
+        print(json.dumps(_simulation_summary(plan, result, schedule, microbatches, args.png)))
+    else:
+        title = f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)"
+        console().print(_simulation_table(plan, result, args.png, title))
+    return 0
+
+
+def _simulation_summary(
+    plan: Plan, result: SimResult, schedule: str, microbatches: int, png: str | None
+) -> dict[str, Any]:
+    """``--json`` of ``simulate``: the schedule played, the step, each rank's peaks."""
+    return {
+        "schedule": schedule,
+        "microbatches": microbatches,
+        "ranks": plan.num_ranks,
+        "step_time": result.step_time,
+        "bubble": result.bubble_fraction,
+        "busy_time": list(result.busy_time),
+        "peak_activation_microbatches": list(result.peak_activation_microbatches),
+        "peak_activation_bytes": list(result.peak_activation_bytes or ()),
+        "bottleneck": plan.bottleneck,
+        "png": png,
+    }
+
+
+def _simulation_table(plan: Plan, result: SimResult, png: str | None, title: str) -> Any:
+    """A rich table of a simulated step: one row per rank, its stages and their peaks."""
     from rich.table import Table
 
-    table = Table(
-        title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)"
-    )
+    table = Table(title=title)
     for column in (
         "rank",
         "busy",
@@ -198,6 +198,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     stages_of: dict[int, list[int]] = {}
     for stage in plan.stages:
         stages_of.setdefault(stage.index % plan.num_ranks, []).append(stage.index)
+    peak_bytes = result.peak_activation_bytes or [0] * plan.num_stages
     for rank, busy in enumerate(result.busy_time):
         mine = stages_of.get(rank, [])
         table.add_row(
@@ -206,63 +207,47 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             f"{1 - busy / result.step_time:.1%}" if result.step_time else "–",
             ", ".join(map(str, mine)),
             ", ".join(str(result.peak_activation_microbatches[s]) for s in mine),
-            ", ".join(
-                format_size((result.peak_activation_bytes or [0] * plan.num_stages)[s])
-                for s in mine
-            ),
+            ", ".join(format_size(peak_bytes[s]) for s in mine),
         )
     table.caption = (
         f"step {format_time(result.step_time)} · bubble {result.bubble_fraction:.1%}"
-        + (f" · Gantt chart written to {args.png}" if args.png else "")
+        + (f" · Gantt chart written to {png}" if png else "")
     )
-    console().print(table)
-    return 0
+    return table
 
 
 def register(sub: Any) -> None:
     """Add ``plan``, ``show`` and ``simulate`` to the sub-command parsers ``sub``."""
-    plan = sub.add_parser(
+    plan = add_command(
+        sub,
         "plan",
+        _cmd_plan,
         help="plan a model over devices and print the stages",
         epilog=_EPILOG_PLAN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(plan)
     add_plan_arguments(plan)
     add_algorithm_argument(plan)
     add_cuts_argument(plan)
     plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
-    plan.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of the table"
-    )
-    plan.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    plan.set_defaults(func=_cmd_plan)
 
-    show = sub.add_parser(
+    show = add_command(
+        sub,
         "show",
+        _cmd_show,
         help="re-print a saved plan, optionally priced on other devices",
         epilog=_EPILOG_SHOW,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     show.add_argument("plan", help="a plan JSON file written by `pipepart plan --out`")
     show.add_argument("--device-spec", default=None, help="price the same split on these devices")
-    show.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of the table"
-    )
-    show.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    show.set_defaults(func=_cmd_show)
 
-    simulate = sub.add_parser(
+    simulate = add_command(
+        sub,
         "simulate",
+        _cmd_simulate,
         help="predict step time, bubble and memory of a plan's schedule; draw its Gantt chart",
         epilog=_EPILOG_SIMULATE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(simulate)
     add_plan_arguments(simulate, defaults=False)
     simulate.add_argument("--png", default=None, help="write the Gantt chart to this PNG")
-    simulate.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of the table"
-    )
-    simulate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    simulate.set_defaults(func=_cmd_simulate)

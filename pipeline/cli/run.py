@@ -7,13 +7,15 @@ import json
 import math
 from typing import Any
 
-from partition.devices import format_time, parse_devices
+from partition.devices import parse_devices
 from partition.errors import PipepartError
 from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
-from partition.schedules.names import SCHEDULE_NAMES
+from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES
+from partition.units import format_time
 from pipeline.cli.common import (
+    add_command,
     add_cuts_argument,
     add_model_arguments,
     console,
@@ -21,10 +23,12 @@ from pipeline.cli.common import (
     plan_options,
     progress,
 )
-from pipeline.launch.reference import DEFAULT_TOLERANCE
+from pipeline.launch.options import RunOptions
+from pipeline.launch.results import RunResult
 from pipeline.runtime.optim import OPTIMIZER_CLASSES
+from pipeline.runtime.options import PipelineOptions
 
-__all__ = ["register"]
+__all__ = ["register", "run_options"]
 
 _EPILOG_RUN = """The model trains on its own weights: the factory's model is built once (torch.manual_seed(--seed),
 then the factory), and each rank reads only its stage's tensors; --weights init uses the model's
@@ -42,8 +46,11 @@ examples:
   pipepart run gpt --ranks 2 --plan plan.json --steps 10 --png run.png
   pipepart run gpt --ranks 2 --steps 100 --checkpoint-dir ckpt --checkpoint-every 10 --restarts 2
   pipepart run gpt --ranks 4 --steps 200 --checkpoint-dir ckpt --checkpoint-every 10 --resume
-  torchrun --nproc-per-node 4 -m pipeline.cli.main run gpt --ranks 4 --steps 100   # joins torchrun's group
+  torchrun --nproc-per-node 4 -m pipeline.cli run gpt --ranks 4 --steps 100   # joins torchrun's group
 """
+
+_RUN = RunOptions()
+"""The defaults of ``run``'s flags (but ``--steps``, and the plan's): `run_pipeline`'s own."""
 
 
 def _marker_plan(args: argparse.Namespace, schedule: str, microbatches: int) -> Plan:
@@ -61,14 +68,13 @@ def _marker_plan(args: argparse.Namespace, schedule: str, microbatches: int) -> 
     return make_plan(args, options, parse_devices("cpu", args.ranks))
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.launch.run import RunOptions, run_pipeline
-    from pipeline.runtime.pipeline import PipelineOptions
-
-    plan = args.plan
+def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None]:
+    """The `RunOptions` of ``pipepart run``'s flags, and the plan to run: ``--plan``'s file, the
+    one ``--cuts markers`` makes here, or none (the ranks' partitioner splits the model)."""
+    plan: Plan | str | None = args.plan
     schedule, microbatches = args.schedule, args.microbatches
     if plan is None:  # the defaults when the partitioner plans here
-        schedule, microbatches = schedule or "1f1b", microbatches or DEFAULT_MICROBATCHES
+        schedule, microbatches = schedule or DEFAULT_SCHEDULE, microbatches or DEFAULT_MICROBATCHES
     if args.cuts == "markers":
         plan = _marker_plan(args, schedule, microbatches)
         schedule = microbatches = None  # the plan's
@@ -101,62 +107,69 @@ def _cmd_run(args: argparse.Namespace) -> int:
         resume=args.resume,
         restarts=args.restarts,
     )
+    return options, plan
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.launch.run import run_pipeline
+
+    options, plan = run_options(args)
     with progress(not args.json) as report:
         report(f"training {args.model} on {args.ranks} ranks")
         result = run_pipeline(args.model, options, plan=plan)
-    if not result:  # a torchrun rank other than 0: rank 0 reports
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if args.png:
         from partition.schedules.actions import Action
         from partition.schedules.gantt import plot_gantt
 
-        events = [
-            (r, a if isinstance(a, Action) else Action.parse(str(a)), s, e)
-            for r, a, s, e in result["timeline"]
-        ]
+        events = [(r, Action.parse(a), s, e) for r, a, s, e in result.timeline]
         plot_gantt(
             events,
-            num_ranks=result["ranks"],
+            num_ranks=result.ranks,
             title=f"{args.model} · measured last step",
             path=args.png,
         )
     if args.json:
-        summary = {k: v for k, v in result.items() if k != "timeline"}
-        summary["timeline"] = [[r, str(a), s, e] for r, a, s, e in result["timeline"]]
-        print(json.dumps(_finite(summary), default=str))
+        print(json.dumps(_finite(result.to_json()), default=str))
         return _check_status(result)
+    _print_run(args.model, result)
+    return _check_status(result)
+
+
+def _print_run(model: str, result: RunResult) -> None:
+    """The run as a table of steps, where the weights came from, and the check's verdict."""
     from rich.table import Table
 
-    table = Table(title=f"{args.model} on {result['ranks']} ranks")
+    table = Table(title=f"{model} on {result.ranks} ranks")
     table.add_column("step", justify="right")
     table.add_column("time", justify="right")
     table.add_column("loss", justify="right")
-    for row in result["steps"]:
+    for row in result.steps:
         table.add_row(
-            str(row["step"]),
-            format_time(row["time"]),
-            f"{row['loss']:.6f}" if row["loss"] is not None else "–",
+            str(row.step),
+            format_time(row.time),
+            f"{row.loss:.6f}" if row.loss is not None else "–",
         )
     out = console()
     out.print(table)
-    sources = sorted({s for ranks in result.get("weights", {}).values() for s in ranks})
+    sources = sorted({s for ranks in result.weights.values() for s in ranks})
     if sources:
         out.print(f"weights from: {', '.join(sources)} (see --weights)")
-    check = result.get("check")
-    if check:
+    check = result.check
+    if check is not None:
         shown = ", ".join(
-            f"{k} {_fmt_diff(check[k])}" for k in ("loss", "grads", "params", "buffers")
+            f"{k} {_fmt_diff(getattr(check, k))}" for k in ("loss", "grads", "params", "buffers")
         )
         verdict = (
             "[green]passed[/green]"
-            if check["passed"]
-            else f"[red]FAILED[/red]: {'; '.join(check['failures'])}"
+            if check.passed
+            else f"[red]FAILED[/red]: {'; '.join(check.failures)}"
         )
         out.print(
             f"largest relative difference from the factory's model trained on one process: "
-            f"{shown} (tolerance {check['tolerance']:g}) — {verdict}"
+            f"{shown} (tolerance {check.tolerance:g}) — {verdict}"
         )
-    return _check_status(result)
 
 
 def _finite(value: Any) -> Any:
@@ -175,22 +188,43 @@ def _fmt_diff(d: float) -> str:
     return "nan" if math.isnan(d) else ("inf" if math.isinf(d) else f"{d:.3g}")
 
 
-def _check_status(result: dict[str, Any]) -> int:
+def _check_status(result: RunResult) -> int:
     """1 when --check ran and failed; see [Note: an independent check] in `pipeline.launch.reference`."""
-    check = result.get("check")
-    return 1 if check is not None and not check["passed"] else 0
+    return 1 if result.check is not None and not result.check.passed else 0
 
 
 def register(sub: Any) -> None:
     """Add ``run`` to the sub-command parsers ``sub``."""
-    run = sub.add_parser(
+    run = add_command(
+        sub,
         "run",
+        _cmd_run,
         help="train a model on local ranks (or under torchrun) with a pipeline schedule",
         epilog=_EPILOG_RUN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        json_help="print one JSON object: per-step times and losses, --check differences",
     )
     add_model_arguments(run)
-    run.add_argument("--ranks", type=int, default=2, help="processes to spawn (default 2)")
+    run.add_argument(
+        "--ranks", type=int, default=_RUN.ranks, help=f"processes to spawn (default {_RUN.ranks})"
+    )
+    _add_schedule_arguments(run)
+    run.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
+    _add_check_arguments(run)
+    _add_weights_arguments(run)
+    _add_training_arguments(run)
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=_RUN.timeout,
+        help=f"seconds a rank waits for a peer before failing (default {_RUN.timeout:g})",
+    )
+    run.add_argument(
+        "--png", default=None, help="draw the last step's measured Gantt chart to this PNG"
+    )
+
+
+def _add_schedule_arguments(run: argparse.ArgumentParser) -> None:
+    """Where the split and the schedule come from: a plan file, the markers, or the flags."""
     run.add_argument(
         "--plan", default=None, help="a plan JSON file (default: plan now with --schedule)"
     )
@@ -199,7 +233,7 @@ def register(sub: Any) -> None:
         "--schedule",
         default=None,
         choices=SCHEDULE_NAMES,
-        help="schedule when no plan is given (default 1f1b)",
+        help=f"schedule when no plan is given (default {DEFAULT_SCHEDULE})",
     )
     run.add_argument(
         "--microbatches",
@@ -210,7 +244,9 @@ def register(sub: Any) -> None:
     run.add_argument(
         "--virtual", type=int, default=None, help="stages per rank for the interleaved schedule"
     )
-    run.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
+
+
+def _add_check_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--check",
         action="store_true",
@@ -220,16 +256,20 @@ def register(sub: Any) -> None:
     run.add_argument(
         "--check-tol",
         type=float,
-        default=DEFAULT_TOLERANCE,
-        help=f"largest relative difference --check accepts (default {DEFAULT_TOLERANCE:g}, for fp32)",
+        default=_RUN.check_tol,
+        help=f"largest relative difference --check accepts (default {_RUN.check_tol:g}, for fp32)",
     )
+
+
+def _add_weights_arguments(run: argparse.ArgumentParser) -> None:
+    """Where the weights come from, and the checkpoints the ranks save and resume from."""
     run.add_argument(
         "--weights",
-        default="auto",
+        default=_RUN.pipeline.weights,
         choices=("auto", "factory", "init"),
         help="where the weights come from: the factory's model built once (factory), the model's "
         "init rules on each rank's tensors only (init), or factory when it fits in host memory "
-        "(auto, the default)",
+        f"({_RUN.pipeline.weights}, the default)",
     )
     run.add_argument(
         "--checkpoint",
@@ -254,28 +294,34 @@ def register(sub: Any) -> None:
     run.add_argument(
         "--restarts",
         type=int,
-        default=0,
+        default=_RUN.restarts,
         help="when a rank dies, start every rank again up to N times, resuming from the newest "
         "complete checkpoint (local ranks; under torchrun use its --max-restarts)",
     )
+
+
+def _add_training_arguments(run: argparse.ArgumentParser) -> None:
+    """The seed, the optimizer, the loss and what each step does beyond the schedule."""
     run.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=_RUN.pipeline.seed,
         help="torch.manual_seed before the factory, and the data seed",
     )
-    run.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    run.add_argument(
+        "--lr", type=float, default=_RUN.lr, help=f"learning rate (default {_RUN.lr:g})"
+    )
     run.add_argument(
         "--optimizer",
-        default="sgd",
+        default=_RUN.optimizer,
         choices=tuple(OPTIMIZER_CLASSES),
-        help="optimizer (default sgd)",
+        help=f"optimizer (default {_RUN.optimizer})",
     )
     run.add_argument(
         "--loss",
-        default="mean",
+        default=_RUN.pipeline.loss_reduction,
         choices=("mean", "sum"),
-        help="how micro-batch losses combine (default mean)",
+        help=f"how micro-batch losses combine (default {_RUN.pipeline.loss_reduction})",
     )
     run.add_argument("--clip", type=float, default=None, help="clip gradients to this global norm")
     run.add_argument(
@@ -283,24 +329,8 @@ def register(sub: Any) -> None:
     )
     run.add_argument(
         "--batchnorm",
-        default="microbatch",
+        default=_RUN.pipeline.batchnorm,
         choices=("microbatch", "batch"),
         help="BatchNorm running statistics in train mode: updated per micro-batch (default, as "
         "one process running the micro-batches in turn), or once per step from the whole batch",
     )
-    run.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="seconds a rank waits for a peer before failing (default 300)",
-    )
-    run.add_argument(
-        "--png", default=None, help="draw the last step's measured Gantt chart to this PNG"
-    )
-    run.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object: per-step times and losses, --check differences",
-    )
-    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    run.set_defaults(func=_cmd_run)

@@ -25,19 +25,47 @@ the whole batch, as the pipeline's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_TOLERANCE", "Reference", "compare", "run_reference"]
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "CheckResult",
+    "RankReport",
+    "Reference",
+    "StepSemantics",
+    "compare",
+    "run_reference",
+]
 
 DEFAULT_TOLERANCE = 1e-5
 """Relative, for fp32 (`--check-tol`); see [Note: an independent check]."""
 
 _FLOOR = 1e-6
+
+
+class StepSemantics(Protocol):
+    """What a step does beyond the model, as the pipeline ran it (a `PipelineOptions` is one)."""
+
+    @property
+    def loss_reduction(self) -> str: ...
+    @property
+    def max_grad_norm(self) -> float | None: ...
+    @property
+    def batchnorm(self) -> str: ...
+
+
+class RankReport(Protocol):
+    """What `compare` reads of a rank's report (a `pipeline.launch.job.RankResult`)."""
+
+    losses: list[float | None]
+    params: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    buffers: dict[str, Tensor]
 
 
 @dataclass
@@ -50,6 +78,33 @@ class Reference:
     buffers: dict[str, Tensor]
     canonical: dict[str, str]
     """Every name of a tensor -> its first name (a tied weight has several)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckResult:
+    """The largest relative differences from the plain model (see [Note: an independent
+    check]), the worst tensor of each kind, and whether all are within the tolerance."""
+
+    loss: float
+    grads: float
+    params: float
+    buffers: float
+    worst: dict[str, str]
+    """Kind (``grads``, ``params``, ``buffers``) -> the name of its worst tensor."""
+    tolerance: float
+    failures: list[str]
+    """One line per kind over the tolerance or not finite, e.g. ``grads nan (h.0.attn.w)``."""
+    losses: list[float]
+    """The pipeline's loss at each step."""
+    reference_losses: list[float]
+    """The plain model's loss at each step."""
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
 
 
 def _chunks(value: Any, m: int) -> list[Any]:
@@ -67,22 +122,23 @@ def _chunks(value: Any, m: int) -> list[Any]:
 def run_reference(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
-    inputs: tuple[Any, ...] | dict[str, Any],
-    target: Any,
+    batch: tuple[Any, Any],
     *,
     microbatches: int,
-    loss_reduction: str,
-    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
     steps: int,
-    max_grad_norm: float | None = None,
-    batchnorm: str = "microbatch",
+    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    semantics: StepSemantics,
 ) -> Reference:
-    """Train ``model`` (the factory's, eager) for ``steps`` steps with the pipeline's semantics.
+    """Train ``model`` (the factory's, eager) for ``steps`` steps on ``batch`` (inputs, target)
+    with the pipeline's step semantics.
 
-    With ``batchnorm="batch"`` the BatchNorm running statistics are those of one forward over
-    the whole batch per step, before the optimizer step (what `pipeline.runtime.batchnorm` commits);
-    normalisation still uses each micro-batch's own statistics.
+    With ``semantics.batchnorm == "batch"`` the BatchNorm running statistics are those of one
+    forward over the whole batch per step, before the optimizer step (what
+    `pipeline.runtime.batchnorm` commits); normalisation still uses each micro-batch's own.
     """
+    inputs, target = batch
+    loss_reduction, max_grad_norm = semantics.loss_reduction, semantics.max_grad_norm
+    batchnorm = semantics.batchnorm
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     params = list(model.parameters())
     optimizer = optimizer_factory(params)
@@ -154,17 +210,14 @@ def _worst(pairs: Iterable[tuple[str, float]]) -> tuple[float, str]:
 
 
 def compare(
-    results: list[dict[str, Any]], reference: Reference, *, tolerance: float = DEFAULT_TOLERANCE
-) -> dict[str, Any]:
-    """The largest relative differences between the ranks' ``results`` and ``reference``.
-
-    ``results`` are the ranks' reports: ``losses`` per step (None off the last stage), and
-    ``params``, ``grads``, ``buffers`` by qualified name. Returns ``{"loss", "grads", "params",
-    "buffers", "worst", "tolerance", "passed", "failures", "losses", "reference_losses"}``.
-    """
+    results: Sequence[RankReport], reference: Reference, *, tolerance: float = DEFAULT_TOLERANCE
+) -> CheckResult:
+    """The largest relative differences between the ranks' ``results`` and ``reference``:
+    ``losses`` per step (None off the last stage), and ``params``, ``grads``, ``buffers`` by
+    qualified name."""
     steps = len(reference.losses)
-    pipe_losses = [
-        next((r["losses"][k] for r in results if r["losses"][k] is not None), math.nan)
+    pipe_losses: list[float] = [
+        next((loss for r in results if (loss := r.losses[k]) is not None), math.nan)
         for k in range(steps)
     ]
     loss_diffs = []
@@ -173,7 +226,7 @@ def compare(
             loss_diffs.append(math.nan)
         else:
             loss_diffs.append(abs(got - want) / max(abs(want), _FLOOR))
-    out: dict[str, Any] = {"loss": _worst((f"step {k}", d) for k, d in enumerate(loss_diffs))[0]}
+    out: dict[str, float] = {"loss": _worst((f"step {k}", d) for k, d in enumerate(loss_diffs))[0]}
     worst_names: dict[str, str] = {}
     failures: list[str] = []
     for what in ("grads", "params", "buffers"):
@@ -188,7 +241,7 @@ def compare(
         pairs = []
         seen: set[str] = set()
         for r in results:
-            for alias, t in r.get(what, {}).items():
+            for alias, t in getattr(r, what).items():
                 name = reference.canonical.get(alias, alias)
                 seen.add(name)
                 if name not in want_all:
@@ -199,18 +252,22 @@ def compare(
         if what == "grads":  # a gradient the model has but no rank reported
             pairs += [(n, math.inf) for n, g in want_all.items() if n not in seen and g.any()]
         out[what], worst_names[what] = _worst(pairs)
-    out["worst"] = worst_names
-    out["tolerance"] = tolerance
     for what in ("loss", "grads", "params", "buffers"):
         d = out[what]
         if not math.isfinite(d) or d > tolerance:
             where = f" ({worst_names[what]})" if worst_names.get(what) else ""
             failures.append(f"{what} {_fmt(d)}{where}")
-    out["passed"] = not failures
-    out["failures"] = failures
-    out["losses"] = pipe_losses
-    out["reference_losses"] = reference.losses
-    return out
+    return CheckResult(
+        loss=out["loss"],
+        grads=out["grads"],
+        params=out["params"],
+        buffers=out["buffers"],
+        worst=worst_names,
+        tolerance=tolerance,
+        failures=failures,
+        losses=pipe_losses,
+        reference_losses=list(reference.losses),
+    )
 
 
 def _fmt(d: float) -> str:

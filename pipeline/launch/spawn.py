@@ -23,6 +23,7 @@ NCCL's own bootstrap sockets follow ``NCCL_SOCKET_IFNAME``, which is left to the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import faulthandler
 import logging
@@ -45,8 +46,9 @@ import torch
 import torch.distributed as dist
 
 from partition.errors import InputError
+from pipeline.runtime.device import default_backend
 
-__all__ = ["RankOutcome", "loopback_interface", "spawn_ranks"]
+__all__ = ["RankOutcome", "SpawnOptions", "loopback_interface", "spawn_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -103,47 +105,51 @@ class _Child:
     outcome: RankOutcome | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class SpawnOptions:
+    """How `spawn_ranks` starts and watches its ranks."""
+
+    timeout: float = 600.0
+    """Seconds for the whole run; ranks still running then are killed."""
+    pg_timeout: float = 300.0
+    """The process group's timeout (how long a collective or receive may wait)."""
+    backend: str | None = None
+    """``gloo`` or ``nccl``; default `pipeline.runtime.device.default_backend` for the ranks."""
+    kill_on_failure: bool = True
+    """Kill every rank as soon as one fails (else let them end on their own, which is what
+    failure-handling tests observe)."""
+    log_level: int = logging.WARNING
+    start_method: str = "spawn"
+    """``spawn`` (a fresh interpreter per rank), or ``forkserver``, which imports ``preload``
+    once in a server process and forks every rank from it: much faster when ranks are started
+    many times (tests), since importing torch takes seconds."""
+    preload: tuple[str, ...] = ()
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
     args: Sequence[Any] = (),
-    *,
-    timeout: float = 600.0,
-    pg_timeout: float = 300.0,
-    backend: str | None = None,
-    kill_on_failure: bool = True,
-    log_level: int = logging.WARNING,
-    start_method: str = "spawn",
-    preload: Sequence[str] = (),
+    options: SpawnOptions | None = None,
+    **knobs: Any,
 ) -> list[RankOutcome]:
     """Run ``fn(*args)`` on ``world_size`` new processes, each a rank of a new process group.
 
     See [Note: spawned ranks]. ``fn`` and ``args`` must be picklable (a module-level function).
-
-    Args:
-        timeout: seconds for the whole run; ranks still running then are killed.
-        pg_timeout: the process group's timeout (how long a collective or receive may wait).
-        backend: ``gloo`` or ``nccl``; default NCCL if there is a GPU per rank, else gloo.
-        kill_on_failure: kill every rank as soon as one fails (else let them end on their own,
-            which is what failure-handling tests observe).
-        start_method: ``spawn`` (a fresh interpreter per rank), or ``forkserver``, which imports
-            ``preload`` once in a server process and forks every rank from it: much faster when
-            ranks are started many times (tests), since importing torch takes seconds.
+    ``options`` (or ``knobs``, its fields one by one: ``timeout=60``) say how; see
+    `SpawnOptions`.
 
     Returns:
         One `RankOutcome` per rank, in rank order.
     """
+    options = dataclasses.replace(options or SpawnOptions(), **knobs)
     if world_size < 1:
         raise InputError(f"need at least 1 rank, got {world_size}")
-    if backend is None:
-        backend = (
-            "nccl"
-            if torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-            else "gloo"
-        )
+    backend = options.backend or default_backend(world_size)
+    start_method = options.start_method
     ctx: Any = mp.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload([*_PRELOAD, *preload])
+        ctx.set_forkserver_preload([*_PRELOAD, *options.preload])
     with tempfile.TemporaryDirectory(prefix="pipepart-") as tmp:
         init = Path(tmp) / "rendezvous"
         children = []
@@ -154,12 +160,7 @@ def spawn_ranks(
                 args=(
                     fn,
                     tuple(args),
-                    rank,
-                    world_size,
-                    str(init),
-                    backend,
-                    pg_timeout,
-                    log_level,
+                    _RankStart(rank, world_size, str(init), backend, options),
                     child_conn,
                 ),
                 name=f"pipepart-rank-{rank}",
@@ -169,7 +170,7 @@ def spawn_ranks(
         start = time.monotonic()
         for child in children:
             child.process.start()
-        _supervise(children, start, timeout, kill_on_failure)
+        _supervise(children, start, options.timeout, options.kill_on_failure)
     outcomes = [c.outcome for c in children]
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
@@ -235,20 +236,29 @@ def _kill(live: dict[int, _Child], why: str, start: float) -> None:
     live.clear()
 
 
+@dataclass(frozen=True)
+class _RankStart:
+    """Who a spawned rank is and how it joins its process group."""
+
+    rank: int
+    world_size: int
+    init: str
+    """The rendezvous file."""
+    backend: str
+    options: SpawnOptions
+
+
 def _rank_main(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
-    rank: int,
-    world_size: int,
-    init: str,
-    backend: str,
-    pg_timeout: float,
-    log_level: int,
+    start: _RankStart,
     conn: multiprocessing.connection.Connection,
 ) -> None:
     """The body of one spawned rank; see [Note: spawned ranks]."""
+    rank, backend = start.rank, start.backend
     logging.basicConfig(
-        level=log_level, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
+        level=start.options.log_level,
+        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
@@ -261,10 +271,10 @@ def _rank_main(
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         dist.init_process_group(
             backend,
-            init_method=f"file://{init}",
+            init_method=f"file://{start.init}",
             rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=pg_timeout),
+            world_size=start.world_size,
+            timeout=datetime.timedelta(seconds=start.options.pg_timeout),
         )
         outcome = RankOutcome(rank, True, value=fn(*args))
     except BaseException as e:

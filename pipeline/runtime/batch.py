@@ -1,51 +1,67 @@
-"""A step's batch on one rank: checked against the plan before any message, then split into
-micro-batches.
+"""A step's batch on one rank: checked against the plan before any message, split into
+micro-batches, and the micro-batches' results put back together.
 
 Every rank given the batch runs the same checks in the same order (so a bad batch fails on every
 rank, before the first send): the inputs are the model's, one batch size throughout, divisible
 into the micro-batches (`partition.microbatch.check_divisible`), each input of the plan's shape
 and dtype. Only the rank of stage 0 keeps the input micro-batches, only the last rank the
-target's.
+target's. The inverse, on the last rank: `gather_outputs` concatenates the micro-batches'
+outputs into the batch's, `reduce_losses` combines their losses into the batch's; see
+[Note: loss scaling] in `pipeline.runtime.stage`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from partition.errors import BatchError
 from partition.microbatch import batch_size, check_divisible
-from partition.split import TensorSpec
+from partition.wires import TensorSpec
 
-__all__ = ["split_batch"]
+__all__ = ["BatchSplit", "gather_outputs", "reduce_losses", "split_batch"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSplit:
+    """What a rank needs to know to check a step's batch and split it."""
+
+    specs: tuple[TensorSpec, ...]
+    """The model's inputs as the plan has them (one micro-batch each)."""
+    microbatches: int
+    """Micro-batches per step."""
+    rank: int
+    """This rank (named in the errors)."""
+    first: bool
+    """Whether this rank holds stage 0 (and keeps the input micro-batches)."""
+    last: bool
+    """Whether this rank holds the last stage (and keeps the target micro-batches)."""
+    device: torch.device
+    """Where the kept micro-batches go."""
 
 
 def split_batch(
-    inputs: Any,
-    target: Any,
-    *,
-    specs: Sequence[TensorSpec],
-    microbatches: int,
-    first: bool,
-    last: bool,
-    need_target: bool,
-    device: torch.device,
-    rank: int,
+    inputs: Any, target: Any, split: BatchSplit, *, need_target: bool
 ) -> tuple[list[list[Tensor]] | None, list[Any] | None]:
     """``(input micro-batches, target micro-batches)`` for this rank; see the module docstring.
 
     Args:
         inputs: a tensor, a tuple of tensors, or a dict by the model's input names (or None).
-        specs: the model's inputs as the plan has them (one micro-batch each).
-        first, last: whether this rank holds stage 0 / the last stage.
+        target: the loss function's target for the batch: a tensor or a (nested) tuple, list or
+            dict of tensors (or None).
+        split: this rank's part in the split.
+        need_target: whether the loss needs a target (the last rank then requires one).
 
     Raises:
         BatchError: what is wrong, and what would do.
     """
-    m = microbatches
+    specs, m, rank, device = split.specs, split.microbatches, split.rank, split.device
+    first, last = split.first, split.last
     names = [s.name for s in specs]
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
@@ -90,6 +106,23 @@ def split_batch(
     if target is not None and last:
         mb_targets = [_chunk(target, m, i, device) for i in range(m)]
     return mb_inputs, mb_targets
+
+
+def gather_outputs(outputs: Sequence[Any]) -> Any:
+    """The batch's output from its micro-batches' (in order): each tensor concatenated along
+    dimension 0, in whatever (nested) tuple, list or dict holds it; anything else is the first
+    micro-batch's."""
+    return tree_map(
+        lambda *xs: torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0],
+        outputs[0],
+        *outputs[1:],
+    )
+
+
+def reduce_losses(losses: Sequence[Tensor], reduction: Literal["mean", "sum"]) -> Tensor:
+    """The batch's loss from its micro-batches' losses: their mean or their sum."""
+    total = torch.stack(list(losses)).sum()
+    return total / len(losses) if reduction == "mean" else total
 
 
 def _tensors(value: Any) -> list[Tensor]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,13 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from partition.errors import PlanError
 
-__all__ = ["DeferredBatchNorm", "defer_batchnorm", "recompute_contexts", "recomputing"]
+__all__ = [
+    "DeferredBatchNorm",
+    "NormTensors",
+    "defer_batchnorm",
+    "recompute_contexts",
+    "recomputing",
+]
 
 _BATCH_NORM_OPS = {
     torch.ops.aten.batch_norm.default,
@@ -50,6 +57,25 @@ def recomputing() -> bool:
     return bool(getattr(_state, "recomputing", False))
 
 
+@dataclass(frozen=True)
+class NormTensors:
+    """The tensors of a BatchNorm: its running statistics and its affine parameters."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor | None = None
+    """None when the batches are not counted (then ``momentum`` must not be None)."""
+    weight: Tensor | None = None
+    """None when the BatchNorm is not affine (and then so is ``bias``)."""
+    bias: Tensor | None = None
+
+    @classmethod
+    def of(cls, bn: _BatchNorm) -> NormTensors:
+        """The very tensors ``bn`` holds (not copies)."""
+        assert bn.running_mean is not None and bn.running_var is not None
+        return cls(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias)
+
+
 class DeferredBatchNorm(_BatchNorm):
     """A BatchNorm whose running statistics are updated once per ``microbatches`` forwards.
 
@@ -63,24 +89,32 @@ class DeferredBatchNorm(_BatchNorm):
 
     def __init__(
         self,
+        tensors: NormTensors,
         *,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor,
-        running_var: Tensor,
-        num_batches_tracked: Tensor | None,
         momentum: float | None,
         eps: float,
         microbatches: int,
         check_dim: Callable[[Any, Tensor], None] | None = None,
     ) -> None:
+        """
+        Args:
+            tensors: the tensors to hold, under their BatchNorm names (shared, not copied).
+            momentum, eps: as ``nn.BatchNorm*``'s (``momentum=None``: a cumulative average).
+            microbatches: forwards per step; the running statistics move after the last.
+            check_dim: the replaced class's ``_check_input_dim`` (default: at least 2-D).
+        """
         super().__init__(
-            running_mean.shape[0], eps, momentum, weight is not None, True, device="meta"
+            tensors.running_mean.shape[0],
+            eps,
+            momentum,
+            tensors.weight is not None,
+            True,
+            device="meta",
         )
-        for name, value in (("weight", weight), ("bias", bias)):
+        for name, value in (("weight", tensors.weight), ("bias", tensors.bias)):
             self._parameters[name] = value  # type: ignore[assignment]
-        self._buffers.update(running_mean=running_mean, running_var=running_var)
-        self._buffers["num_batches_tracked"] = num_batches_tracked
+        self._buffers.update(running_mean=tensors.running_mean, running_var=tensors.running_var)
+        self._buffers["num_batches_tracked"] = tensors.num_batches_tracked
         self.microbatches = microbatches
         self._check_dim = check_dim
         self._seen = 0
@@ -91,13 +125,8 @@ class DeferredBatchNorm(_BatchNorm):
     @classmethod
     def of(cls, bn: _BatchNorm, microbatches: int) -> DeferredBatchNorm:
         """The deferred twin of ``bn``, sharing its tensors and mode."""
-        assert bn.running_mean is not None and bn.running_var is not None
         deferred = cls(
-            weight=bn.weight,
-            bias=bn.bias,
-            running_mean=bn.running_mean,
-            running_var=bn.running_var,
-            num_batches_tracked=bn.num_batches_tracked,
+            NormTensors.of(bn),
             momentum=bn.momentum,
             eps=bn.eps,
             microbatches=microbatches,
@@ -236,12 +265,15 @@ def _defer_aten(module: fx.GraphModule, node: fx.Node, microbatches: int) -> int
             f"(node {node.name!r}); choose bounds that keep the BatchNorm in one stage, or keep "
             "batchnorm='microbatch'"
         )
-    deferred = DeferredBatchNorm(
-        weight=module.get_parameter(str(weight.target)) if isinstance(weight, fx.Node) else None,
-        bias=module.get_parameter(str(bias.target)) if isinstance(bias, fx.Node) else None,
+    tensors = NormTensors(
         running_mean=module.get_buffer(str(mean.target)),  # type: ignore[union-attr]
         running_var=module.get_buffer(str(var.target)),  # type: ignore[union-attr]
         num_batches_tracked=module.get_buffer(counter),
+        weight=module.get_parameter(str(weight.target)) if isinstance(weight, fx.Node) else None,
+        bias=module.get_parameter(str(bias.target)) if isinstance(bias, fx.Node) else None,
+    )
+    deferred = DeferredBatchNorm(
+        tensors,
         momentum=float(momentum),  # type: ignore[arg-type]
         eps=float(eps),  # type: ignore[arg-type]
         microbatches=microbatches,

@@ -32,9 +32,18 @@ import torch
 import torch.distributed as dist
 
 from partition.errors import BoundaryError, PeerError, PlanError
-from partition.split import TensorSpec
+from partition.wires import TensorSpec
 
-__all__ = ["BoundaryError", "BufferPool", "Link", "PeerError", "Transport", "gradient_specs"]
+__all__ = [
+    "BoundaryError",
+    "BufferPool",
+    "Link",
+    "PeerError",
+    "Transport",
+    "global_rank",
+    "gradient_specs",
+    "subgroup",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,24 @@ def gradient_specs(inputs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
         for s in inputs
         if s.torch_dtype.is_floating_point
     )
+
+
+def global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
+    """The global rank of ``rank``, a rank of ``group`` (None: the world), as ``isend``,
+    ``broadcast`` and ``new_group`` take it."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def subgroup(group: dist.ProcessGroup | None, ranks: Sequence[int]) -> dist.ProcessGroup:
+    """A process group over ``ranks`` of ``group`` (``group`` itself when that is all of them).
+
+    A collective: every rank of ``group`` calls it, for the same ``ranks``, in the same order.
+    """
+    if len(set(ranks)) == dist.get_world_size(group):
+        return group or dist.group.WORLD  # type: ignore[return-value]
+    new = dist.new_group([global_rank(group, r) for r in ranks])
+    assert new is not None
+    return new
 
 
 @dataclass(frozen=True)
@@ -189,8 +216,7 @@ class Transport:
         self._posted: dict[tuple[str, int], _Posted] = {}
 
     def _peer(self, rank: int) -> int:
-        """The global rank of ``rank`` (a rank of ``group``), as ``isend``/``irecv`` take it."""
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+        return global_rank(self.group, rank)
 
     def _group(self, link: Link) -> dist.ProcessGroup | None:
         return self._link_groups.get((link.direction, link.cut), self.group)

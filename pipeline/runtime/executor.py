@@ -21,13 +21,11 @@ from torch import Tensor
 from partition.schedules.actions import Action, Kind, Schedule, peak_inflight
 from partition.schedules.simulate import TimelineEvent
 from partition.split import Stage
-from pipeline.runtime.comm import BufferPool, Link, Transport, gradient_specs
+from pipeline.runtime.comm import BufferPool, Link, Transport, global_rank, gradient_specs
+from pipeline.runtime.failure import locate
 from pipeline.runtime.stage import StageExecutor
 
-__all__ = ["ErrorHandler", "RankExecutor"]
-
-ErrorHandler = Callable[[Exception, Action | None, str], Exception]
-"""Turns a failure into the error to raise, with its place (`pipeline.runtime.pipeline.Pipeline._error`)."""
+__all__ = ["RankExecutor"]
 
 
 class RankExecutor:
@@ -41,19 +39,25 @@ class RankExecutor:
         *,
         rank: int,
         device: torch.device,
-        group: dist.ProcessGroup | None,
-        check_boundaries: bool,
-        link_groups: bool | None,
-        global_rank: Callable[[int], int],
-        on_error: ErrorHandler,
+        group: dist.ProcessGroup | None = None,
+        check_boundaries: bool = True,
+        link_groups: bool | None = None,
     ) -> None:
         """Set up the links, pools and transport; a collective when ``link_groups`` is on
-        (every rank creates every link's group, in order)."""
+        (every rank creates every link's group, in order).
+
+        Args:
+            stages: every stage of the pipeline (those of other ranks may stay on meta).
+            executors: this rank's stages' executors, by stage index.
+            rank: this rank, in ``group`` (default: the world).
+            device: where received tensors go.
+            check_boundaries: check every tensor crossing a cut against the plan.
+            link_groups: one communicator per link (default: on backends other than gloo); see
+                [Note: one communicator per link] in `pipeline.runtime.comm`.
+        """
         self.stages, self.schedule, self.executors = stages, schedule, executors
         self.rank, self.device, self.group = rank, device, group
         self.check_boundaries = check_boundaries
-        self._global = global_rank
-        self._on_error = on_error
         self._links_setup()
         self.transport = Transport(
             rank, group=group, validate=check_boundaries, link_groups=self._link_groups(link_groups)
@@ -73,7 +77,7 @@ class RankExecutor:
             pair = tuple(sorted({rank_of(cut), rank_of(cut + 1)}))
             if len(pair) == 2:
                 for direction in ("activation", "gradient"):
-                    group = dist.new_group([self._global(r) for r in pair])
+                    group = dist.new_group([global_rank(self.group, r) for r in pair])
                     assert group is not None
                     groups[direction, cut] = group
         return groups
@@ -113,10 +117,20 @@ class RankExecutor:
         mb_targets: list[Any] | None,
         *,
         train: bool,
+        step: int = 0,
     ) -> tuple[dict[int, Any], list[TimelineEvent]]:
         """Run ``actions`` (this rank's, in order) on these micro-batches; returns the last
         stage's per-micro-batch results (evaluation) and each action's ``(rank, action, start,
-        end)``."""
+        end)``.
+
+        Args:
+            train: with autograd, the stages' forward and backward; else forward only.
+            step: the step's number, in the place of an error.
+
+        Raises:
+            StageError: an action failed, with its place (see [Note: failing loudly] in
+                `pipeline.runtime.failure`); also an instance of the original exception's type.
+        """
         self._inbox: dict[tuple[str, int, int], list[Tensor]] = {}
         self._outbox: dict[tuple[str, int, int], list[Tensor]] = {}
         self._held: dict[tuple[int, int], list[tuple[BufferPool, list[Tensor]]]] = (
@@ -140,12 +154,12 @@ class RankExecutor:
                 try:
                     handlers[action.kind](action.stage, action.microbatch)
                 except Exception as e:
-                    raise self._on_error(e, action, "") from e
+                    raise locate(e, self.rank, step, action) from e
                 events.append((self.rank, action, start, clock()))
         try:
             self.transport.flush()
         except Exception as e:
-            raise self._on_error(e, None, "flush") from e
+            raise locate(e, self.rank, step, what="flush") from e
         self._inbox = self._outbox = {}
         self._held.clear()
         self._mb_inputs = self._mb_targets = None

@@ -9,8 +9,8 @@ from ``(seed, the module's qualified name)``. The values therefore depend on the
 name only, never on which other modules share the stage: `initialize` applied to a whole model in
 one process gives exactly the values every rank gives its part, whatever the split.
 
-Checkpoints are read per tensor: safetensors through ``safe_open`` and ``torch.save`` files
-through ``torch.load(mmap=True)``, so a rank reads only the tensors its stage owns.
+Checkpoints are read per tensor (`pipeline.runtime.tensorfile.TensorFile`: safetensors, or a
+``torch.save`` state_dict memory-mapped), so a rank reads only the tensors its stage owns.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from partition.errors import CheckpointError
+from pipeline.runtime.tensorfile import TensorFile
 
 __all__ = ["initialize", "load_checkpoint", "materialize", "module_seed"]
 
@@ -129,46 +129,16 @@ def materialize(
 
 
 def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
-    """Copy the tensors ``module`` owns from a whole-model checkpoint; returns the keys read.
+    """Copy the tensors ``module`` owns (its ``state_dict``) from a whole-model checkpoint, one
+    tensor at a time (`TensorFile`); returns the keys read.
 
     Raises:
-        CheckpointError: the file is missing, or lacks a tensor, or a tensor's shape differs.
+        CheckpointError: the file is missing or unreadable, or lacks a tensor, or a tensor's
+            shape differs.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
     wanted = module.state_dict(keep_vars=True)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            available = set(f.keys())
-            _check_keys(wanted, available, path)
-            for key, target in wanted.items():
-                _copy(key, target, f.get_tensor(key), path)
-    else:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict")
-        _check_keys(wanted, set(state), path)
+    with TensorFile(path) as file:
+        file.require(wanted, "this stage")
         for key, target in wanted.items():
-            _copy(key, target, state[key], path)
+            file.load_into(key, target)
     return list(wanted)
-
-
-def _check_keys(wanted: dict[str, torch.Tensor], available: set[str], path: Path) -> None:
-    missing = [k for k in wanted if k not in available]
-    if missing:
-        raise CheckpointError(
-            f"{path} lacks {len(missing)} tensor(s) this stage needs, e.g. {missing[:3]}; "
-            "the checkpoint must be a whole-model state_dict with the model's own key names"
-        )
-
-
-def _copy(key: str, target: torch.Tensor, source: torch.Tensor, path: Path) -> None:
-    if tuple(source.shape) != tuple(target.shape):
-        raise CheckpointError(
-            f"{path}: tensor {key!r} has shape {tuple(source.shape)}, the model expects {tuple(target.shape)}"
-        )
-    with torch.no_grad():
-        target.copy_(source.to(dtype=target.dtype, device=target.device))

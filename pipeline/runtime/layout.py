@@ -1,106 +1,174 @@
-"""Where every stage is and what each rank runs: the stages (on meta) and the schedule, from a
-plan or from the options, checked before any process talks to another.
+"""Where every stage is and what each rank runs: the stages (on meta) and the schedule, from the
+plan, checked before any process talks to another.
 
-Given a plan, a rank traces the model (on meta, cheap and identical on every rank) and cuts it
-where the plan says, in the plan's node order — nothing is costed; the plan must be for this
-world size and these micro-batches. Without one,
-the partitioner splits it for ``world`` CPU-like devices (or ``bounds`` say where). Both modes are
-traced when the model reads ``self.training`` (`partition.modes.modal`).
+[Note: one plan, made once]
+Planning (tracing, costing, solving the split) is `partition.plan_model`'s, done once: by the
+launcher, by the user (``pipepart plan``, or `plan_model` in their script), or — for a
+`Pipeline` given no plan — by the group's first rank, which hands it to the others
+(`plan_once`). A rank given a plan never calls the solver: it traces the model on meta (cheap
+and identical on every rank) and cuts it where the plan says, in the plan's node order
+(`partition.planning.analysis.stages_for_plan`, which also checks the plan is for this model).
+Both modes are traced when the model reads ``self.training`` (`partition.modes`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from partition.errors import PeerError, PlanError
+import partition.errors as errors
+from partition.errors import PeerError, PipepartError, PlanError
 from partition.models.registry import BuiltModel
 from partition.plan import Plan
 from partition.schedules.actions import Schedule, build_schedule
 from partition.schedules.check import validate
-from partition.schedules.names import canonical_schedule
+from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule
 from partition.split import Stage
 from partition.trace.fx import TraceMethod
 from pipeline.runtime.options import PipelineOptions
 
-__all__ = ["agree_on_layout", "layout"]
+__all__ = ["Layout", "agree_on_layout", "check_plan", "layout", "plan_once"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The plan a pipeline runs, every stage of it (on meta) and the schedule."""
+
+    plan: Plan
+    stages: list[Stage]
+    schedule: Schedule
 
 
 def layout(
-    built: BuiltModel, plan: Plan | None, options: PipelineOptions, world: int
-) -> tuple[list[Stage], Schedule]:
-    """Every stage (on meta) and the schedule, from the plan or the options; see [Note: building on meta]."""
-    from partition.modes.modal import analyze_modes, trace_modes
+    built: BuiltModel,
+    plan: Plan | None,
+    options: PipelineOptions,
+    world: int,
+    group: dist.ProcessGroup | None = None,
+) -> Layout:
+    """Every stage (on meta) and the schedule of ``plan`` (without one, of the plan the group's
+    first rank makes: `plan_once`); see [Note: one plan, made once]."""
+    from partition.modes.modal import trace_modes
     from partition.modes.split import modal_stages
     from partition.planning.analysis import stages_for_plan
-    from partition.split import split
 
-    if plan is not None:
-        if plan.num_ranks != world:
-            raise PlanError(
-                f"the plan is for {plan.num_ranks} ranks ({plan.num_stages} stages, {plan.virtual} "
-                f"per rank), but {world} ranks are running; launch {plan.num_ranks} ranks or "
-                f"re-plan with --devices {world}"
-            )
-        if options.microbatches not in (None, plan.microbatches):
-            raise PlanError(
-                f"the plan was made for {plan.microbatches} micro-batches, the options ask for "
-                f"{options.microbatches}; re-plan with --microbatches {options.microbatches}"
-            )
-        if options.virtual not in (None, plan.virtual):
-            raise PlanError(
-                f"the plan has {plan.virtual} stages per rank, the options ask for {options.virtual}"
-            )
-        if options.schedule is not None and canonical_schedule(
-            options.schedule
-        ) != canonical_schedule(plan.schedule):
-            raise PlanError(  # its memory budget and prediction are that schedule's
-                f"the plan was made for the {plan.schedule!r} schedule, the options ask for "
-                f"{options.schedule!r}; re-plan with --schedule {options.schedule}, or leave "
-                "the schedule to the plan (schedule=None)"
-            )
-        plan.check_model_class(type(built.model).__name__)
-        name, m, virtual = plan.schedule, plan.microbatches, plan.virtual
-    else:
-        if options.microbatches is None:
-            raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
-        if built.args is None:
-            raise PlanError(
-                "without a plan the model factory must return (model, example_inputs, loss_fn) "
-                "so that the model can be traced; or pass a plan"
-            )
-        name, m, virtual = options.schedule or "1f1b", options.microbatches, options.virtual or 1
-    schedule = build_schedule(name, world, m, virtual)  # fails early on impossible counts
+    if plan is None:
+        plan = plan_once(built, options, group)
+    check_plan(plan, options, world, type(built.model).__name__)
+    schedule = build_schedule(plan.schedule, world, plan.microbatches, plan.virtual)
     validate(schedule)
-    if plan is not None:
-        meta_inputs = {  # by name: the plan's inputs are the traced graph's placeholders
-            s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta")
-            for s in plan.model.inputs
-        }
-        method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
-        traced, other = trace_modes(built.model, (), meta_inputs, method=method)
-        return modal_stages(traced, other, stages_for_plan(traced, plan)), schedule
-    analysis, other = analyze_modes(built.model, built.args or (), built.kwargs, microbatches=m)
-    bounds = options.bounds
-    if bounds is None:
-        from partition.devices import parse_devices
-        from partition.solve import solve
+    meta_inputs = {  # by name: the plan's inputs are the traced graph's placeholders
+        s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.model.inputs
+    }
+    method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
+    traced, other = trace_modes(built.model, (), meta_inputs, method=method)
+    return Layout(plan, modal_stages(traced, other, stages_for_plan(traced, plan)), schedule)
 
-        devices = parse_devices("cpu", world)
-        bounds = solve(
-            analysis.graph, devices, schedule=name, microbatches=m, virtual=virtual
-        ).bounds
-    if len(bounds) - 1 != world * virtual:
+
+def check_plan(plan: Plan, options: PipelineOptions, world: int, model_class: str) -> None:
+    """Raise `PlanError` unless ``plan`` is for ``world`` ranks, for the options' schedule,
+    micro-batches and stages per rank (where they name one), and for a model of this class."""
+    if plan.num_ranks != world:
         raise PlanError(
-            f"bounds {list(bounds)} make {len(bounds) - 1} stages; {world} ranks with {virtual} "
-            f"stage(s) each need {world * virtual}"
+            f"the plan is for {plan.num_ranks} ranks ({plan.num_stages} stages, {plan.virtual} "
+            f"per rank), but {world} ranks are running; launch {plan.num_ranks} ranks or "
+            f"re-plan with --devices {world}"
         )
-    stages = split(analysis.traced, analysis.graph, bounds)
-    return modal_stages(analysis.traced, other, stages), schedule
+    if options.microbatches not in (None, plan.microbatches):
+        raise PlanError(
+            f"the plan was made for {plan.microbatches} micro-batches, the options ask for "
+            f"{options.microbatches}; re-plan with --microbatches {options.microbatches}"
+        )
+    if options.virtual not in (None, plan.virtual):
+        raise PlanError(
+            f"the plan has {plan.virtual} stages per rank, the options ask for {options.virtual}"
+        )
+    if options.schedule is not None and canonical_schedule(options.schedule) != canonical_schedule(
+        plan.schedule
+    ):
+        raise PlanError(  # its memory budget and prediction are that schedule's
+            f"the plan was made for the {plan.schedule!r} schedule, the options ask for "
+            f"{options.schedule!r}; re-plan with --schedule {options.schedule}, or leave "
+            "the schedule to the plan (schedule=None)"
+        )
+    if options.bounds is not None and tuple(options.bounds) != plan.bounds:
+        raise PlanError(
+            f"the plan cuts at {list(plan.bounds)}, the options at {list(options.bounds)}: "
+            "give one of them"
+        )
+    plan.check_model_class(model_class)
+
+
+def plan_once(
+    built: BuiltModel, options: PipelineOptions, group: dist.ProcessGroup | None = None
+) -> Plan:
+    """The plan for a pipeline given none: the group's first rank plans (`partition.plan_model`,
+    CPU-like devices, the options' schedule, micro-batches, stages per rank and bounds) and sends
+    it to the others; a failure there is raised on every rank, with the same type and message.
+
+    What every rank can check alone is checked first, before the broadcast.
+    """
+    if options.microbatches is None:
+        raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
+    if built.args is None:
+        raise PlanError(
+            "without a plan the model factory must return (model, example_inputs, loss_fn) "
+            "so that the model can be traced; or pass a plan"
+        )
+    world = dist.get_world_size(group)
+    schedule = options.schedule or DEFAULT_SCHEDULE
+    virtual = options.virtual or 1
+    build_schedule(schedule, world, options.microbatches, virtual)  # impossible counts fail here
+    message: list[Any] = [None]
+    failure: BaseException | None = None
+    if dist.get_rank(group) == 0:
+        try:
+            message[0] = _plan(built, options, world)
+        except Exception as e:
+            failure, message[0] = e, (type(e).__name__, str(e))
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    try:
+        dist.broadcast_object_list(message, src=source, group=group)
+    except RuntimeError as e:  # gloo: the first rank ended
+        raise PeerError(
+            "a peer rank ended before the ranks compared their pipeline layouts, while the "
+            f"first rank shared its plan (the peer's own error says why): {e}"
+        ) from e
+    if failure is not None:
+        raise failure
+    if isinstance(message[0], Plan):
+        return message[0]
+    kind, text = message[0]
+    error = getattr(errors, kind, None)
+    if isinstance(error, type) and issubclass(error, PipepartError):
+        raise error(text)
+    raise PeerError(f"the first rank could not plan: {kind}: {text}")
+
+
+def _plan(built: BuiltModel, options: PipelineOptions, world: int) -> Plan:
+    from partition.devices import parse_devices
+    from partition.options import PlanOptions
+    from partition.planning.model import plan_model
+
+    assert options.microbatches is not None
+    plan_options = PlanOptions(
+        schedule=options.schedule or DEFAULT_SCHEDULE,
+        microbatches=options.microbatches,
+        virtual=options.virtual or 1,
+        bounds=options.bounds,
+    )
+    return plan_model(
+        built.model,
+        built.args or (),
+        built.kwargs,
+        devices=parse_devices("cpu", world),
+        options=plan_options,
+    )
 
 
 def agree_on_layout(

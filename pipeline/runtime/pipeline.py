@@ -21,47 +21,39 @@ ranks is broadcast from one owner so that every copy starts equal.
 `Pipeline.step` clears the gradients, runs the schedule (parameter gradients accumulate over the
 micro-batches, scaled per [Note: loss scaling] in `pipeline.runtime.stage`), sums the gradients of
 parameters held by several ranks (tied weights, over a subgroup of their ranks), clips by the
-global norm (an all-reduce of squared norms, each parameter counted once), then steps the
-optimizer and the LR scheduler if given. Without an optimizer the gradients are left in
-``.grad``. The loss comes back on the rank holding the last stage; other ranks get ``None``.
+global norm (see [Note: the global norm] in `pipeline.runtime.clip`), then steps the optimizer and
+the LR scheduler if given. Without an optimizer the gradients are left in ``.grad``. The loss
+comes back on the rank holding the last stage; other ranks get ``None``.
 
-[Note: failing loudly]
-Every action runs under a handler that re-raises any exception with its place,
-``[rank 2 · stage 2 · step 14 · 2B5]``, as an exception that is both a `StageError` and the
-original type, chained to the original. A rank whose peer fails sees its next send or receive on
-that peer fail at once (gloo closes the connection when a process exits) and raises a
-`pipeline.runtime.comm.PeerError` naming the peer; a peer that hangs is caught by the process group's
-timeout. Checks of the batch run before any message, identically on every rank given the batch.
+Errors on a rank say where they happened: see [Note: failing loudly] in
+`pipeline.runtime.failure`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
-from partition.errors import BatchError, PlanError, StageError, stage_error
-from partition.models.registry import build_meta_model, target_free, unpack_model
+from partition.errors import BatchError, PlanError
+from partition.models.registry import BuiltModel, build_meta_model, target_free
 from partition.modes.modal import bind_other_mode, stage_module
 from partition.plan import Plan
-from partition.schedules.actions import (
-    Action,
-    Kind,
-    with_communication,
-)
+from partition.schedules.actions import Kind, with_communication
 from partition.schedules.check import check_channel_order
 from partition.schedules.simulate import TimelineEvent
-from pipeline.runtime.batch import split_batch
+from pipeline.runtime.batch import BatchSplit, gather_outputs, reduce_losses, split_batch
 from pipeline.runtime.batchnorm import defer_batchnorm
+from pipeline.runtime.clip import clip_grad_norm
+from pipeline.runtime.device import stage_device
 from pipeline.runtime.executor import RankExecutor
+from pipeline.runtime.failure import locate
 from pipeline.runtime.layout import agree_on_layout, layout
+from pipeline.runtime.optim import OptimizerFn, SchedulerFn, build_optimizer
 from pipeline.runtime.options import PipelineOptions
 from pipeline.runtime.stage import LossFn, StageExecutor
 from pipeline.runtime.tied import TiedWeights
@@ -70,19 +62,12 @@ from pipeline.runtime.weights import allocate, describe_sources, fill, init_orde
 if TYPE_CHECKING:
     from pipeline.checkpoint.save_load import CheckpointInfo
 
-__all__ = [
-    "BatchError",
-    "ModelFactory",
-    "Pipeline",
-    "PipelineOptions",
-]
+__all__ = ["BatchError", "ModelFactory", "Pipeline", "PipelineOptions"]
 
 log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[], Any]
 """Returns an ``nn.Module``, or ``(model, example_inputs, loss_fn)`` like `partition.models.examples`."""
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class _RankLog(logging.LoggerAdapter[logging.Logger]):
@@ -106,8 +91,8 @@ class Pipeline:
         plan: Plan | None = None,
         options: PipelineOptions | None = None,
         loss_fn: LossFn | None = None,
-        optimizer_factory: OptimizerFactory | None = None,
-        lr_scheduler_factory: SchedulerFactory | None = None,
+        optimizer_factory: OptimizerFn | None = None,
+        lr_scheduler_factory: SchedulerFn | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         """Build this rank's stages; call on every rank of ``group`` (default: the world).
@@ -124,85 +109,18 @@ class Pipeline:
             PlanError: the plan is for another world size or another model, the schedule cannot
                 run these micro-batches, or the options disagree with the plan.
         """
-        if not dist.is_initialized():
-            raise PlanError(
-                "torch.distributed is not initialised: call init_process_group first, "
-                "or use pipeline.launch.run"
-            )
-        self.options = options = options or PipelineOptions()
+        self.options = options or PipelineOptions()
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.log = _RankLog(log, self.rank)
-        # Every check that can fail runs before the first collective, identically on every rank.
-        built = build_meta_model(model_fn)
-        self.plan, self.model_class = plan, type(built.model).__name__  # for checkpoints
-        loss_fn = loss_fn or built.loss_fn
-        if loss_fn is None:
-            raise PlanError(
-                "the last stage needs a loss function: pass loss_fn= or return it from the model factory"
-            )
-        if lr_scheduler_factory is not None and optimizer_factory is None:
-            raise PlanError("an LR scheduler needs an optimizer: pass optimizer_factory= too")
-        self.loss_fn = loss_fn
-        self.stages, self.schedule = layout(built, plan, options, self.world_size)
-        self.num_microbatches = self.schedule.num_microbatches
-        self.input_specs = self.stages[0].inputs
-        self.device = _device(options.device, group)
-        self.my_stages = self.schedule.stages_of(self.rank)
-        with_comm = with_communication(self.schedule)
-        check_channel_order(with_comm)
-        agree_on_layout(self.stages, self.schedule, group)  # the first collective
-        self._actions = with_comm.actions[self.rank]
-        self._eval_actions = tuple(
-            a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
-        )
-
+        self.plan = plan
+        # What can fail is checked identically on every rank before the ranks compare layouts.
+        built = self._check_inputs(model_fn, loss_fn, optimizer_factory, lr_scheduler_factory)
+        self.device = stage_device(self.options.device, group)
+        self._lay_out(built)
+        agree_on_layout(self.stages, self.schedule, group)  # every rank holds the same layout
         self._materialize(built.model, model_fn)
-        mine = [self.stages[s].module for s in self.my_stages]
-        for s in self.my_stages:  # see partition.modes.modal and pipeline.runtime.batchnorm
-            if options.batchnorm == "batch":
-                defer_batchnorm(self.stages[s].module, self.num_microbatches)
-            bind_other_mode(self.stages[s], mine)
-        scale = 1.0 / self.num_microbatches if options.loss_reduction == "mean" else 1.0
-        self.executors = {
-            s: StageExecutor(
-                self.stages[s],
-                loss_fn=loss_fn,
-                loss_scale=scale,
-                recompute=options.recompute,
-                autocast=options.autocast,
-                device=self.device,
-            )
-            for s in self.my_stages
-        }
-        self.parameters = list(
-            {id(p): p for e in self.executors.values() for p in e.parameters}.values()
-        )
-        """This rank's trainable parameters, each once."""
-        self.runner = RankExecutor(
-            self.stages,
-            self.schedule,
-            self.executors,
-            rank=self.rank,
-            device=self.device,
-            group=group,
-            check_boundaries=options.check_boundaries,
-            link_groups=options.link_groups,
-            global_rank=self._global,
-            on_error=self._error,
-        )
-        self.transport = self.runner.transport
-        self.optimizer = (
-            # a stage of reshapes and activations has no parameters: nothing to step
-            optimizer_factory(self.parameters)
-            if optimizer_factory is not None and self.parameters
-            else None
-        )
-        self.lr_scheduler = (
-            lr_scheduler_factory(self.optimizer)
-            if lr_scheduler_factory and self.optimizer
-            else None
+        self._build_executors()
+        self.optimizer, self.lr_scheduler = build_optimizer(
+            self.parameters, optimizer_factory, lr_scheduler_factory
         )
         self.steps_done = 0
         self.timeline: list[TimelineEvent] = []
@@ -218,52 +136,110 @@ class Pipeline:
             sum(p.numel() for p in self.parameters),
         )
 
-    # --- set-up ---------------------------------------------------------------------------
+    # --- set-up, in order ---------------------------------------------------------------------
 
-    def _global(self, rank: int) -> int:
-        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+    def _check_inputs(
+        self,
+        model_fn: ModelFactory,
+        loss_fn: LossFn | None,
+        optimizer_factory: OptimizerFn | None,
+        lr_scheduler_factory: SchedulerFn | None,
+    ) -> BuiltModel:
+        """This rank in its group, the model on meta (see [Note: building on meta]) and the
+        loss function; raises `PlanError` for what cannot run."""
+        if not dist.is_initialized():
+            raise PlanError(
+                "torch.distributed is not initialised: call init_process_group first, "
+                "or use pipeline.launch.run"
+            )
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.log = _RankLog(log, self.rank)
+        built = build_meta_model(model_fn)
+        self.model_class = type(built.model).__name__  # for checkpoints
+        found = loss_fn or built.loss_fn
+        if found is None:
+            raise PlanError(
+                "the last stage needs a loss function: pass loss_fn= or return it from the model factory"
+            )
+        if lr_scheduler_factory is not None and optimizer_factory is None:
+            raise PlanError("an LR scheduler needs an optimizer: pass optimizer_factory= too")
+        self.loss_fn: LossFn = found
+        return built
 
-    def _subgroup(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
-        """A process group over ``ranks`` (a collective: every rank calls it in the same order)."""
-        if len(ranks) == self.world_size:
-            return self.group or dist.group.WORLD  # type: ignore[return-value]
-        group = dist.new_group([self._global(r) for r in ranks])
-        assert group is not None
-        return group
+    def _lay_out(self, built: BuiltModel) -> None:
+        """The stages and the schedule (`pipeline.runtime.layout`), this rank's share of them
+        and its actions, checked."""
+        laid_out = layout(built, self.plan, self.options, self.world_size, self.group)
+        self.plan, self.stages, self.schedule = laid_out.plan, laid_out.stages, laid_out.schedule
+        self.num_microbatches = self.schedule.num_microbatches
+        self.input_specs = self.stages[0].inputs
+        self.my_stages = self.schedule.stages_of(self.rank)
+        with_comm = with_communication(self.schedule)
+        check_channel_order(with_comm)
+        self._actions = with_comm.actions[self.rank]
+        self._eval_actions = tuple(
+            a for a in self._actions if a.kind in (Kind.F, Kind.RECV_F, Kind.SEND_F)
+        )
+        self._batch = BatchSplit(
+            specs=tuple(self.input_specs),
+            microbatches=self.num_microbatches,
+            rank=self.rank,
+            first=0 in self.my_stages,
+            last=self.is_last,
+            device=self.device,
+        )
 
     def _materialize(self, model: nn.Module, model_fn: ModelFactory) -> None:
         """Real weights for this rank's stages, tied weights made equal across ranks; see
         [Note: the model's own weights] in `pipeline.runtime.weights`."""
-        init_source = init_order(model)
-        self.tied = TiedWeights(
-            self.stages,
-            self.schedule,
-            init_source,
-            rank=self.rank,
-            subgroup=self._subgroup,
-            global_rank=self._global,
-        )
+        self.tied = TiedWeights(self.stages, self.schedule, init_order(model), group=self.group)
         allocated, retie = allocate(
             [self.stages[s].module for s in self.my_stages], model, self.device
         )
-        options = self.options
-        fill(
-            allocated,
-            model_fn=model_fn,
-            meta_model=model,
-            unpack=lambda built: unpack_model(built).model,
-            mode=options.weights,
-            seed=options.seed,
-            checkpoint=options.checkpoint,
-            factory_weights=options.factory_weights,
-            group=self.group,
-        )
+        fill(allocated, model_fn=model_fn, meta_model=model, options=self.options, group=self.group)
         self.weight_sources = dict(allocated.sources)
         """Tensor name -> where its value came from: ``factory``, ``checkpoint`` or ``init``."""
         self.log.info("weights of stages %s: %s", list(self.my_stages), describe_sources(allocated))
         self._named = retie()
         self.tied.bind(self._named)
         self._norm_params = self.tied.norm_params(self._named)
+
+    def _build_executors(self) -> None:
+        """A `StageExecutor` per stage of this rank and the `RankExecutor` that runs them (a
+        collective when it makes a communicator per link)."""
+        options = self.options
+        mine = [self.stages[s].module for s in self.my_stages]
+        for s in self.my_stages:  # see partition.modes.modal and pipeline.runtime.batchnorm
+            if options.batchnorm == "batch":
+                defer_batchnorm(self.stages[s].module, self.num_microbatches)
+            bind_other_mode(self.stages[s], mine)
+        scale = 1.0 / self.num_microbatches if options.loss_reduction == "mean" else 1.0
+        self.executors = {
+            s: StageExecutor(
+                self.stages[s],
+                loss_fn=self.loss_fn,
+                loss_scale=scale,
+                recompute=options.recompute,
+                autocast=options.autocast,
+                device=self.device,
+            )
+            for s in self.my_stages
+        }
+        self.parameters = list(
+            {id(p): p for e in self.executors.values() for p in e.parameters}.values()
+        )
+        """This rank's trainable parameters, each once."""
+        self.rank_executor = RankExecutor(
+            self.stages,
+            self.schedule,
+            self.executors,
+            rank=self.rank,
+            device=self.device,
+            group=self.group,
+            check_boundaries=options.check_boundaries,
+            link_groups=options.link_groups,
+        )
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -334,16 +310,21 @@ class Pipeline:
                 micro-batches.
             StageError: an action failed; also an instance of the original exception's type.
         """
-        mb_inputs, mb_targets = self._split_batch(
-            inputs, target, need_target=not target_free(self.loss_fn)
+        mb_inputs, mb_targets = split_batch(
+            inputs, target, self._batch, need_target=not target_free(self.loss_fn)
         )
         self.zero_grad()
-        _, self.timeline = self.runner.run(self._actions, mb_inputs, mb_targets, train=True)
+        _, self.timeline = self.rank_executor.run(
+            self._actions, mb_inputs, mb_targets, train=True, step=self.steps_done
+        )
         self._finish("gradients", self._reduce_grads)
         if self.optimizer is not None:
             self._finish("optimizer", self._optimizer_step)
         self.steps_done += 1
-        return self._loss()
+        if not self.is_last:
+            return None
+        losses = self.executors[len(self.stages) - 1].losses
+        return reduce_losses(losses, self.options.loss_reduction)
 
     def evaluate(self, inputs: Any = None, target: Any = None) -> Any:
         """Forward only, no autograd: on the last rank the loss if ``target`` is given, else the
@@ -352,19 +333,16 @@ class Pipeline:
         Stages keep their mode: call ``train(False)`` first for the model's eval behaviour
         (dropout off, BatchNorm on its running statistics), as with ``model.eval()``.
         """
-        mb_inputs, mb_targets = self._split_batch(inputs, target, need_target=False)
-        outputs, self.timeline = self.runner.run(
-            self._eval_actions, mb_inputs, mb_targets, train=False
+        mb_inputs, mb_targets = split_batch(inputs, target, self._batch, need_target=False)
+        outputs, self.timeline = self.rank_executor.run(
+            self._eval_actions, mb_inputs, mb_targets, train=False, step=self.steps_done
         )
         if not self.is_last:
             return None
-        if target is not None:
-            losses = torch.stack([outputs[i] for i in range(self.num_microbatches)])
-            return losses.mean() if self.options.loss_reduction == "mean" else losses.sum()
         parts = [outputs[i] for i in range(self.num_microbatches)]
-        return tree_map(
-            lambda *xs: torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0], parts[0], *parts[1:]
-        )
+        if target is not None:
+            return reduce_losses(parts, self.options.loss_reduction)
+        return gather_outputs(parts)
 
     # --- after the schedule -----------------------------------------------------------------
 
@@ -372,76 +350,21 @@ class Pipeline:
         try:
             fn()
         except Exception as e:
-            raise self._error(e, None, what) from e
+            raise locate(e, self.rank, self.steps_done, what=what) from e
 
     def _reduce_grads(self) -> None:
         self.tied.reduce_grads()
-        max_norm = self.options.max_grad_norm
-        if max_norm is None:
-            return
-        grads = [p.grad.detach() for p in self._norm_params if p.grad is not None]
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        if grads:
-            total += torch.stack([torch.linalg.vector_norm(g) for g in grads]).double().pow(2).sum()
-        dist.all_reduce(total, group=self.group)
-        norm = math.sqrt(float(total))
-        self.last_grad_norm = norm
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in self.parameters:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        if self.options.max_grad_norm is not None:
+            self.last_grad_norm = clip_grad_norm(
+                self.parameters,
+                self.options.max_grad_norm,
+                counted=self._norm_params,
+                group=self.group,
+                device=self.device,
+            )
 
     def _optimizer_step(self) -> None:
         assert self.optimizer is not None
         self.optimizer.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-
-    def _loss(self) -> Tensor | None:
-        if not self.is_last:
-            return None
-        losses = self.executors[len(self.stages) - 1].losses
-        total = torch.stack(losses).sum()
-        return total / len(losses) if self.options.loss_reduction == "mean" else total
-
-    def _error(self, error: Exception, action: Action | None, what: str = "") -> Exception:
-        """``error`` with its place; see [Note: failing loudly]."""
-        if isinstance(error, StageError):
-            return error
-        where = [f"rank {self.rank}"]
-        if action is not None:
-            where.append(f"stage {action.stage}")
-        where.append(f"step {self.steps_done}")
-        where.append(str(action) if action is not None else what)
-        message = f"[{' · '.join(where)}] {type(error).__name__}: {error}"
-        log.error("%s", message)  # already says which rank
-        return stage_error(error, message)
-
-    # --- the batch ---------------------------------------------------------------------------
-
-    def _split_batch(
-        self, inputs: Any, target: Any, *, need_target: bool
-    ) -> tuple[list[Any] | None, list[Any] | None]:
-        return split_batch(
-            inputs,
-            target,
-            specs=self.input_specs,
-            microbatches=self.num_microbatches,
-            first=0 in self.my_stages,
-            last=self.is_last,
-            need_target=need_target,
-            device=self.device,
-            rank=self.rank,
-        )
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def _device(name: str | None, group: dist.ProcessGroup | None) -> torch.device:
-    if name is not None:
-        return torch.device(name)
-    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

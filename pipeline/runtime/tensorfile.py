@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -125,7 +126,34 @@ class TensorFile:
                 f"{self.path} is truncated: its header describes {end} bytes, the file has {size}"
             )
 
+    def require(self, names: Iterable[str], what: str) -> None:
+        """Raise `CheckpointError` unless the file holds every tensor of ``names``, the tensors
+        of ``what`` (e.g. ``"this rank's stages"``)."""
+        lacking = [n for n in names if n not in self.names]
+        if lacking:
+            raise CheckpointError(
+                f"{self.path} lacks {len(lacking)} tensor(s) of {what}, e.g. "
+                f"{lacking[:3]}; the checkpoint must be a whole-model state_dict with the "
+                "model's own key names"
+            )
+
+    def load_into(self, name: str, target: Tensor) -> None:
+        """Write tensor ``name`` into ``target`` (`copy_to`), after checking its shape.
+
+        Raises:
+            CheckpointError: the shapes differ.
+        """
+        shape = self.shape(name)
+        if shape != tuple(target.shape):
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has shape {shape}, the model expects "
+                f"{tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            self.copy_to(name, target)
+
     def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``, read from the header (nothing else is read)."""
         key = self.aliases.get(name, name)
         if key in self._entries:
             return self._entries[key][1]

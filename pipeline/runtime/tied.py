@@ -13,7 +13,7 @@ every subgroup, in the same (sorted) order.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +22,9 @@ from torch import nn
 
 from partition.schedules.actions import Schedule
 from partition.split import Stage
+from pipeline.runtime.comm import global_rank, subgroup
 
-__all__ = ["TiedWeights"]
+__all__ = ["Shared", "TiedWeights", "shared_params"]
 
 
 @dataclass(frozen=True)
@@ -69,19 +70,23 @@ class TiedWeights:
         schedule: Schedule,
         init_source: dict[int, str],
         *,
-        rank: int,
-        subgroup: Callable[[tuple[int, ...]], dist.ProcessGroup],
-        global_rank: Callable[[int], int],
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         """Find the tied weights from the stages (all of them, on meta is fine) and create a
-        subgroup per set of ranks (a collective). Call `bind` once this rank's are real."""
-        self.rank = rank
-        self._global = global_rank
+        subgroup of ``group`` (default: the world) per set of ranks (a collective). Call `bind`
+        once this rank's are real.
+
+        Args:
+            init_source: for each parameter (by ``id``), the name a whole-model initialisation
+                writes it under last (`pipeline.runtime.weights.init_order`).
+        """
+        self.rank = dist.get_rank(group)
+        self.group = group
         self.shared = shared_params(list(stages), schedule, init_source)
         groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         for s in self.shared:  # every rank, every subgroup, in the same order
             if s.ranks not in groups:
-                groups[s.ranks] = subgroup(s.ranks)
+                groups[s.ranks] = subgroup(group, s.ranks)
         self._groups = groups
         self._local: list[tuple[Shared, dist.ProcessGroup, nn.Parameter]] = []
 
@@ -95,7 +100,7 @@ class TiedWeights:
                 self._local.append((s, self._groups[s.ranks], local))
         with torch.no_grad():
             for s, sub, param in self._local:
-                dist.broadcast(param.data, self._global(s.source_rank), group=sub)
+                dist.broadcast(param.data, global_rank(self.group, s.source_rank), group=sub)
 
     def norm_params(self, named: dict[str, nn.Parameter]) -> list[nn.Parameter]:
         """This rank's trainable parameters, each counted once in the global norm."""

@@ -33,15 +33,18 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from partition.errors import CheckpointError, FactoryError
-from partition.models.registry import call_factory, factory_name
+from partition.models.registry import call_factory, factory_name, unpack_model
 from pipeline.runtime.tensorfile import TensorFile, all_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from pipeline.runtime.options import PipelineOptions
 
 __all__ = [
     "Materialized",
@@ -136,19 +139,12 @@ class Materialized:
         tensors = self.tensors()
         wanted = list(names) if names is not None else self.missing()
         count = 0
-        with torch.no_grad():
-            for name in wanted:
-                if name in self.sources or name not in file.names:
-                    continue
-                target, shape = tensors[name], file.shape(name)
-                if shape != tuple(target.shape):
-                    raise CheckpointError(
-                        f"{file.path}: tensor {name!r} has shape {shape}, the model "
-                        f"expects {tuple(target.shape)}"
-                    )
-                file.copy_to(name, target)
-                self.sources[name] = source
-                count += 1
+        for name in wanted:
+            if name in self.sources or name not in file.names:
+                continue
+            file.load_into(name, tensors[name])
+            self.sources[name] = source
+            count += 1
         return count
 
     def claim_written(self, source: str) -> int:
@@ -195,10 +191,7 @@ def _machine() -> str:
 
 @contextlib.contextmanager
 def share_factory_weights(
-    model_fn: Callable[[], Any],
-    seed: int,
-    unpack: Callable[[Any], nn.Module],
-    group: dist.ProcessGroup | None = None,
+    model_fn: Callable[[], Any], seed: int, group: dist.ProcessGroup | None = None
 ) -> Iterator[TensorFile]:
     """Build the model once per machine and yield its tensors to every rank of ``group``.
 
@@ -215,7 +208,7 @@ def share_factory_weights(
     error = ""
     if rank == leader:
         try:
-            model = unpack(build_eager(model_fn, seed))
+            model = unpack_model(build_eager(model_fn, seed)).model
             fd, path = tempfile.mkstemp(prefix="pipepart-weights-", suffix=".safetensors")
             os.close(fd)
             save_tensors(model, path)
@@ -262,43 +255,44 @@ def fill(
     *,
     model_fn: Callable[[], Any],
     meta_model: nn.Module,
-    unpack: Callable[[Any], nn.Module],
-    mode: WeightsMode,
-    seed: int,
-    checkpoint: str | Path | None = None,
-    factory_weights: str | Path | None = None,
+    options: PipelineOptions,
     group: dist.ProcessGroup | None = None,
 ) -> None:
     """Write every tensor of ``allocated``; see [Note: the model's own weights].
 
     Order: the checkpoint (which must hold every persistent tensor of the stages), then for the
-    rest the factory's model (``factory_weights`` if the launcher wrote it, else one build per
-    machine) or, with ``mode="init"``, the model's init rules. A collective when the factory's
-    model is built here: every rank of ``group`` calls it.
+    rest the factory's model (``options.factory_weights`` if the launcher wrote it, else one
+    build per machine) or, with ``options.weights="init"``, the model's init rules. A collective
+    when the factory's model is built here: every rank of ``group`` calls it.
+
+    Args:
+        allocated: this rank's stages, just allocated (`allocate`).
+        model_fn: the model factory, for the factory's model.
+        meta_model: the whole model on meta: its persistent tensors and init rules.
+        options: ``weights``, ``seed``, ``checkpoint`` and ``factory_weights`` say where the
+            values come from.
+        group: the pipeline's ranks (default: the world).
 
     Raises:
         CheckpointError: the checkpoint lacks a persistent tensor or has another shape, or a
             tensor is left unwritten (named, with the ways out).
     """
+    seed, checkpoint, factory_weights = options.seed, options.checkpoint, options.factory_weights
     file = TensorFile(checkpoint) if checkpoint is not None else None
     covered: set[str] = set()
     if file is not None:
         # persistence from the model itself: a stage module registers every buffer it copies
         saved = set(meta_model.state_dict(keep_vars=True))
-        persistent = [k for k in allocated.tensors() if k in saved]
-        lacking = [k for k in persistent if k not in file.names]
-        if lacking:
+        try:
+            file.require([k for k in allocated.tensors() if k in saved], "this rank's stages")
+        except CheckpointError:
             file.__exit__()
-            raise CheckpointError(
-                f"{file.path} lacks {len(lacking)} tensor(s) this rank's stages need, e.g. "
-                f"{lacking[:3]}; the checkpoint must be a whole-model state_dict with the "
-                "model's own key names"
-            )
+            raise
         covered = file.names
     rest = [n for n in allocated.tensors() if n not in covered]
     use_factory = factory_weights is not None
-    if not use_factory and mode != "init" and _agree(bool(rest), group, any):
-        wanted = mode == "factory" or fits_in_host(model_bytes(meta_model))
+    if not use_factory and options.weights != "init" and _agree(bool(rest), group, any):
+        wanted = options.weights == "factory" or fits_in_host(model_bytes(meta_model))
         use_factory = _agree(wanted, group, all)
     if not use_factory and rest:  # the rules first: a checkpoint then overwrites what it holds
         from pipeline.runtime.init import initialize
@@ -313,7 +307,7 @@ def fill(
         with TensorFile(factory_weights) as factory_file:
             allocated.load(factory_file, "factory")
     elif use_factory:
-        with share_factory_weights(model_fn, seed, unpack, group) as factory_file:
+        with share_factory_weights(model_fn, seed, group) as factory_file:
             allocated.load(factory_file, "factory")
     else:
         allocated.claim_written("init")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from partition.algorithms import baselines
-from partition.algorithms.objective import Problem
+from partition.algorithms.problem import Problem
 from partition.devices import Device
 from partition.graph import LinearGraph
 from partition.solve import solve

@@ -123,6 +123,7 @@ def test_plan_command_takes_the_markers(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_run_command_takes_the_markers(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["run", "tests.partition.test_markers:marked_twice", "--ranks", "2", "--cuts"]
     argv += ["markers", "--steps", "2", "--check", "--json", "--timeout", "60"]

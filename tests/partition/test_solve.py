@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 import partition.algorithms.optimal as optimal_module
 import partition.algorithms.ties as ties_module
 from partition.algorithms import baselines
-from partition.algorithms.objective import Problem, evaluate
+from partition.algorithms.objective import evaluate
 from partition.algorithms.optimal import memory_fits
-from partition.devices import Device, format_size
+from partition.algorithms.problem import Problem
+from partition.devices import Device
 from partition.errors import InfeasibleError, PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
@@ -379,22 +380,6 @@ def test_a_node_too_large_for_every_device_is_named() -> None:
         graph=graph, devices=tuple(_homogeneous(16 * 10**9, 4)), schedule="1f1b", microbatches=8
     )
     assert min_devices(problem) is None
-
-
-def test_sizes_print_in_binary_units_with_three_digits() -> None:
-    # They printed as "0.000131 GB" and "2.66e-05 GB"; GB is 10^9 bytes in `partition.devices`.
-    size = format_size
-    assert [size(x) for x in (0, 512, 1023, 1024, 131_000, 26_600, 2.66 * 2**30)] == [
-        "0 B",
-        "512 B",
-        "1023 B",
-        "1 KiB",
-        "128 KiB",
-        "26 KiB",
-        "2.66 GiB",
-    ]
-    assert size(80 * 10**9) == "74.5 GiB" and size(2**20 - 1) == "1 MiB"
-    assert size(1023.7 * 2**20) == "1 GiB"
 
 
 def test_too_few_devices_says_the_fewest_that_fit() -> None:

@@ -64,6 +64,7 @@ def peak_kib():
 """
 
 
+@pytest.mark.slow
 def test_meta_model_traces_and_costs_without_allocating() -> None:
     """A ~10 B-parameter GPT on meta traces and is costed with peak RSS growing < 1 GiB."""
     script = _PEAK_KIB + textwrap.dedent(

@@ -198,7 +198,7 @@ def _try_every_row(plans: dict[str, Plan], root: str) -> dict[str, Any]:
         ("micro-batch of another shape than the plan's", _batch(3 * M)),
     ):
         out[name] = _outcome(pipe.step, *batch)
-    out["nothing sent"] = not pipe.transport._pending and not pipe.timeline
+    out["nothing sent"] = not pipe.rank_executor.transport._pending and not pipe.timeline
     out["fewer micro-batches than the schedule needs"] = _outcome(
         Pipeline, toy, options=opts(schedule="interleaved", microbatches=3, virtual=2)
     )

@@ -1,4 +1,5 @@
-"""The pipepart command: tables, one JSON object with --json, clear one-line errors."""
+"""The pipepart command end to end: tables, one JSON object with --json, clear one-line errors,
+every flag by its effect. Each module of `pipeline.cli` has its own tests in tests/pipeline/cli/."""
 
 from __future__ import annotations
 
@@ -96,14 +97,12 @@ def test_errors_are_one_line_and_non_zero(
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_every_subcommand_has_help_with_an_example() -> None:
-    for command in ("plan", "show", "simulate", "run", "bench"):
-        out = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli.main", command, "--help"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+def test_every_subcommand_has_help_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("plan", "show", "simulate", "run", "export", "bench"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
         assert "examples:" in out and f"pipepart {command}" in out
 
 
@@ -151,30 +150,7 @@ def test_simulate_a_model_directly(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["ranks"] == 2 and len(data["peak_activation_microbatches"]) == 4
 
 
-def test_bench_lists_and_writes_where_asked(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert main(["bench", "list"]) == 0
-    listed = capsys.readouterr().out
-    assert "trace_cost" in listed and "partitioners" in listed
-    monkeypatch.chdir(tmp_path)  # the default --out: the current directory, not benchmarks/
-    data = _json(capsys, ["bench", "trace_cost", "--quick", "--json"])
-    assert data["rows"][0]["blocks"] == 12
-    assert json.loads((tmp_path / "trace_cost.json").read_text()) == data
-    assert main(["bench", "nope"]) == 2
-
-
-def test_bench_outside_a_checkout_says_so(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import pipeline.cli.bench
-
-    monkeypatch.setattr(pipeline.cli.bench, "_BENCHMARKS", tmp_path / "benchmarks")
-    assert main(["bench", "list"]) == 2
-    err = capsys.readouterr().err
-    assert "no benchmarks/ folder" in err and "source checkout" in err and err.count("\n") == 1, err
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_run_json_reports_steps_and_check(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
@@ -235,6 +211,7 @@ def _expected(schedule: str, ranks: int, microbatches: int, virtual: int = 1) ->
     return build_schedule(schedule, ranks, microbatches, virtual).to_text().split("\n")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_run_takes_its_schedule_from_the_plan_file_or_the_flags(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
@@ -344,6 +321,7 @@ def _differs(a: list[float], b: list[float], at: int) -> bool:
     return abs(a[at] - b[at]) > 1e-3 * abs(b[at])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_run_flags_train_a_users_model_like_the_plain_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from harness import run_ranks
 
-from partition.split import TensorSpec
+from partition.wires import TensorSpec
 from pipeline.runtime.comm import BoundaryError, BufferPool, Link, Transport, gradient_specs
 
 ACT = (TensorSpec("h", (2, 8), "float32"), TensorSpec("mask", (2,), "int64"))

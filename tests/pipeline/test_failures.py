@@ -100,7 +100,7 @@ def _bad_batches() -> dict[str, Any]:
     with_shape = _catch(BatchError, pipe.step, x, y)
     x, y = _batch(2 * M, seq=8)  # the plan's batch, another sequence length
     with_seq = _catch(BatchError, pipe.step, x, y)
-    nothing_sent = not pipe.transport._pending and not pipe.timeline
+    nothing_sent = not pipe.rank_executor.transport._pending and not pipe.timeline
     loss = pipe.step(*_batch())  # nothing was left in flight: a good batch still works
     return {
         "errors": errors,

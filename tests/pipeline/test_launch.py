@@ -36,20 +36,21 @@ def test_run_pipeline_spawns_ranks_and_checks_against_one_process() -> None:
             pipeline=PipelineOptions(schedule="1f1b", microbatches=4),
         ),
     )
-    assert result["ranks"] == 2 and len(result["steps"]) == 2
-    assert all(s["loss"] is not None and s["time"] > 0 for s in result["steps"])
-    check = result["check"]
-    assert check["loss"] < 1e-5 and check["grads"] < 1e-5 and check["params"] < 1e-5, check
+    assert result is not None and result.ranks == 2 and len(result.steps) == 2
+    assert all(s.loss is not None and s.time > 0 for s in result.steps)
+    check = result.check
+    assert check is not None and check.passed
+    assert check.loss < 1e-5 and check.grads < 1e-5 and check.params < 1e-5, check
     # the timeline: the last step's actions of both ranks, on one clock (1F1B, 4 micro-batches)
-    events = {(r, str(a)): (start, end) for r, a, start, end in result["timeline"]}
-    assert len(events) == len(result["timeline"])  # each action once: one step, not several
+    events = {(r, str(a)): (start, end) for r, a, start, end in result.timeline}
+    assert len(events) == len(result.timeline)  # each action once: one step, not several
     for rank in (0, 1):
         mine = sorted((s, e, a) for (r, a), (s, e) in events.items() if r == rank)
         computed = sorted(a for _, _, a in mine if a[1] in "FB")
         assert computed == sorted(f"{rank}{k}{mb}" for k in "FB" for mb in range(4)), computed
         assert all(s <= e for s, e, _ in mine)
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(mine))  # one at a time
-        assert mine[-1][1] - mine[0][0] <= result["steps"][-1]["time"]  # within the step timed
+        assert mine[-1][1] - mine[0][0] <= result.steps[-1].time  # within the step timed
     for mb in range(4):  # a receive ends after the send it waits for: the clocks agree
         assert events[(1, f"1RF{mb}")][1] >= events[(0, f"0F{mb}")][1]
         assert events[(0, f"0RB{mb}")][1] >= events[(1, f"1B{mb}")][1]
@@ -63,7 +64,7 @@ def test_run_pipeline_joins_torchrun(tmp_path: Path) -> None:
             """
             import json
             from pipeline.launch.run import RunOptions, run_pipeline
-            from pipeline.runtime.pipeline import PipelineOptions
+            from pipeline.runtime import PipelineOptions
 
             options = RunOptions(
                 ranks=2, size="toy", timeout=60,
@@ -71,7 +72,7 @@ def test_run_pipeline_joins_torchrun(tmp_path: Path) -> None:
             )
             result = run_pipeline("gpt", options)
             if result:
-                print("RESULT " + json.dumps(result["steps"]))
+                print("RESULT " + json.dumps(result.to_json()["steps"]))
             """
         )
     )

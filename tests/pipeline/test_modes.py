@@ -24,8 +24,9 @@ from partition.devices import parse_devices
 from partition.errors import PlanError
 from partition.models import examples
 from partition.models.registry import build_meta_model
-from partition.modes.modal import ModalStage, analyze_modes, stage_module
+from partition.modes.modal import ModalStage, OtherMode, stage_module, trace_modes
 from partition.modes.split import modal_stages
+from partition.planning.analysis import Analysis, analyze_traced
 from partition.split import split
 from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
@@ -134,6 +135,14 @@ def factory(name: str) -> Any:
 
 
 # --- without ranks: every cut of both routes -------------------------------------------------
+
+
+def analyze_modes(
+    model: nn.Module, inputs: tuple[Any, ...], *, microbatches: int = 1, method: str = "auto"
+) -> tuple[Analysis, OtherMode | None]:
+    """Both modes traced, the model's own costed: what a rank given a plan builds from."""
+    traced, other = trace_modes(model, inputs, microbatches=microbatches, method=method)  # type: ignore[arg-type]
+    return analyze_traced(traced, microbatches=microbatches), other
 
 
 @pytest.mark.parametrize("route", ["fx", "export"])

@@ -21,6 +21,7 @@ from partition.errors import InputError
 from partition.models.examples import GPT_SIZES, gpt, lm_loss
 from pipeline.checkpoint.save_load import export_checkpoint
 from pipeline.cli.main import main
+from pipeline.launch.results import RunResult
 from pipeline.launch.run import RunOptions, run_pipeline
 from pipeline.runtime.options import PipelineOptions
 
@@ -58,8 +59,9 @@ def _options(**kw: Any) -> RunOptions:
     )
 
 
-def _losses(result: dict[str, Any]) -> list[float]:
-    return [row["loss"] for row in result["steps"]]
+def _losses(result: RunResult | None) -> list[float | None]:
+    assert result is not None
+    return [row.loss for row in result.steps]
 
 
 def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -78,8 +80,9 @@ def test_a_killed_rank_restarts_and_ends_bit_identical(tmp_path: Path) -> None:
         functools.partial(dropout_gpt, str(marker)),
         _options(checkpoint_dir=tmp_path / "restarted", checkpoint_every=2, keep=2, restarts=1),
     )
-    assert marker.exists() and restarted["restarts"] == 1 and restarted["resumed_from"] == 2
-    assert straight["restarts"] == 0 and straight["resumed_from"] == 0
+    assert restarted is not None and straight is not None
+    assert marker.exists() and restarted.restarts == 1 and restarted.resumed_from == 2
+    assert straight.restarts == 0 and straight.resumed_from == 0
     # saving changes no loss bit; the restarted run's every loss equals the straight run's
     assert _losses(plain) == _losses(straight) == _losses(restarted)
     assert all(loss is not None for loss in _losses(plain))
@@ -153,7 +156,7 @@ def _torchrun(tmp_path: Path, name: str, marker: Path | None) -> dict[str, Any]:
     if marker is not None:
         env["PIPEPART_TEST_MARKER"] = str(marker)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", "--max-restarts", "1", "-m", "pipeline.cli.main", "run"]
+    command += ["--nproc-per-node", "2", "--max-restarts", "1", "-m", "pipeline.cli", "run"]
     command += ["test_resume:torchrun_gpt", "--ranks", "2", "--steps", str(STEPS)]
     command += ["--microbatches", str(M), "--optimizer", "adam", "--timeout", "30"]
     command += ["--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2", "--json"]
@@ -170,7 +173,8 @@ def test_torchrun_max_restarts_resumes_bit_identical(tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     restarted = _torchrun(tmp_path, "restarted", marker)
     assert marker.exists() and restarted["resumed_from"] == 2 and straight["resumed_from"] == 0
-    assert _losses(straight) == _losses(restarted)
+    assert [s["loss"] for s in straight["steps"]] == [s["loss"] for s in restarted["steps"]]
+    assert all(s["loss"] is not None for s in straight["steps"])
     ends = [
         load_file(str(export_checkpoint(tmp_path / n, tmp_path / f"{n}.safetensors")))
         for n in ("straight", "restarted")

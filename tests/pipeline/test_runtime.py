@@ -324,8 +324,10 @@ def _features(checkpoint: str, plan: Any) -> dict[str, Any]:
     for _ in range(20):
         pipe.step(x, y)
     out["rss_growth_kib"] = _rss_kib() - rss
-    out["idle"] = pipe.transport.idle and not any(e._saved for e in pipe.executors.values())
-    out["pools_full"] = all(len(pool._free) >= 2 for pool in pipe.runner._pools.values())
+    out["idle"] = pipe.rank_executor.transport.idle and not any(
+        e._saved for e in pipe.executors.values()
+    )
+    out["pools_full"] = all(len(pool._free) >= 2 for pool in pipe.rank_executor._pools.values())
 
     bf16 = Pipeline(case.factory(), options=dataclasses.replace(options, autocast=torch.bfloat16))
     seen: set[torch.dtype] = set()  # what the stage's linear layers compute in

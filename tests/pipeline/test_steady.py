@@ -116,7 +116,7 @@ def _run(schedule: str, virtual: int, leak: bool, checkpoints: str | None) -> di
     gc.collect()
     gc.freeze()  # counting 300,000 objects per step would take most of the test's time
     out: dict[str, list[Any]] = {"alive": [], "busy": [], "tensors": [], "rss": [], "loss": []}
-    runner = pipe.runner
+    rank_executor = pipe.rank_executor
     for step in range(1, STEPS + 1):
         step_refs.clear()
         loss = pipe.step(x, y)
@@ -126,9 +126,9 @@ def _run(schedule: str, virtual: int, leak: bool, checkpoints: str | None) -> di
         gc.collect()
         out["alive"].append(sum(r() is not None for r in step_refs))
         out["busy"].append(
-            not pipe.transport.idle
+            not rank_executor.transport.idle
             or any(e._saved for e in pipe.executors.values())
-            or bool(runner._inbox or runner._outbox or runner._held)
+            or bool(rank_executor._inbox or rank_executor._outbox or rank_executor._held)
         )
         out["tensors"].append(_live_tensors())
         out["rss"].append(_rss_kib())

@@ -1,0 +1,145 @@
+"""One rank's job: what the launcher hands every rank (`RankJob`), the training loop it runs
+(`run_rank`), and what it hands back (`RankResult`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from partition.plan import Plan
+from pipeline.launch.options import Checkpoints
+from pipeline.runtime.optim import OptimizerFactory
+from pipeline.runtime.options import PipelineOptions
+from pipeline.runtime.pipeline import ModelFactory, Pipeline
+
+__all__ = ["Batch", "RankJob", "RankResult", "TimedAction", "run_rank"]
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[tuple[Any, ...] | dict[str, Any], Any]
+"""``(inputs, target)``: the model's inputs for a whole batch (positional or by name), and the
+loss function's target (None for a loss of the output alone)."""
+TimedAction = tuple[int, str, float, float]
+"""``(rank, action, start, end)``: one action of a step, ``time.monotonic()`` seconds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankJob:
+    """Everything a rank needs to train, decided once by the launcher: picklable, the same on
+    every rank (see [Note: one plan, made once] in `pipeline.runtime.layout`)."""
+
+    factory: ModelFactory
+    plan: Plan | None
+    """The plan to build; None only under torchrun without one (the group's first rank plans)."""
+    pipeline: PipelineOptions
+    optimizer: OptimizerFactory
+    steps: int
+    batch: Batch
+    """Every step trains on this batch."""
+    collect: bool = False
+    """Send back every parameter, gradient and buffer (for ``--check``)."""
+    checkpoints: Checkpoints | None = None
+
+
+@dataclass(kw_only=True)
+class RankResult:
+    """What one rank did: its stages, each step's loss (None off the last stage) and time, where
+    its weights came from, and (when collected) its tensors by the model's names."""
+
+    rank: int
+    stages: list[int]
+    microbatches: int
+    losses: list[float | None]
+    times: list[float]
+    """Seconds per step (NaN for steps done before a resume)."""
+    timelines: list[list[TimedAction]]
+    """Each step's actions, in order of the steps."""
+    weights: list[str]
+    """Where the rank's tensors came from: ``factory``, ``checkpoint``, ``init``."""
+    resumed_from: int = 0
+    params: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+
+
+def run_rank(job: RankJob) -> RankResult:
+    """Build this rank's part of the pipeline and train ``job.steps`` steps; a collective of the
+    default process group."""
+    pipe = Pipeline(
+        job.factory, plan=job.plan, options=job.pipeline, optimizer_factory=job.optimizer
+    )
+    # Each rank's random stream (dropout) from the seed, so that a run repeats, under torchrun
+    # as on local ranks; a resume then restores the stream the checkpoint saved.
+    torch.manual_seed(job.pipeline.seed * 1_000_003 + pipe.rank + 1)
+    checkpoints = job.checkpoints
+    start = 0
+    losses: list[float | None] = []
+    if checkpoints is not None and checkpoints.resume:
+        start, losses = _resume(pipe, checkpoints.root)
+    result = RankResult(
+        rank=pipe.rank,
+        stages=list(pipe.my_stages),
+        microbatches=pipe.num_microbatches,
+        losses=losses,
+        times=[math.nan] * start,
+        timelines=[[] for _ in range(start)],
+        weights=sorted(set(pipe.weight_sources.values())),
+        resumed_from=start,
+    )
+    inputs, target = job.batch
+    for k in range(start, job.steps):
+        began = time.monotonic()
+        loss = pipe.step(inputs, target)
+        result.times.append(time.monotonic() - began)
+        result.losses.append(None if loss is None else float(loss))
+        result.timelines.append([(r, str(a), s, e) for r, a, s, e in pipe.timeline])
+        if checkpoints is not None and checkpoints.every and (k + 1) % checkpoints.every == 0:
+            _save(pipe, checkpoints, result.losses)
+    if job.collect:
+        named = pipe.named_parameters()
+        result.params = {n: p.detach().cpu() for n, p in named.items()}
+        result.grads = {n: p.grad.detach().cpu() for n, p in named.items() if p.grad is not None}
+        result.buffers = {n: b.detach().cpu() for n, b in pipe.named_buffers().items()}
+    return result
+
+
+def _save(pipe: Pipeline, checkpoints: Checkpoints, losses: list[float | None]) -> None:
+    """A checkpoint after step ``pipe.steps_done``; the losses so far (from the last stage's
+    rank, gathered) travel in it so that a resumed run reports every step."""
+    from pipeline.checkpoint.save_load import save_checkpoint
+
+    gathered: list[Any] = [None] * pipe.world_size
+    dist.all_gather_object(gathered, losses, group=pipe.group)
+    known = [next((g[k] for g in gathered if g[k] is not None), None) for k in range(len(losses))]
+    save_checkpoint(
+        pipe,
+        checkpoints.root,
+        data_position=pipe.steps_done,  # every step trains on the same batch
+        extra={"losses": known},
+        keep=checkpoints.keep,
+    )
+
+
+def _resume(pipe: Pipeline, root: str) -> tuple[int, list[float | None]]:
+    """The step to start from and the losses before it: 0 and none when ``root`` holds no
+    complete checkpoint yet (each one skipped is logged with why)."""
+    from pipeline.checkpoint.save_load import latest_complete, load_checkpoint
+
+    found, skipped = latest_complete(root)
+    for path, why in skipped:
+        log.warning("rank %d: skipping checkpoint %s: %s", pipe.rank, path, why)
+    if found is None:
+        log.warning("rank %d: no complete checkpoint in %s; starting at step 0", pipe.rank, root)
+        return 0, []
+    info = load_checkpoint(pipe, found)
+    losses = list(info.extra.get("losses", [None] * info.step))
+    mine = losses if pipe.is_last else [None] * len(losses)
+    log.info("rank %d: resumed from %s at step %d", pipe.rank, found, info.step)
+    return info.step, mine

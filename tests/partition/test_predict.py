@@ -1,0 +1,101 @@
+"""What a plan predicts: the simulated step against closed forms, and repricing on other devices."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from partition import plan_model
+from partition.devices import Device, parse_devices
+from partition.errors import PlanError
+from partition.models.examples import skipnet
+from partition.plan import Plan, StagePlan
+from partition.planning.predict import predict_step, reprice, simulate_plan
+
+UNIT = Device(name="u", memory=10**9, flops=1.0, bandwidth=1.0, latency=0.0)
+
+
+def _stage(s: int, forward: float = 1.0, total: float = 3.0, send: float = 0.0) -> StagePlan:
+    """A stage of ``forward`` s forward and ``total`` s forward + backward on a 1 FLOP/s device."""
+    return StagePlan(
+        index=s,
+        device=UNIT,
+        start=s,
+        stop=s + 1,
+        first_node=f"n{s}",
+        last_node=f"n{s}",
+        first_module="",
+        last_module="",
+        flops=total,
+        forward_flops=forward,
+        param_bytes=0,
+        memory={"total": 0.0},
+        capacity=UNIT.memory,
+        compute_time=total,
+        comm_time=0.0,
+        send_bytes=send,
+    )
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize(("p", "m"), [(1, 1), (2, 4), (4, 8), (3, 2)])
+def test_uniform_stages_take_m_plus_p_minus_1_slots(schedule: str, p: int, m: int) -> None:
+    # F = 1 s, B = 2 s on every stage, no communication: a step is m + p - 1 slots of F + B,
+    # and the bubble is the idle share (p - 1) / (m + p - 1)
+    step, bubble = predict_step(schedule, 1, m, [_stage(s) for s in range(p)])
+    assert step == pytest.approx((m + p - 1) * 3.0)
+    assert bubble == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_the_slowest_stage_sets_the_steady_state() -> None:
+    # GPipe, one stage twice as slow: the m forwards queue behind it, then the backwards
+    stages = [_stage(0), _stage(1, forward=2.0, total=6.0), _stage(2)]
+    step, _ = predict_step("gpipe", 1, 4, stages)
+    # forwards: 1 + 4 * 2 + 1, backwards: 2 + 4 * 4 + 2 (each a chain through the slow stage)
+    assert step == pytest.approx((1 + 4 * 2 + 1) + (2 + 4 * 4 + 2))
+
+
+def test_sending_costs_time() -> None:
+    quiet = [_stage(s) for s in range(3)]
+    loud = [_stage(s, send=0.5 if s < 2 else 0.0) for s in range(3)]
+    for schedule in ("gpipe", "1f1b", "zb-h1"):
+        assert predict_step(schedule, 1, 4, loud)[0] > predict_step(schedule, 1, 4, quiet)[0]
+
+
+def test_a_schedule_that_cannot_run_the_plan_says_how_to_re_plan() -> None:
+    with pytest.raises(PlanError, match="re-plan with --schedule interleaved --virtual V"):
+        predict_step("1f1b", 2, 4, [_stage(s) for s in range(4)])
+    with pytest.raises(PlanError, match="1 stage"):
+        predict_step("interleaved", 1, 4, [_stage(s) for s in range(2)])
+
+
+def _plan() -> Plan:
+    model, inputs, _ = skipnet(batch=8)
+    return plan_model(model, inputs, devices=parse_devices("cpu", 3), microbatches=4)
+
+
+def test_simulating_a_plan_gives_its_prediction_and_takes_overrides() -> None:
+    plan = _plan()
+    result = simulate_plan(plan)
+    assert result.step_time == plan.step_time and result.bubble_fraction == plan.bubble
+    more = simulate_plan(plan, microbatches=8)
+    assert more.step_time > plan.step_time and more.bubble_fraction < plan.bubble
+    assert simulate_plan(plan, schedule="gpipe").step_time > 0
+
+
+def test_repricing_on_faster_devices_divides_compute_times() -> None:
+    plan = _plan()
+    cpu = parse_devices("cpu", 3)
+    fast = [replace(d, flops=d.flops * 4) for d in cpu]
+    again = reprice(plan, fast)
+    assert [s.compute_time for s in again.stages] == pytest.approx(
+        [s.compute_time / 4 for s in plan.stages], rel=1e-12
+    )
+    assert [s.comm_time for s in again.stages] == pytest.approx([s.comm_time for s in plan.stages])
+    assert [s.memory for s in again.stages] == [s.memory for s in plan.stages]
+    assert again.bounds == plan.bounds and again.step_time < plan.step_time
+    bigger = reprice(plan, [replace(d, memory=d.memory * 2) for d in cpu])
+    assert [s.capacity for s in bigger.stages] == [2 * s.capacity for s in plan.stages]
+    with pytest.raises(PlanError, match="the plan has 3 ranks but 2 devices were given"):
+        reprice(plan, cpu[:2])

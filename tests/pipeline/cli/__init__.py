@@ -1,0 +1,1 @@
+"""Tests of `pipeline.cli`, one file per module of the ``pipepart`` command."""
