@@ -16,6 +16,7 @@ from pipeline.runtime.pipeline import PipelineOptions
 MODELS = ["hf:gpt2", "hf:bert", "hf:llama", "hf:vit"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_published_size_traces_on_meta_and_plans_for_4_devices(name: str) -> None:
     spec = resolve(name, size="real", batch=8, seq=None if name == "hf:vit" else 512)
@@ -35,6 +36,7 @@ def test_published_size_traces_on_meta_and_plans_for_4_devices(name: str) -> Non
         assert plan.shared_params == {"transformer.wte.weight": [0, 3]}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("name", MODELS)

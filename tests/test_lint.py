@@ -27,6 +27,7 @@ def test_ruff_format() -> None:
     assert out.returncode == 0, out.stdout[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mypy() -> None:
     out = _run("mypy")  # the packages and options are in pyproject.toml

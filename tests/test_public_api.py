@@ -174,3 +174,26 @@ def test_no_two_modules_import_each_other() -> None:
                 if target.split(".")[0] in ("partition", "pipeline") and "." in target:
                     graph.add_edge(name, target)
     assert sorted(nx.simple_cycles(graph)) == []
+
+
+def test_the_public_import_paths_kept_through_the_move_to_sub_packages() -> None:
+    """Paths users, the README, the notebooks and pyproject name, each the object it was."""
+    from importlib.metadata import entry_points
+
+    import partition.examples
+    import partition.models.examples
+    import pipeline.cli
+    import pipeline.cli.command
+    import pipeline.runtime
+    import pipeline.runtime.pipeline
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "pipepart"]
+    assert script.value == "pipeline.cli:main" and script.load() is pipeline.cli.command.main
+    assert partition.examples.gpt is partition.models.examples.gpt
+    assert set(partition.examples.__all__) == set(partition.models.examples.__all__)
+    assert pipeline.runtime.Pipeline is pipeline.runtime.pipeline.Pipeline is pipeline.Pipeline
+    assert pipeline.runtime.PipelineOptions is pipeline.PipelineOptions
+    assert partition.plan_model is pipeline.plan_model  # planning is partition's; re-exported
+    namespace: dict[str, object] = {}
+    exec("from partition import plan_model, simulate_plan, build_schedule", namespace)
+    assert callable(namespace["plan_model"])

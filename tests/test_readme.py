@@ -55,6 +55,7 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_training_script_runs_under_torchrun(tmp_path: Path) -> None:
     (script,) = [b for b in _blocks("python") if "init_process_group" in b]

@@ -1,17 +1,22 @@
-"""The partitioning problem: what to split, over which devices, under which schedule.
+"""The partitioning problem: what to split, over which devices, under which schedule, and its costs.
 
 A `Problem` is checked on construction and derives what every algorithm reads from it: the
 number of stages, each stage's device and memory cap, the micro-batches each stage keeps in
-flight, and the prefix sums of the objective (`Problem.costs`, see [Note: objective] in
-`partition.algorithms.objective`).
+flight, and `Costs`, its prefix sums and per-stage arrays — the one implementation of a stage's
+time ``T`` and memory ``M`` and of the exact units of the total time, as [Note: objective] in
+`partition.algorithms.objective` defines them.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from partition.algorithms.objective import Costs
+import numpy as np
+import numpy.typing as npt
+
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
@@ -19,10 +24,14 @@ from partition.memory import MemoryModel
 from partition.schedules.inflight import schedule_inflight
 from partition.schedules.names import canonical_schedule
 
-__all__ = ["DEFAULT_MEMORY", "Problem"]
+__all__ = ["DEFAULT_MEMORY", "Costs", "Problem"]
 
 DEFAULT_MEMORY = MemoryModel()
 """What training keeps per parameter byte unless told otherwise: Adam, no master copy."""
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+Index = IntArray | np.int64 | int
+"""Cut positions: one or an array of them."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,3 +121,131 @@ class Problem:
     def costs(self) -> Costs:
         """Prefix sums and per-stage constants shared by every algorithm."""
         return Costs(self)
+
+
+class Costs:
+    """Prefix sums and per-stage arrays of a `Problem`: the one implementation of ``T`` and ``M``."""
+
+    def __init__(self, problem: Problem) -> None:
+        g = problem.graph
+        self.n = len(g)
+        self.k = problem.num_stages
+        self.kappa = problem.kappa
+        zero = np.zeros(1)
+        self.P: FloatArray = np.concatenate([zero, np.cumsum(g.compute, dtype=np.float64)])
+        self.W: FloatArray = np.concatenate([zero, np.cumsum(g.param_bytes, dtype=np.float64)])
+        self.A: FloatArray = np.concatenate([zero, np.cumsum(g.saved_bytes, dtype=np.float64)])
+        self.c: FloatArray = np.asarray(g.cut_bytes, dtype=np.float64)
+        devices = [problem.stage_device(s) for s in range(self.k)]
+        self.flops: FloatArray = np.array([d.flops for d in devices], dtype=np.float64)
+        self.latency: FloatArray = np.array([d.latency for d in devices], dtype=np.float64)
+        self.bandwidth: FloatArray = np.array([d.bandwidth for d in devices], dtype=np.float64)
+        self.cap: FloatArray = np.array(problem.caps, dtype=np.float64)
+        self.inflight: FloatArray = np.array(problem.inflight, dtype=np.float64)
+        self._q: dict[float, FloatArray] = {}
+        self._links: dict[tuple[float, float], FloatArray] = {}
+        self._units: dict[tuple[str, float, float], FloatArray] = {}
+        self.unit = self._unit()
+        """Seconds per unit of the exact total time; see [Note: objective] in
+        `partition.algorithms.objective`."""
+
+    def link(self, stage: int, cut_bytes: FloatArray) -> FloatArray:
+        """Seconds to send ``cut_bytes`` from ``stage`` to the next stage and the gradient back."""
+        if stage < 0 or stage >= self.k - 1:
+            return np.zeros_like(cut_bytes)
+        t = 2.0 * (self.latency[stage] + cut_bytes / self.bandwidth[stage])
+        return np.where(cut_bytes != 0, t, 0.0)
+
+    def link_at(self, stage: int) -> FloatArray:
+        """`link` of ``stage`` at every cut, length ``n + 1`` (cached per link)."""
+        if stage < 0 or stage >= self.k - 1:
+            key = (0.0, 0.0)
+        else:
+            key = (float(self.latency[stage]), float(self.bandwidth[stage]))
+        out = self._links.get(key)
+        if out is None:
+            out = self.link(stage, self.c) if key != (0.0, 0.0) else np.zeros_like(self.c)
+            self._links[key] = out
+        return out
+
+    def _unit(self) -> float:
+        links = [float(self.link_at(s).max()) for s in range(self.k - 1)] if self.n else []
+        top = float(self.P[-1] / self.flops.min()) + max(links, default=0.0)
+        if not top > 0.0 or not math.isfinite(top):
+            return 1.0
+        e = math.frexp(top)[1]  # top < 2^e
+        m = (self.k + 3).bit_length()  # 2^m > k + 3
+        return math.ldexp(1.0, e + m - 52)
+
+    def time_units(self, stage: int) -> FloatArray:
+        """``R_s``: ``P / flops_s`` in units, rounded, at every cut (cached per speed)."""
+        key = ("P", float(self.flops[stage]), 0.0)
+        out = self._units.get(key)
+        if out is None:
+            out = np.rint(self.P / self.flops[stage] / self.unit)
+            self._units[key] = out
+        return out
+
+    def link_units(self, stage: int) -> FloatArray:
+        """``L_s``: `link_at` in units, rounded (zero for no link; cached per link)."""
+        if stage < 0 or stage >= self.k - 1:
+            key = ("L", 0.0, 0.0)
+        else:
+            key = ("L", float(self.latency[stage]), float(self.bandwidth[stage]))
+        out = self._units.get(key)
+        if out is None:
+            out = np.rint(self.link_at(stage) / self.unit)
+            self._units[key] = out
+        return out
+
+    def split_units(self, bounds: Sequence[int]) -> float:
+        """The total time of a split in units: the exact S of [Note: objective] (an integer)."""
+        total = 0.0
+        for s in range(self.k):
+            i, j = int(bounds[s]), int(bounds[s + 1])
+            r = self.time_units(s)
+            total += (r[j] - r[i]) + (self.link_units(s - 1)[i] + self.link_units(s)[j])
+        return total
+
+    def q(self, inflight: float) -> FloatArray:
+        """Prefix sums of ``kappa * param_bytes + inflight * saved_bytes`` (cached)."""
+        q = self._q.get(inflight)
+        if q is None:
+            q = self.kappa * self.W + inflight * self.A
+            self._q[inflight] = q
+        return q
+
+    def compute_time(self, stage: int, i: Index, j: Index) -> FloatArray:
+        return (self.P[j] - self.P[i]) / self.flops[stage]
+
+    def comm_time(self, stage: int, i: Index, j: Index) -> FloatArray:
+        return self.link(stage - 1, self.c[i]) + self.link(stage, self.c[j])
+
+    def time(self, stage: int, i: Index, j: Index) -> FloatArray:
+        """``T_s(i, j)`` for arrays of bounds (broadcast)."""
+        return self.compute_time(stage, i, j) + self.comm_time(stage, i, j)
+
+    def memory_parts(
+        self, stage: int, i: Index, j: Index
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """``M_s(i, j)`` as (parameter state, activations, receive buffers)."""
+        params = self.kappa * (self.W[j] - self.W[i])
+        acts = self.inflight[stage] * (self.A[j] - self.A[i])
+        return params, acts, self.c[i] + self.c[j]
+
+    def memory(self, stage: int, i: Index, j: Index) -> FloatArray:
+        """``M_s(i, j)`` for arrays of bounds (broadcast)."""
+        params, acts, buffers = self.memory_parts(stage, i, j)
+        return (params + acts) + buffers
+
+    def split_times(self, bounds: Sequence[int]) -> FloatArray:
+        """``T_s`` of every stage of a split (the arithmetic of `time`, all stages at once)."""
+        b = np.asarray(bounds, dtype=np.int64)
+        i, j = b[:-1], b[1:]
+        compute = (self.P[j] - self.P[i]) / self.flops
+        lat, bw = self.latency[:-1], self.bandwidth[:-1]  # the links between stages
+        cin, cout = self.c[i[1:]], self.c[j[:-1]]
+        t_in = np.where(cin != 0, 2.0 * (lat + cin / bw), 0.0)
+        t_out = np.where(cout != 0, 2.0 * (lat + cout / bw), 0.0)
+        zero = np.zeros(1)
+        return compute + (np.concatenate([zero, t_in]) + np.concatenate([t_out, zero]))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from partition.algorithms.objective import Bounds, Costs
-from partition.algorithms.problem import Problem
+from partition.algorithms.objective import Bounds
+from partition.algorithms.problem import Costs, Problem
 
 __all__ = ["RTOL", "Frame", "Probe", "Search", "pairs", "range_min"]
 

@@ -46,7 +46,7 @@ __all__ = [
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _TORCH_NN_DIR = os.path.join(_TORCH_DIR, "nn") + os.sep
-_OUR_DIR = os.path.dirname(__file__) + os.sep
+_OUR_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # the partition package
 
 
 @dataclass(eq=False)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from partition.errors import PlanError
@@ -21,10 +20,9 @@ from partition.graph import LinearGraph
 from partition.modes.modal import ModalStage, OtherMode, node_key
 from partition.split import Stage, split
 from partition.trace.traced import TracedModel, module_path
+from partition.wires import Wire, leaf, tensor_paths, wire_name
 
 __all__ = ["modal_stages"]
-
-Wire = tuple[fx.Node, tuple[int, ...]]
 
 
 def modal_stages(
@@ -81,7 +79,7 @@ def modal_stages(
     live_b = _live(other, order_b, stage_b, len(stages))
     for s, (stage, stage_other) in enumerate(zip(stages, split_b, strict=True)):
         for live, made in ((live_a[s], stage), (live_b[s], stage_other)):
-            if [_wire_name(w) for w in live] != [spec.name for spec in made.inputs]:
+            if [wire_name(w) for w in live] != [spec.name for spec in made.inputs]:
                 raise PlanError(  # partition.split and _live disagree: a bug, not the model's
                     f"stage {s}: internal error pairing the modes' boundaries; please report"
                 )
@@ -104,11 +102,6 @@ def modal_stages(
         ModalStage(**{k: getattr(stage, k) for k in names}, traced_mode=mode, other=b.module)
         for stage, b in zip(stages, split_b, strict=True)
     ]
-
-
-def _wire_name(wire: Wire) -> str:
-    node, path = wire
-    return node.name + "".join(f"_{i}" for i in path)
 
 
 def _names(specs: Sequence[Any]) -> str:
@@ -177,14 +170,6 @@ def _assign(
     return stage
 
 
-def _paths(value: Any, prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
-    if isinstance(value, torch.Tensor):
-        return [prefix]
-    if isinstance(value, (tuple, list)):
-        return [p for i, v in enumerate(value) for p in _paths(v, (*prefix, i))]
-    return []
-
-
 def _live(
     traced: TracedModel, order: list[fx.Node], stage: dict[fx.Node, int], num_stages: int
 ) -> list[list[Wire]]:
@@ -194,7 +179,7 @@ def _live(
     inputs = [x for x in order if x.op == "placeholder" and not _is_local(traced, x)]
     last_use = {x: max((position.get(u, n) for u in x.users), default=-1) for x in order}
     starts = [min(position[x] for x in order if stage[x] == s) for s in range(num_stages)]
-    live: list[list[Wire]] = [[(x, ()) for x in inputs if _paths(x.meta.get("val"))]]
+    live: list[list[Wire]] = [[(x, ()) for x in inputs if tensor_paths(x.meta.get("val"))]]
     for start in starts[1:]:
         live.append(
             [
@@ -203,7 +188,7 @@ def _live(
                 if (position[x] < start or x in inputs)
                 and last_use[x] >= start
                 and not _is_local(traced, x)
-                for path in _paths(x.meta.get("val"))
+                for path in tensor_paths(x.meta.get("val"))
             ]
         )
     return live
@@ -271,23 +256,20 @@ def _through_reader(
     return None
 
 
-def _leaf(wire: Wire) -> Any:
-    value: Any = wire[0].meta.get("val")
-    for i in wire[1]:
-        value = value[i]
-    return value
-
-
 def _same_spec(a: Wire, b: Wire) -> bool:
-    x, y = _leaf(a), _leaf(b)
+    x, y = _tensor(a), _tensor(b)
     return bool(x.shape == y.shape and x.dtype == y.dtype)
+
+
+def _tensor(wire: Wire) -> Any:
+    return leaf(wire[0].meta.get("val"), wire[1])
 
 
 def _describe(wires: Sequence[Wire]) -> str:
     return ", ".join(
-        f"{node.name}{''.join(f'[{i}]' for i in path)}: "
-        f"{str(_leaf((node, path)).dtype).removeprefix('torch.')}{list(_leaf((node, path)).shape)}"
-        for node, path in wires
+        f"{w[0].name}{''.join(f'[{i}]' for i in w[1])}: "
+        f"{str(_tensor(w).dtype).removeprefix('torch.')}{list(_tensor(w).shape)}"
+        for w in wires
     )
 
 

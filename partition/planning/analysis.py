@@ -13,6 +13,7 @@ is an error before anything is traced.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,7 @@ class Analysis:
                 f"{virtual} stage(s) each need {len(devices) * virtual}"
             )
         n = len(self.graph)
-        if bounds[0] != 0 or bounds[-1] != n or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        if bounds[0] != 0 or bounds[-1] != n or any(a >= b for a, b in itertools.pairwise(bounds)):
             raise PlanError(
                 f"bounds {list(bounds)} are not a split of the {n} nodes: they must rise from 0 "
                 f"to {n}, each stage holding at least one node"

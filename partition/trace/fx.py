@@ -54,7 +54,7 @@ __all__ = ["TraceMethod", "TracedModel", "module_path", "propagate_shapes", "tra
 TraceMethod = Literal["auto", "fx", "export"]
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_OUR_DIR = os.path.dirname(__file__)
+_OUR_DIR = os.path.dirname(os.path.dirname(__file__))  # the partition package: our frames
 
 
 def trace(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from partition.errors import PipepartError
-from pipeline.cli.common import add_command
+from pipeline.cli.flags import add_command
 
 __all__ = ["register"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from partition.errors import CheckpointError
-from pipeline.cli.common import add_command
+from pipeline.cli.flags import add_command
 
 __all__ = ["register"]
 

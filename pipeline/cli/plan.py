@@ -9,7 +9,7 @@ from typing import Any
 from partition.plan import Plan
 from partition.schedules.simulate import SimResult
 from partition.units import format_size, format_time
-from pipeline.cli.common import (
+from pipeline.cli.flags import (
     add_algorithm_argument,
     add_command,
     add_cuts_argument,

@@ -14,7 +14,7 @@ from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
 from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from partition.units import format_time
-from pipeline.cli.common import (
+from pipeline.cli.flags import (
     add_command,
     add_cuts_argument,
     add_model_arguments,

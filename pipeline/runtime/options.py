@@ -11,9 +11,12 @@ from typing import Literal
 import torch
 
 from partition.errors import PlanError
-from pipeline.runtime.weights import WeightsMode
 
-__all__ = ["PipelineOptions"]
+__all__ = ["PipelineOptions", "WeightsMode"]
+
+WeightsMode = Literal["auto", "factory", "init"]
+"""Where a stage's weights come from; see [Note: the model's own weights] in
+`pipeline.runtime.weights`."""
 
 
 @dataclass(frozen=True, kw_only=True)

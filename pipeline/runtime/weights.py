@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Materialized",
-    "WeightsMode",
     "allocate",
     "build_eager",
     "describe_sources",
@@ -60,9 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WeightsMode = Literal["auto", "factory", "init"]
-"""See [Note: the model's own weights]."""
 
 
 def build_eager(model_fn: Callable[[], Any], seed: int) -> Any:

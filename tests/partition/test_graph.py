@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,9 @@ def _brute_force_cuts(traced: TracedModel, names: tuple[str, ...]) -> list[float
         ("gpt", lambda: gpt("toy", batch=2, seq=4)[:2]),
     ],
 )
-def test_cut_widths_equal_a_brute_force_in_both_orders(name: str, factory) -> None:  # type: ignore[no-untyped-def]
+def test_cut_widths_equal_a_brute_force_in_both_orders(
+    name: str, factory: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
+) -> None:
     model, inputs = factory()
     costs = cost_model(trace(model, inputs, method="fx"))
     for order in ("graph", "late"):
@@ -81,7 +85,9 @@ def test_cut_widths_equal_a_brute_force_in_both_orders(name: str, factory) -> No
     ("model", "inputs"),
     [(EarlyMask(), (torch.randn(2, 8),)), *(m[:2] for m in (skipnet(batch=3), gpt("toy")))],
 )
-def test_auto_keeps_the_order_with_less_cut_width(model: nn.Module, inputs: tuple) -> None:  # type: ignore[type-arg]
+def test_auto_keeps_the_order_with_less_cut_width(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> None:
     costs = cost_model(trace(model, inputs, method="fx"))
     graph, late = linearize(costs, "graph"), linearize(costs, "late")
     auto = linearize(costs, "auto")

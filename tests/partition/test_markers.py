@@ -21,7 +21,7 @@ from partition import analyze, plan_model
 from partition.devices import parse_devices
 from partition.errors import PlanError
 from partition.split import split
-from pipeline.cli.main import main
+from pipeline.cli.command import main
 
 D = 8
 

@@ -28,12 +28,12 @@ def test_the_defaults_are_the_shared_ones() -> None:
 
 
 def test_values_are_stored_canonical() -> None:
-    o = PlanOptions(schedule="Interleaved-1F1B", virtual=2, bounds=[0, 3.0, 7], leaf_modules=["a"])  # type: ignore[arg-type, list-item]
+    o = PlanOptions(schedule="Interleaved-1F1B", virtual=2, bounds=[0, 3.0, 7], leaf_modules=["a"])  # type: ignore[arg-type]
     assert o.schedule == "interleaved" and o.bounds == (0, 3, 7) and o.leaf_modules == ("a",)
     with pytest.raises(FrozenInstanceError):
         o.virtual = 3  # type: ignore[misc]
     with pytest.raises(TypeError):
-        PlanOptions("1f1b")  # type: ignore[misc]  # keyword-only
+        PlanOptions("1f1b")  # type: ignore[call-arg]  # keyword-only
 
 
 def test_marker_cuts_linearise_in_program_order_unless_told() -> None:

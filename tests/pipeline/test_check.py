@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cli.main import main
+from pipeline.cli.command import main
+from pipeline.launch.job import RankResult
 from pipeline.launch.reference import Reference, compare
 
 MODULE = "tests.pipeline.test_check"
@@ -151,30 +152,32 @@ def _reference(**changes: Any) -> Reference:
     return ref
 
 
-def _rank(**changes: Any) -> dict[str, Any]:
-    out = {
+def _rank(**changes: Any) -> RankResult:
+    fields: dict[str, Any] = {
         "losses": [1.0, 0.5],
         "params": {"w": torch.ones(3)},
         "grads": {"w": torch.full((3,), 0.1)},
+        **changes,
     }
-    out.update(changes)
-    return out
+    return RankResult(
+        rank=0, stages=[0], microbatches=2, times=[], timelines=[], weights=[], **fields
+    )
 
 
 def test_compare_is_relative_and_treats_non_finite_as_failure() -> None:
-    assert compare([_rank()], _reference())["passed"]
-    assert compare([_rank(grads={"tied": torch.full((3,), 0.1)})], _reference())["passed"]  # alias
+    assert compare([_rank()], _reference()).passed
+    assert compare([_rank(grads={"tied": torch.full((3,), 0.1)})], _reference()).passed  # alias
     off = compare([_rank(grads={"w": torch.full((3,), 0.1 + 1e-3)})], _reference())
-    assert not off["passed"] and math.isclose(off["grads"], 1e-2, rel_tol=1e-4)
-    assert compare([_rank(grads={"w": torch.full((3,), 0.1 + 1e-3)})], _reference(), tolerance=0.1)[
-        "passed"
-    ]
+    assert not off.passed and math.isclose(off.grads, 1e-2, rel_tol=1e-4)
+    assert compare(
+        [_rank(grads={"w": torch.full((3,), 0.1 + 1e-3)})], _reference(), tolerance=0.1
+    ).passed
     nan = compare([_rank(losses=[math.nan, 0.5])], _reference())
-    assert not nan["passed"] and math.isnan(nan["loss"])
+    assert not nan.passed and math.isnan(nan.loss)
     both_nan = compare(
         [_rank(params={"w": torch.full((3,), math.nan)})],
         _reference(params={"w": torch.full((3,), math.nan)}),
     )
-    assert not both_nan["passed"] and math.isnan(both_nan["params"])  # NaN - NaN is not 0
+    assert not both_nan.passed and math.isnan(both_nan.params)  # NaN - NaN is not 0
     missing = compare([_rank(grads={})], _reference())
-    assert not missing["passed"] and math.isinf(missing["grads"])  # a gradient nobody reported
+    assert not missing.passed and math.isinf(missing.grads)  # a gradient nobody reported

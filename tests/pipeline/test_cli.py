@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from partition.schedules.actions import build_schedule
-from pipeline.cli.main import main
+from pipeline.cli.command import main
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:  # type: ignore[type-arg]
@@ -342,7 +342,7 @@ def test_run_flags_train_a_users_model_like_the_plain_loop(
     ]
     driver = (  # one interpreter, as a user's shell would run the commands one after another
         "import json, sys\n"
-        "from pipeline.cli.main import main\n"
+        "from pipeline.cli.command import main\n"
         "for argv in json.loads(sys.argv[1]):\n"
         "    print('EXIT', main(argv), flush=True)\n"
     )

@@ -365,6 +365,7 @@ def _straggle(world: int) -> tuple[list[float], list[float]]:
     return slow, fast
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_straggler_below_the_timeout_changes_nothing() -> None:
     results = run_ranks(3, _straggle, 3, timeout=90, pg_timeout=PG_TIMEOUT)
@@ -372,6 +373,7 @@ def test_a_straggler_below_the_timeout_changes_nothing() -> None:
     assert slow == fast  # bit-identical losses
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_rank_stuck_past_the_timeout_is_given_up_on(tmp_path: Path) -> None:
     pg_timeout = 3.0

@@ -56,6 +56,7 @@ def test_run_pipeline_spawns_ranks_and_checks_against_one_process() -> None:
         assert events[(0, f"0RB{mb}")][1] >= events[(1, f"1B{mb}")][1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_run_pipeline_joins_torchrun(tmp_path: Path) -> None:
     script = tmp_path / "train.py"

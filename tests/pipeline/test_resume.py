@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from partition.errors import InputError
 from partition.models.examples import GPT_SIZES, gpt, lm_loss
 from pipeline.checkpoint.save_load import export_checkpoint
-from pipeline.cli.main import main
+from pipeline.cli.command import main
 from pipeline.launch.results import RunResult
 from pipeline.launch.run import RunOptions, run_pipeline
 from pipeline.runtime.options import PipelineOptions
@@ -70,6 +70,7 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert different == []
 
 
+@pytest.mark.slow
 def test_a_killed_rank_restarts_and_ends_bit_identical(tmp_path: Path) -> None:
     plain = run_pipeline(dropout_gpt, _options())
     straight = run_pipeline(
@@ -129,6 +130,7 @@ def test_checkpoint_flags_without_a_folder_are_refused() -> None:
         RunOptions(checkpoint_dir="x", checkpoint_every=0)
 
 
+@pytest.mark.slow
 def test_a_transformers_checkpoint_exports_a_from_pretrained_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -165,6 +167,7 @@ def _torchrun(tmp_path: Path, name: str, marker: Path | None) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_max_restarts_resumes_bit_identical(tmp_path: Path) -> None:
     """``torchrun --max-restarts 1``: a rank dies at step 3, torchrun starts both again, they

@@ -219,6 +219,7 @@ def _compare(case: Case, ranks: list[dict[str, Any]]) -> None:
         assert seen == set(ref[what]), f"{case}: {what} missing for {sorted(set(ref[what]) - seen)}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_every_schedule_matches_one_process(world: int) -> None:
@@ -269,6 +270,7 @@ def _memory(bounds: tuple[int, ...], weights: str) -> dict[str, Any]:
     return {"weights": weights - before, "training": peak() - before, "stage": stage}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("weights", ["init", "factory"])
 def test_each_rank_holds_only_its_stage(weights: str) -> None:

@@ -151,6 +151,7 @@ def _steady(root: str) -> dict[str, dict[str, Any]]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_thirty_steps_leave_nothing_behind(tmp_path: Path) -> None:
     ranks = run_ranks(RANKS, _steady, str(tmp_path), timeout=200)

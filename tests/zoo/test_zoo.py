@@ -64,6 +64,7 @@ def runs(request: pytest.FixtureRequest) -> dict[str, Outcome]:
     return check_runs([n for n in dict.fromkeys(selected) if _available(n)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")  # trained-weights on meta
 @pytest.mark.parametrize("name", _params(XFAIL_PLAN))
@@ -72,6 +73,7 @@ def test_plan(name: str) -> None:
     check_plan(name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # the first one runs the whole zoo (the `runs` fixture)
 @pytest.mark.parametrize("name", _params(XFAIL_RUN))
 def test_run(name: str, runs: dict[str, Outcome]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pipeline.cli.bench
-from pipeline.cli.main import main
+from pipeline.cli.command import main
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import pipeline.checkpoint.save_load
-from pipeline.cli.main import main
+from pipeline.cli.command import main
 
 FACTORY = "tests.pipeline.cli.test_export:pretrained"
 
@@ -123,7 +123,7 @@ def test_a_run_checkpoint_exports_into_the_model(
 ) -> None:
     """End to end: two ranks save, ``pipepart export`` assembles, the plain model loads it."""
     from partition.models.registry import resolve
-    from pipeline.cli.main import _parser
+    from pipeline.cli.command import _parser
     from pipeline.cli.run import run_options
     from pipeline.launch.run import run_pipeline
 

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from partition.plan import Plan
-from pipeline.cli.main import main
+from pipeline.cli.command import main
 from pipeline.cli.plan import plan_summary, plan_table
 
 HEADLINE = {"bottleneck", "bottleneck_stage", "step_time", "bubble", "fits"}

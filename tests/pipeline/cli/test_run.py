@@ -16,7 +16,7 @@ from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
 from partition.schedules.names import DEFAULT_SCHEDULE
-from pipeline.cli.main import _parser, main
+from pipeline.cli.command import _parser, main
 from pipeline.cli.run import run_options
 from pipeline.launch.options import RunOptions
 from pipeline.runtime.options import PipelineOptions

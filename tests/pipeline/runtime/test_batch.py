@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from partition.errors import BatchError, InputError
-from partition.split import TensorSpec
+from partition.wires import TensorSpec
 from pipeline.runtime.batch import BatchSplit, gather_outputs, reduce_losses, split_batch
 
 M = 4  # micro-batches

@@ -1,4 +1,4 @@
-"""`pipeline.cli.common`: the shared flags become one frozen `PlanOptions` (the defaults are
+"""`pipeline.cli.flags`: the shared flags become one frozen `PlanOptions` (the defaults are
 `PlanOptions`' own), the devices of ``--device-spec``, and every sub-command's parser."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.options import PlanOptions
 from partition.schedules.names import DEFAULT_SCHEDULE
-from pipeline.cli.common import (
+from pipeline.cli.command import _parser
+from pipeline.cli.flags import (
     add_command,
     add_debug_argument,
     devices,
@@ -23,7 +24,6 @@ from pipeline.cli.common import (
     meta_model,
     plan_options,
 )
-from pipeline.cli.main import _parser
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""`pipeline.cli.main`: the parser of every sub-command, ``--debug`` before or after it, and the
+"""`pipeline.cli.command`: the parser of every sub-command, ``--debug`` before or after it, and the
 one-line errors with their exit codes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 import pipeline.cli.plan
 from partition.errors import PipepartError
-from pipeline.cli.main import _one_line, _parser, main
+from pipeline.cli.command import _one_line, _parser, main
 
 SUBCOMMANDS = ("plan", "show", "simulate", "run", "export", "bench")
 
@@ -155,10 +155,10 @@ def test_a_multi_line_error_prints_the_failed_ranks_line(
     assert capsys.readouterr().err == "pipepart show: error: rank 0: PlanError: bad\n"
 
 
-@pytest.mark.parametrize("module", ["pipeline.cli", "pipeline.cli.main"])
+@pytest.mark.parametrize("module", ["pipeline.cli", "pipeline.cli.command"])
 def test_python_dash_m_runs_the_command(module: str, tmp_path: Path) -> None:
     """``python -m pipeline.cli`` (and ``torchrun ... -m pipeline.cli``) is the command; so is
-    ``-m pipeline.cli.main``. The exit code is main's, the traceback printed with --debug."""
+    ``-m pipeline.cli.command``. The exit code is main's, the traceback printed with --debug."""
     import subprocess
     import sys
 

@@ -2,10 +2,10 @@
 
 Every sub-command prints a table for people and, with ``--json``, one JSON object on stdout for
 scripts. Errors are one line on stderr and exit code 2; ``--debug``, before or after the
-sub-command, prints the traceback above that line (see [Note: --debug anywhere] in `common`).
+sub-command, prints the traceback above that line (see [Note: --debug anywhere] in `flags`).
 Each sub-command lives in the module that names it — `pipeline.cli.plan` (``plan``, ``show``,
 ``simulate``), `pipeline.cli.run`, `pipeline.cli.bench` — with the flags it reads; the flags they
-share, and the options those make, are `pipeline.cli.common`'s.
+share, and the options those make, are `pipeline.cli.flags`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pipeline.cli.export as export_command
 import pipeline.cli.plan as plan_command
 import pipeline.cli.run as run_command
 from partition.errors import FactoryError, PipepartError
-from pipeline.cli.common import add_debug_argument
+from pipeline.cli.flags import add_debug_argument
 
 __all__ = ["main"]
 
@@ -71,5 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # python -m pipeline.cli.main (python -m pipeline.cli is the same)
+if __name__ == "__main__":  # python -m pipeline.cli.command (python -m pipeline.cli is the same)
     sys.exit(main())
