@@ -129,6 +129,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
     nodes: dict[str, NodeCost] = {}
     param_ids = {id(state.tensor(q)): q for q in _all_param_names(traced)}
     by_name = {node.name: node for node in graph.nodes}
+    needs = _needs_grad(traced, values)
     for node in graph.nodes:
         if node.op == "output":
             continue
@@ -151,7 +152,9 @@ def cost_model(traced: TracedModel) -> CostGraph:
         if node.op in ("placeholder", "get_attr"):
             nodes[node.name] = NodeCost(**base)
             continue
-        fwd, bwd, saved_keys, saved_new = _cost_node(node, values, traced, param_ids, by_name)
+        fwd, bwd, saved_keys, saved_new = _cost_node(
+            node, values, traced, param_ids, by_name, needs
+        )
         saved_bytes = saved_new
         for key, size in saved_keys.items():
             if key not in saved_once:
@@ -162,7 +165,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
             numel = sum(
                 t.numel() for t in tree_flatten(values[node.name])[0] if isinstance(t, torch.Tensor)
             )
-            elementwise = 3 * numel if _has_grad(values[node.name]) else numel
+            elementwise = 3 * numel if needs[node.name] else numel
         nodes[node.name] = NodeCost(
             **base,
             fwd_flops=fwd,
@@ -204,6 +207,33 @@ def _params_of(node: fx.Node, traced: TracedModel) -> list[str]:
     return []
 
 
+def _needs_grad(traced: TracedModel, values: dict[str, Any]) -> dict[str, bool]:
+    """Which nodes' values training differentiates: those a parameter or a floating model input
+    flows into. A buffer, a constant, a mask made from integer inputs, and whatever only they
+    make, are not — the cost model neither asks autograd for their gradient (``F.batch_norm``
+    refuses one for ``running_mean``) nor charges their backward."""
+    state = traced.meta_state
+    needs: dict[str, bool] = {}
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in traced.param_placeholders:
+                needs[node.name] = _has_grad(values[node.name])
+            else:
+                needs[node.name] = any(
+                    isinstance(t, torch.Tensor) and t.is_floating_point()
+                    for t in tree_flatten(values[node.name])[0]
+                )
+        elif node.op == "get_attr":
+            target = str(node.target)
+            needs[node.name] = state.has(target) and state.tensor(target).requires_grad
+        else:
+            needs[node.name] = any(needs.get(a.name, False) for a in node.all_input_nodes) or (
+                node.op == "call_module"
+                and any(p.requires_grad for p in state.module_state(str(node.target)).values())
+            )
+    return needs
+
+
 def _has_grad(value: Any) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(value)[0])
 
@@ -224,10 +254,12 @@ def _cost_node(
     traced: TracedModel,
     param_ids: dict[int, str],
     by_name: dict[str, fx.Node],
+    needs: dict[str, bool],
 ) -> tuple[int, int, dict[tuple[str, int], int], int]:
     """Forward FLOPs, backward FLOPs, saved inputs keyed by producer, bytes of other saved tensors.
 
-    Each input is a fresh leaf; an input the node writes in place is a clone of its leaf (an
+    Each input that training differentiates (``needs``, see `_needs_grad`) is a fresh leaf, the
+    others are detached; an input the node writes in place is a clone of its leaf (an
     in-place op may not write a leaf that requires grad), and the backward is taken to the leaf.
     """
     inputs: dict[str, Any] = {}
@@ -236,6 +268,8 @@ def _cost_node(
     for arg in node.all_input_nodes:
         if arg.op == "placeholder" and arg.name in traced.param_placeholders:
             inputs[arg.name] = values[arg.name]  # a parameter: keep it as is
+        elif not needs[arg.name]:
+            inputs[arg.name] = tree_map(_detached, values[arg.name])
         else:
             inputs[arg.name] = tree_map_leaf(values[arg.name])
             if arg.name in written:

@@ -32,6 +32,7 @@ from pipeline.launch.reference import CheckResult, compare, run_reference
 from pipeline.launch.results import RunResult, summarize
 from pipeline.launch.spawn import spawn_ranks
 from pipeline.launch.torchrun import run_under_torchrun, under_torchrun
+from pipeline.runtime.layout import plan_for
 from pipeline.runtime.optim import OptimizerFactory
 from pipeline.runtime.pipeline import ModelFactory
 from pipeline.runtime.tensorfile import save_tensors
@@ -83,7 +84,7 @@ def run_pipeline(
     eager = _eager(factory, run, meta) if not torchrun else None
     batch = _synthetic(eager or meta, pipe_options.seed + 1)
     if plan is None and not torchrun:  # see [Note: one plan, made once]
-        plan = _plan(meta, run)
+        plan = plan_for(meta, pipe_options, run.ranks)
     m = pipe_options.microbatches or (plan.microbatches if plan is not None else None)
     if m:  # fail here, at once, rather than on every rank after start-up
         inputs = batch[0]
@@ -135,35 +136,6 @@ def _eager(factory: ModelFactory, run: RunOptions, meta: BuiltModel) -> BuiltMod
         )
     )
     return unpack_model(build_eager(factory, options.seed)) if needed else None
-
-
-def _plan(meta: BuiltModel, run: RunOptions) -> Plan:
-    """The plan every rank builds: the model split for ``run.ranks`` CPU-like devices."""
-    from partition.devices import parse_devices
-    from partition.options import PlanOptions
-    from partition.planning.model import plan_model
-    from partition.schedules.names import DEFAULT_SCHEDULE
-
-    options = run.pipeline
-    if options.microbatches is None:
-        raise InputError("without a plan, give the number of micro-batches (microbatches=...)")
-    if meta.args is None:
-        raise InputError(
-            "without a plan the model factory must return (model, example_inputs, loss_fn) "
-            "so that the model can be traced; or pass a plan"
-        )
-    return plan_model(
-        meta.model,
-        meta.args,
-        meta.kwargs,
-        devices=parse_devices("cpu", run.ranks),
-        options=PlanOptions(
-            schedule=options.schedule or DEFAULT_SCHEDULE,
-            microbatches=options.microbatches,
-            virtual=options.virtual or 1,
-            bounds=options.bounds,
-        ),
-    )
 
 
 def _torchrun_results(job: RankJob, run: RunOptions) -> list[RankResult] | None:

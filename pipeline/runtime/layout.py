@@ -32,7 +32,7 @@ from partition.split import Stage
 from partition.trace.fx import TraceMethod
 from pipeline.runtime.options import PipelineOptions
 
-__all__ = ["Layout", "agree_on_layout", "check_plan", "layout", "plan_once"]
+__all__ = ["Layout", "agree_on_layout", "check_plan", "layout", "plan_for", "plan_once"]
 
 
 @dataclass(frozen=True)
@@ -107,34 +107,25 @@ def check_plan(plan: Plan, options: PipelineOptions, world: int, model_class: st
 def plan_once(
     built: BuiltModel, options: PipelineOptions, group: dist.ProcessGroup | None = None
 ) -> Plan:
-    """The plan for a pipeline given none: the group's first rank plans (`partition.plan_model`,
-    CPU-like devices, the options' schedule, micro-batches, stages per rank and bounds) and sends
-    it to the others; a failure there is raised on every rank, with the same type and message.
-
-    What every rank can check alone is checked first, before the broadcast.
-    """
-    if options.microbatches is None:
-        raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
-    if built.args is None:
-        raise PlanError(
-            "without a plan the model factory must return (model, example_inputs, loss_fn) "
-            "so that the model can be traced; or pass a plan"
-        )
+    """The plan for a pipeline given none: the group's first rank makes it (`plan_for`) and
+    sends it to the others; a failure there is raised on every rank, with the same type and
+    message. What every rank can check alone is checked first, before the broadcast."""
     world = dist.get_world_size(group)
-    schedule = options.schedule or DEFAULT_SCHEDULE
-    virtual = options.virtual or 1
-    build_schedule(schedule, world, options.microbatches, virtual)  # impossible counts fail here
+    _check_plannable(built, options)
+    build_schedule(  # impossible counts fail here, on every rank
+        options.schedule or DEFAULT_SCHEDULE, world, options.microbatches or 1, options.virtual or 1
+    )
     message: list[Any] = [None]
     failure: BaseException | None = None
     if dist.get_rank(group) == 0:
         try:
-            message[0] = _plan(built, options, world)
+            message[0] = plan_for(built, options, world)
         except Exception as e:
             failure, message[0] = e, (type(e).__name__, str(e))
     source = dist.get_global_rank(group, 0) if group is not None else 0
     try:
         dist.broadcast_object_list(message, src=source, group=group)
-    except RuntimeError as e:  # gloo: the first rank ended
+    except RuntimeError as e:  # gloo: a peer ended (it says why)
         raise PeerError(
             "a peer rank ended before the ranks compared their pipeline layouts, while the "
             f"first rank shared its plan (the peer's own error says why): {e}"
@@ -150,11 +141,14 @@ def plan_once(
     raise PeerError(f"the first rank could not plan: {kind}: {text}")
 
 
-def _plan(built: BuiltModel, options: PipelineOptions, world: int) -> Plan:
+def plan_for(built: BuiltModel, options: PipelineOptions, world: int) -> Plan:
+    """The plan of a pipeline given none: `partition.plan_model` over ``world`` CPU-like
+    devices with the options' schedule, micro-batches, stages per rank and bounds."""
     from partition.devices import parse_devices
     from partition.options import PlanOptions
     from partition.planning.model import plan_model
 
+    _check_plannable(built, options)
     assert options.microbatches is not None
     plan_options = PlanOptions(
         schedule=options.schedule or DEFAULT_SCHEDULE,
@@ -169,6 +163,16 @@ def _plan(built: BuiltModel, options: PipelineOptions, world: int) -> Plan:
         devices=parse_devices("cpu", world),
         options=plan_options,
     )
+
+
+def _check_plannable(built: BuiltModel, options: PipelineOptions) -> None:
+    if options.microbatches is None:
+        raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
+    if built.args is None:
+        raise PlanError(
+            "without a plan the model factory must return (model, example_inputs, loss_fn) "
+            "so that the model can be traced; or pass a plan"
+        )
 
 
 def agree_on_layout(

@@ -9,8 +9,9 @@ Typical use, on every rank of an initialised process group (``torchrun``)::
 
 [Note: building on meta]
 The model factory runs under ``torch.device("meta")``, so the whole model costs no memory. The
-model is traced and split on meta on every rank (cheap, and identical everywhere, so every rank
-knows every stage's boundary tensors); each rank then allocates only its own stages and fills
+model is traced on meta on every rank and cut where the plan says (cheap, and identical
+everywhere, so every rank knows every stage's boundary tensors; nothing is costed or solved: see
+[Note: one plan, made once] in `pipeline.runtime.layout`); each rank then allocates only its own stages and fills
 them with the model's own values (`pipeline.runtime.weights`: the factory's model built once per
 machine, a checkpoint read per tensor, or per-module init rules for models too big for host
 memory). Stage modules share submodules with the meta model; ``to_empty`` gives every owning

@@ -151,3 +151,47 @@ def test_cut_widths_follow_live_tensors() -> None:
     # inside the block the residual is live beside the branch
     assert graph.cut_bytes[at["h_1_ln_1"] + 1] >= 2 * residual
     assert graph.cut_bytes[0] == graph.cut_bytes[-1] == 0
+
+
+class FunctionalBatchNorm(nn.Module):
+    """BatchNorm written as a function, as timm's ``BatchNormAct2d`` is traced: its running
+    statistics reach ``F.batch_norm`` as ``get_attr`` nodes; and a mask made from an integer
+    input, which nothing differentiates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("running_mean", torch.zeros(8))
+        self.register_buffer("running_var", torch.ones(8))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = F.batch_norm(self.fc(x), self.running_mean, self.running_var, training=True)
+        mask = (ids > 0).float()
+        return h * mask.unsqueeze(-1)
+
+
+def test_buffers_and_masks_are_not_differentiated() -> None:
+    """Issue 18, item 2: the cost model made every floating input require grad, so a BatchNorm
+    traced as a function crashed it (``native_batch_norm`` is not differentiable with respect to
+    ``running_mean``); a mask of integer inputs was charged a backward it never has."""
+    model = FunctionalBatchNorm()
+    costs = cost_model(trace(model, (torch.randn(4, 8), torch.randint(0, 3, (4,)))))
+    by_name = {c.name: c for c in costs}
+    (norm,) = [c for c in costs if c.name.startswith("batch_norm")]
+    assert norm.bwd_flops >= 0 and norm.fwd_flops >= 0  # costed, not refused
+    mask_nodes = [c for c in costs if c.name in ("gt", "float", "unsqueeze")]
+    assert mask_nodes and all(c.bwd_flops == 0 and c.elementwise_flops <= 4 * 8 for c in mask_nodes)
+    # the mask's product still carries a gradient to h: its backward is charged
+    assert by_name["mul"].elementwise_flops == 3 * 4 * 8
+
+
+def test_a_timm_model_with_batchnorm_traced_through_costs() -> None:
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    traced = trace(model, (torch.empty(2, 3, 64, 64, device="meta"),), method="fx")
+    costs = cost_model(traced)
+    norms = [c for c in costs if c.name.startswith("batch_norm")]
+    assert norms  # traced through, as a function, and costed with its backward
+    assert all(c.elementwise_flops == 3 * c.output_bytes // 4 for c in norms)
+    assert sum(c.bwd_flops for c in costs) > sum(c.fwd_flops for c in costs)
