@@ -23,9 +23,12 @@ from partition.schedules.names import canonical_schedule
 from partition.schema import check_plan
 from partition.wires import TensorSpec
 
-__all__ = ["SCHEMA_VERSION", "ModelInfo", "Plan", "StagePlan", "graph_hash"]
+__all__ = ["SCHEMA_VERSION", "SUMMARY_FIELDS", "ModelInfo", "Plan", "StagePlan", "graph_hash"]
 
 SCHEMA_VERSION = 1
+SUMMARY_FIELDS: tuple[str, ...] = ("bottleneck", "bottleneck_stage", "step_time", "bubble", "fits")
+"""Top-level fields of ``pipepart plan --json`` that a plan derives (`Plan.summary`): a plan
+file may carry them, and they must agree with it."""
 
 
 def graph_hash(graph: LinearGraph, nodes_meta: list[str]) -> str:
@@ -50,6 +53,9 @@ class ModelInfo:
     """The node order the plan's ranges refer to (see `partition.graph.linearize`)."""
     inputs: tuple[TensorSpec, ...]
     """One micro-batch's inputs (the runtime checks every micro-batch against these)."""
+    leaf_modules: tuple[str, ...] = ()
+    """The submodules fx kept whole (qualified names or patterns, or classes as
+    ``class:module.QualName``): every rank traces with the same ones."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +67,7 @@ class ModelInfo:
             "trace_method": self.trace_method,
             "order": self.order,
             "inputs": [t.to_dict() for t in self.inputs],
+            **({"leaf_modules": list(self.leaf_modules)} if self.leaf_modules else {}),
         }
 
     @classmethod
@@ -74,6 +81,7 @@ class ModelInfo:
             trace_method=str(data["trace_method"]),
             order=str(data["order"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            leaf_modules=tuple(str(x) for x in data.get("leaf_modules", ())),
         )
 
 
@@ -237,6 +245,17 @@ class Plan:
 
     # --- JSON ---------------------------------------------------------------------------
 
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers ``pipepart plan --json`` prints beside the plan's own fields;
+        `from_dict` reads them back, checked against the plan (see `SUMMARY_FIELDS`)."""
+        return {
+            "bottleneck": self.bottleneck,
+            "bottleneck_stage": self.bottleneck_stage,
+            "step_time": self.step_time,
+            "bubble": self.bubble,
+            "fits": self.fits(),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
@@ -284,9 +303,11 @@ class Plan:
                 + ("; the file was written by a newer pipepart" if newer else "")
                 + "); re-create the plan with `pipepart plan`"
             )
+        summary = {k: data[k] for k in SUMMARY_FIELDS if k in data}
+        data = {k: v for k, v in data.items() if k not in SUMMARY_FIELDS}
         check_plan(data, source)
         try:
-            return cls(
+            plan = cls(
                 model=ModelInfo.from_dict(data["model"]),
                 schedule=str(data["schedule"]),
                 microbatches=int(data["microbatches"]),
@@ -306,6 +327,15 @@ class Plan:
             raise PlanError(f"{source}: {e}") from e
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{source} is malformed: {type(e).__name__}: {e}") from e
+        derived = plan.summary()
+        for key, value in summary.items():
+            if value != derived[key]:
+                raise PlanError(
+                    f"{source}: its {key!r} says {value!r}, but its stages give {derived[key]!r}; "
+                    f"the file was edited: remove the summary fields ({', '.join(SUMMARY_FIELDS)}) "
+                    "or re-create it with `pipepart plan`"
+                )
+        return plan
 
     @classmethod
     def from_json(cls, text: str, source: str = "the plan") -> Plan:

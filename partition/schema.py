@@ -46,6 +46,7 @@ _MODEL = {
     "trace_method": str,
     "order": str,
     "inputs": [_TENSOR],
+    "leaf_modules": _Opt([str]),
 }
 _STAGE = {
     "index": int,

@@ -32,7 +32,7 @@ from torch import nn
 from partition.errors import PlanError
 from partition.microbatch import first_microbatch
 from partition.split import Stage
-from partition.trace.fx import TraceMethod, trace
+from partition.trace.fx import LeafSpec, TraceMethod, trace
 from partition.trace.traced import TracedModel, module_path
 
 __all__ = [
@@ -181,13 +181,14 @@ def trace_modes(
     *,
     microbatches: int = 1,
     method: TraceMethod = "auto",
+    leaf_modules: Sequence[LeafSpec] = (),
 ) -> tuple[TracedModel, OtherMode | None]:
     """The model traced in its mode (at one micro-batch), and in the other mode when it differs
     (``None`` when the two graphs are equal; see [Note: proving the modes equal]): all a rank
-    given a plan needs."""
+    given a plan needs. ``leaf_modules``: fx keeps these whole, in both modes."""
     args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
     with _training_reads(model) as reads:
-        traced = trace(model, args, kwargs, method=method)
+        traced = trace(model, args, kwargs, method=method, leaf_modules=leaf_modules)
     modules = dict(model.named_modules(remove_duplicate=False))
     if all(_run_at_run_time(traced, p) or _same_in_both(modules[p]) for p in reads):
         return traced, None
@@ -195,7 +196,8 @@ def trace_modes(
     mode = not model.training
     model.train(mode)
     try:
-        other = trace(model, args, kwargs, method=traced.method)
+        leaves = leaf_modules if traced.method == "fx" else ()
+        other = trace(model, args, kwargs, method=traced.method, leaf_modules=leaves)
     finally:
         for module, flag in flags:
             module.training = flag

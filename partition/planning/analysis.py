@@ -149,6 +149,7 @@ class Analysis:
             trace_method=self.traced.method,
             order=str(self.graph.extra.get("order", "graph")),
             inputs=self.inputs,
+            leaf_modules=self.traced.leaf_modules,
         )
 
 

@@ -24,6 +24,7 @@ backward ([Note: custom autograd Functions] in `partition.trace.functions`).
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import inspect
 import linecache
 import os
@@ -54,6 +55,7 @@ __all__ = ["TraceMethod", "TracedModel", "module_path", "propagate_shapes", "tra
 TraceMethod = Literal["auto", "fx", "export"]
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_CLASS = "class:"
 _OUR_DIR = os.path.dirname(os.path.dirname(__file__))  # the partition package: our frames
 
 
@@ -98,6 +100,7 @@ def trace(
         return _trace_export(model, args, kwargs)
     try:
         traced = _trace_fx(model, bound, leaf_modules, concrete_args, tracer_class)
+        traced.leaf_modules = leaf_names(leaf_modules)
     except TraceError as fx_error:
         if method == "fx" or fx_options:
             raise
@@ -111,6 +114,35 @@ def trace(
 
 
 # --- inputs ---------------------------------------------------------------------------------
+
+
+def leaf_names(specs: Sequence[LeafSpec]) -> tuple[str, ...]:
+    """``leaf_modules`` as text a plan can hold: names and patterns as they are, a class as
+    ``class:module.QualName`` (see `leaf_specs`)."""
+    return tuple(
+        s if isinstance(s, str) else f"{_CLASS}{s.__module__}.{s.__qualname__}" for s in specs
+    )
+
+
+def leaf_specs(names: Sequence[str]) -> list[LeafSpec]:
+    """`leaf_names` read back: a ``class:`` entry imported, the rest names and patterns."""
+    specs: list[LeafSpec] = []
+    for name in names:
+        if not name.startswith(_CLASS):
+            specs.append(name)
+            continue
+        module, _, qualname = name[len(_CLASS) :].rpartition(".")
+        try:
+            value: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                value = getattr(value, part)
+        except (ImportError, AttributeError) as e:
+            raise InputError(
+                f"the plan keeps {name[len(_CLASS) :]} modules whole, which cannot be imported "
+                f"here ({e}); install what defines it, or re-plan"
+            ) from e
+        specs.append(value)
+    return specs
 
 
 def _bind(

@@ -46,6 +46,8 @@ class TracedModel:
     """What each constant is in the model (``"default of argument 'y'"``), for messages."""
     markers: int = 0
     """How many ``pipe_split()`` markers the forward has; see `partition.trace.markers`."""
+    leaf_modules: tuple[str, ...] = ()
+    """The fx route's modules kept whole, as `partition.trace.fx.leaf_names` writes them."""
     state: MetaState | None = None
 
     @property

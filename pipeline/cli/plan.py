@@ -90,13 +90,7 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """``--json`` of ``plan`` and ``show``: the plan file's fields and the headline numbers."""
-    data = plan.to_dict()
-    data["bottleneck"] = plan.bottleneck
-    data["bottleneck_stage"] = plan.bottleneck_stage
-    data["step_time"] = plan.step_time
-    data["bubble"] = plan.bubble
-    data["fits"] = plan.fits()
-    return data
+    return {**plan.to_dict(), **plan.summary()}
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -70,14 +70,17 @@ def _marker_plan(args: argparse.Namespace, schedule: str, microbatches: int) -> 
 
 def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None]:
     """The `RunOptions` of ``pipepart run``'s flags, and the plan to run: ``--plan``'s file, the
-    one ``--cuts markers`` makes here, or none (the ranks' partitioner splits the model)."""
+    one ``--cuts markers`` makes here, or none: then the launcher plans, once, with the planning
+    flags (``--trace``, ``--leaf``...) and the run's optimizer as the memory model."""
     plan: Plan | str | None = args.plan
     schedule, microbatches = args.schedule, args.microbatches
+    planning = None
     if plan is None:  # the defaults when the partitioner plans here
         schedule, microbatches = schedule or DEFAULT_SCHEDULE, microbatches or DEFAULT_MICROBATCHES
+        planning = plan_options(args, memory=MemoryModel(optimizer=args.optimizer))
     if args.cuts == "markers":
         plan = _marker_plan(args, schedule, microbatches)
-        schedule = microbatches = None  # the plan's
+        schedule = microbatches = planning = None  # the plan's
     options = RunOptions(
         ranks=args.ranks,
         steps=args.steps,
@@ -93,6 +96,7 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
             schedule=schedule,
             microbatches=microbatches,
             virtual=args.virtual,
+            planning=planning,
             seed=args.seed,
             loss_reduction=args.loss,
             max_grad_norm=args.clip,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,15 +24,24 @@ import torch.distributed as dist
 import partition.errors as errors
 from partition.errors import PeerError, PipepartError, PlanError
 from partition.models.registry import BuiltModel
+from partition.options import PlanOptions
 from partition.plan import Plan
 from partition.schedules.actions import Schedule, build_schedule
 from partition.schedules.check import validate
-from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule
+from partition.schedules.names import canonical_schedule
 from partition.split import Stage
-from partition.trace.fx import TraceMethod
+from partition.trace.fx import TraceMethod, leaf_specs
 from pipeline.runtime.options import PipelineOptions
 
-__all__ = ["Layout", "agree_on_layout", "check_plan", "layout", "plan_for", "plan_once"]
+__all__ = [
+    "Layout",
+    "agree_on_layout",
+    "check_plan",
+    "layout",
+    "plan_for",
+    "plan_once",
+    "planning_options",
+]
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ def layout(
         s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.model.inputs
     }
     method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
-    traced, other = trace_modes(built.model, (), meta_inputs, method=method)
+    leaves = leaf_specs(plan.model.leaf_modules)
+    traced, other = trace_modes(built.model, (), meta_inputs, method=method, leaf_modules=leaves)
     return Layout(plan, modal_stages(traced, other, stages_for_plan(traced, plan)), schedule)
 
 
@@ -111,10 +121,8 @@ def plan_once(
     sends it to the others; a failure there is raised on every rank, with the same type and
     message. What every rank can check alone is checked first, before the broadcast."""
     world = dist.get_world_size(group)
-    _check_plannable(built, options)
-    build_schedule(  # impossible counts fail here, on every rank
-        options.schedule or DEFAULT_SCHEDULE, world, options.microbatches or 1, options.virtual or 1
-    )
+    planned = planning_options(built, options)
+    build_schedule(planned.schedule, world, planned.microbatches, planned.virtual)  # on every rank
     message: list[Any] = [None]
     failure: BaseException | None = None
     if dist.get_rank(group) == 0:
@@ -143,36 +151,38 @@ def plan_once(
 
 def plan_for(built: BuiltModel, options: PipelineOptions, world: int) -> Plan:
     """The plan of a pipeline given none: `partition.plan_model` over ``world`` CPU-like
-    devices with the options' schedule, micro-batches, stages per rank and bounds."""
+    devices, planned as `planning_options` says."""
     from partition.devices import parse_devices
-    from partition.options import PlanOptions
     from partition.planning.model import plan_model
 
-    _check_plannable(built, options)
-    assert options.microbatches is not None
-    plan_options = PlanOptions(
-        schedule=options.schedule or DEFAULT_SCHEDULE,
-        microbatches=options.microbatches,
-        virtual=options.virtual or 1,
-        bounds=options.bounds,
-    )
     return plan_model(
         built.model,
         built.args or (),
         built.kwargs,
         devices=parse_devices("cpu", world),
-        options=plan_options,
+        options=planning_options(built, options),
     )
 
 
-def _check_plannable(built: BuiltModel, options: PipelineOptions) -> None:
-    if options.microbatches is None:
+def planning_options(built: BuiltModel, options: PipelineOptions) -> PlanOptions:
+    """How a pipeline given no plan is planned: ``options.planning`` (default `PlanOptions()`)
+    with the options' own schedule, micro-batches, stages per rank and bounds over it; raises
+    `PlanError` when the model cannot be planned (no example inputs, no micro-batch count)."""
+    if options.microbatches is None and options.planning is None:
         raise PlanError("without a plan, give the number of micro-batches (microbatches=...)")
     if built.args is None:
         raise PlanError(
             "without a plan the model factory must return (model, example_inputs, loss_fn) "
             "so that the model can be traced; or pass a plan"
         )
+    base = options.planning or PlanOptions()
+    return replace(
+        base,
+        schedule=options.schedule or base.schedule,
+        microbatches=options.microbatches or base.microbatches,
+        virtual=options.virtual or (base.virtual if options.schedule is None else 1),
+        bounds=options.bounds if options.bounds is not None else base.bounds,
+    )
 
 
 def agree_on_layout(

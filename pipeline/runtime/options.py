@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from partition.errors import PlanError
+from partition.options import PlanOptions
 
 __all__ = ["PipelineOptions", "WeightsMode"]
 
@@ -31,6 +32,10 @@ class PipelineOptions:
     """Stages per rank (``interleaved``); default the plan's, else 1."""
     bounds: tuple[int, ...] | None = None
     """Without a plan: the split, as node indices of the linear order (default: the partitioner's)."""
+    planning: PlanOptions | None = None
+    """Without a plan: how the first rank plans (trace route, leaf modules, memory model,
+    algorithm...); the schedule, micro-batches, stages per rank and bounds above, where given,
+    override its own. See `pipeline.runtime.layout.plan_for`."""
     loss_reduction: Literal["mean", "sum"] = "mean"
     """How micro-batch losses combine; see [Note: loss scaling] in `pipeline.runtime.stage`."""
     seed: int = 0

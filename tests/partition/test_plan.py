@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from partition import analyze, plan_model, reprice
 from partition.devices import parse_devices
 from partition.errors import InputError, PlanError
 from partition.models.examples import gpt, skipnet
-from partition.plan import Plan
+from partition.plan import SUMMARY_FIELDS, Plan
 from partition.planning.analysis import stages_for_plan
 
 
@@ -118,3 +120,21 @@ def test_meta_model_plans_at_real_size() -> None:
         model, inputs, _ = gpt("1b", batch=8, seq=512)
     plan = plan_model(model, inputs, devices=parse_devices("a100-40", 4), microbatches=8)
     assert plan.fits() and plan.model.num_parameters > 1e9
+
+
+def test_the_json_plan_prints_loads_back_and_an_edited_summary_is_refused(tmp_path: Path) -> None:
+    """Issue 18, item 3: ``pipepart plan --json``'s output was refused by ``--plan`` (unknown
+    field 'bottleneck'): one JSON a user saves loads back, its summary checked against it."""
+    from pipeline.cli import main
+
+    out = tmp_path / "printed.json"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["plan", "gpt", "--size", "toy", "--devices", "2", "--json"]) == 0
+    out.write_text(printed.getvalue())
+    plan = Plan.load(out)
+    data = json.loads(printed.getvalue())
+    assert plan.to_dict() == {k: v for k, v in data.items() if k not in SUMMARY_FIELDS}
+    data["bubble"] = 0.0
+    out.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"'bubble' says 0\.0, but its stages give"):
+        Plan.load(out)

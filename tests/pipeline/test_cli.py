@@ -378,3 +378,24 @@ def test_run_flags_train_a_users_model_like_the_plain_loop(
     assert "passed" in table and "FAILED" not in table, table
     assert _differs(want, _reference(build, loss="mean", clip=0.05, lr=0.1), at=0)  # --loss
     assert _differs(want, _reference(build, loss="sum", lr=0.1), at=1)  # --clip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_leaf_modules_reach_the_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18, item 3: ``run`` dropped ``--leaf``, and a plan made with ``--leaf`` was refused
+    by ``run --plan`` as made for another model (the ranks traced without the leaf modules).
+    Now the plan records them and every rank traces with them; both runs train exactly."""
+    common = ["gpt", "--size", "toy", "--microbatches", "2", "--trace", "fx", "--leaf", "h.0"]
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", *common, "--devices", "2", "--out", str(plan_file), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["model"]["leaf_modules"] == ["h.0"]
+    assert main(["plan", *common[:-2], "--devices", "2", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert planned["model"]["num_nodes"] < whole["model"]["num_nodes"]  # h.0 is one node
+    run = ["run", "gpt", "--size", "toy", "--ranks", "2", "--steps", "1", "--check", "--json"]
+    assert main([*run, "--plan", str(plan_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["check"]["passed"]
+    assert main([*run, "--microbatches", "2", "--trace", "fx", "--leaf", "h.0"]) == 0
+    assert json.loads(capsys.readouterr().out)["check"]["passed"]

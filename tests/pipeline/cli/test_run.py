@@ -14,6 +14,7 @@ import pipeline.launch.run
 from partition.errors import PipepartError
 from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
+from partition.options import PlanOptions
 from partition.plan import Plan
 from partition.schedules.names import DEFAULT_SCHEDULE
 from pipeline.cli.command import _parser, main
@@ -29,14 +30,29 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_no_flags_run_as_run_pipeline_does_but_three_steps() -> None:
-    """One default per knob: the command's are `RunOptions`' and `PipelineOptions`' own, but
-    for 3 steps; with no plan, the default schedule and micro-batches are named."""
+    """One default per knob: the command's are `RunOptions`', `PipelineOptions`' and
+    `PlanOptions`' own, but for 3 steps; with no plan, the default schedule and micro-batches are
+    named, and the launcher plans for the run's optimizer (SGD), not the planner's default."""
     options, plan = run_options(_args("gpt"))
     assert plan is None
     assert options == RunOptions(
         steps=3,
-        pipeline=PipelineOptions(schedule=DEFAULT_SCHEDULE, microbatches=DEFAULT_MICROBATCHES),
+        pipeline=PipelineOptions(
+            schedule=DEFAULT_SCHEDULE,
+            microbatches=DEFAULT_MICROBATCHES,
+            planning=PlanOptions(memory=MemoryModel(optimizer="sgd")),
+        ),
     )
+
+
+def test_the_planning_flags_reach_the_plan_the_launcher_makes() -> None:
+    """Issue 18, item 3: ``run`` dropped ``--trace`` and ``--leaf``; a model that plans only
+    with ``--leaf`` could not run."""
+    options, _ = run_options(_args("gpt", "--trace", "fx", "--leaf", "h.*", "--optimizer", "adam"))
+    planning = options.pipeline.planning
+    assert planning is not None
+    assert planning.method == "fx" and planning.leaf_modules == ("h.*",)
+    assert planning.memory == MemoryModel(optimizer="adam")
 
 
 def test_every_flag_reaches_its_field() -> None:
@@ -69,6 +85,12 @@ def test_every_flag_reaches_its_field() -> None:
             schedule="interleaved",
             microbatches=8,
             virtual=2,
+            planning=PlanOptions(
+                schedule="interleaved",
+                microbatches=8,
+                virtual=2,
+                memory=MemoryModel(optimizer="adam"),
+            ),
             seed=9,
             loss_reduction="sum",
             max_grad_norm=1.5,
