@@ -130,7 +130,7 @@ def check_index(path: Path, manifest: dict[str, Any], parts: list[Any], index: A
         raise CheckpointError(
             f"{path}: a rank's part is malformed ({type(e).__name__}: {e})"
         ) from e
-    missing = [k for k in wanted if k not in index]
+    missing = [k for k in dict.fromkeys(wanted) if k not in index]  # a tied weight's key once
     if missing:
         raise CheckpointError(
             f"{path}: DCP's index lacks {len(missing)} tensor(s) that the manifest and the parts "

@@ -226,12 +226,12 @@ def _kill(live: dict[int, _Child], why: str, start: float) -> None:
         c.process.kill()
     for c in list(live.values()):
         c.process.join()
-        if c.outcome is None:
+        if c.outcome is None:  # a rank that reported (and was ending) was not cut short
             c.outcome = RankOutcome(
                 c.rank, False, exitcode=c.process.exitcode, elapsed=time.monotonic() - start
             )
             c.outcome.message = f"killed by the launcher ({why})"
-        c.outcome.killed = why
+            c.outcome.killed = why
         c.outcome.exitcode = c.process.exitcode
     live.clear()
 
@@ -289,17 +289,11 @@ def _rank_main(
     # them through file descriptors that die with this process).
     try:
         conn.send_bytes(pickle.dumps(outcome))
-    except Exception as e:  # an unpicklable value
-        conn.send_bytes(
-            pickle.dumps(
-                RankOutcome(
-                    rank,
-                    False,
-                    error_types=(type(e).__name__,),
-                    message=f"cannot send the result: {e}",
-                )
-            )
+    except Exception as e:  # an unpicklable value: this rank failed after all
+        outcome = RankOutcome(
+            rank, False, error_types=(type(e).__name__,), message=f"cannot send the result: {e}"
         )
+        conn.send_bytes(pickle.dumps(outcome))
     conn.close()
     if dist.is_initialized():
         # Peers may be gone: if tearing the group down blocks on them, exit anyway.
