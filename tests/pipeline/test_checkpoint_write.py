@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
@@ -37,20 +34,6 @@ from pipeline.checkpoint.write import (
     wait_pending,
     write,
 )
-
-
-@pytest.fixture(scope="module")
-def one_rank() -> Iterator[None]:
-    """A gloo process group of one rank (this process) for the module's tests; destroyed after."""
-    assert not dist.is_initialized(), "another test left a process group behind"
-    with tempfile.TemporaryDirectory(prefix="pipepart-") as tmp:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{Path(tmp) / 'rendezvous'}", rank=0, world_size=1
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 class Net(nn.Module):
