@@ -18,6 +18,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from partition.errors import TraceError
+from partition.trace.tensor_constants import constant_key
 from partition.trace.inplace import VersionWatch
 from partition.trace.meta import MetaState, fetch_args, run_node, to_meta
 
@@ -88,6 +89,7 @@ def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:
                     raise TraceError(
                         f"shape propagation failed at node {node.name!r} ({node.format_node()}) in "
                         f"module {module_path(node)!r}: {type(e).__name__}: {e}"
+                        + _default_hint(traced, node)
                     ) from e
                 watch.after(node, value)
             values[node.name] = value
@@ -95,6 +97,22 @@ def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:
             if isinstance(value, torch.Tensor):
                 node.meta["tensor_meta"] = _extract_tensor_metadata(value)
     watch.finish(traced.graph)
+
+
+def _default_hint(traced: TracedModel, node: fx.Node) -> str:
+    """Why a node that reads a tensor default argument may fail: the graph is traced at one
+    micro-batch, and a default is a constant, never split (issue 18: ``y=torch.zeros(B, D)``)."""
+    for arg in node.all_input_nodes:
+        key = constant_key(str(arg.target)) if arg.op == "get_attr" else None
+        source = traced.constant_sources.get(key or "", "")
+        value = traced.constants.get(key or "")
+        if source.startswith("default of argument") and isinstance(value, torch.Tensor):
+            return (
+                f". The node reads the {source} (shape {list(value.shape)}), a constant: it is "
+                "not split into micro-batches as inputs are, so if its first dimension is the "
+                "batch, pass it as an input (model(x, y)) and it is split like one"
+            )
+    return ""
 
 
 def module_path(node: fx.Node) -> str:

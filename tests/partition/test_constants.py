@@ -106,3 +106,23 @@ def test_a_default_holding_tensors_in_a_tuple_is_refused_clearly() -> None:
         trace(_Tupled(), (torch.randn(3, D),), method="fx")
     traced = trace(_Tupled(), (torch.randn(3, D), (torch.ones(D),)), method="fx")
     assert traced.input_names == ("x", "ys")
+
+
+class BatchDefault(nn.Module):
+    """A tensor default whose first dimension is the batch, as in PyTorch's pipelining tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor = torch.zeros(8, 16)) -> torch.Tensor:  # noqa: B008
+        return self.b(self.a(x) + y)
+
+
+def test_a_batch_sized_default_names_the_argument_and_the_way_out() -> None:
+    """Issue 18, item 8: this was a bare shape-propagation error at an ``add`` node."""
+    x = torch.randn(8, 16)
+    with pytest.raises(TraceError, match=r"reads the default of argument 'y' \(shape \[8, 16\]\)"):
+        analyze(BatchDefault(), (x,), microbatches=2, method="fx")
+    analysis = analyze(BatchDefault(), (x, torch.zeros(8, 16)), microbatches=2, method="fx")
+    assert [s.shape for s in analysis.inputs] == [(4, 16), (4, 16)]  # passed in: split like x
