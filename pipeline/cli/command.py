@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    terminated = _on_sigterm()
     try:
         return int(args.func(args))
     except (PipepartError, OSError) as e:
@@ -67,8 +70,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pipepart {args.command}: error: {_one_line(str(e))}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terminated:
+            print(f"pipepart {args.command}: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"pipepart {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _on_sigterm() -> list[int]:
+    """Make SIGTERM stop the command as Ctrl-C does (every rank it started is killed first; see
+    [Note: no orphan ranks] in `pipeline.launch.spawn`); the list it returns is non-empty once
+    SIGTERM arrived. Only the main thread can install it (else SIGTERM keeps its default)."""
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    return received
 
 
 if __name__ == "__main__":  # python -m pipeline.cli.command (python -m pipeline.cli is the same)

@@ -12,6 +12,14 @@ on the processes themselves, so a rank killed by a signal is seen at once; with
 ``timeout`` is asked for its Python stacks (SIGUSR1, faulthandler) and killed: the call never
 hangs. Ranks destroy their process group on the way out (giving up after 10 s if peers are gone).
 
+[Note: no orphan ranks]
+A rank must not outlive its run: a launcher stopped by Ctrl-C or SIGTERM (``timeout``, Slurm,
+``docker stop``) kills every rank it started before it exits (`spawn_ranks` does on any
+exception, and the ``pipepart`` command turns SIGTERM into one), and a launcher killed outright
+(SIGKILL) cannot, so each rank watches the launcher's process and ends itself within half a
+second of losing it. (Not its parent: under ``forkserver`` that is the fork server, which lives
+as long as any process holding its pipe — the ranks themselves.)
+
 [Note: local ranks stay off the network]
 The rendezvous is a file in a temporary directory only this user can read (``mkdtemp``'s 0700).
 Gloo binds each rank's connections to the address the host name resolves to, which on many
@@ -168,9 +176,15 @@ def spawn_ranks(
             )
             children.append(_Child(rank, process, parent_conn, child_conn))
         start = time.monotonic()
-        for child in children:
-            child.process.start()
-        _supervise(children, start, options.timeout, options.kill_on_failure)
+        try:
+            for child in children:
+                child.process.start()
+            _supervise(children, start, options.timeout, options.kill_on_failure)
+        except BaseException:  # Ctrl-C, SIGTERM (see pipeline.cli.command), a bug: none outlives us
+            _kill(
+                {c.rank: c for c in children if c.process.pid is not None}, "launcher ended", start
+            )
+            raise
     outcomes = [c.outcome for c in children]
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
@@ -236,6 +250,28 @@ def _kill(live: dict[int, _Child], why: str, start: float) -> None:
     live.clear()
 
 
+def _end_with_launcher(launcher: int, poll: float = 0.5) -> None:
+    """End this rank when the launcher (process ``launcher``) is gone; see [Note: no orphan
+    ranks]."""
+
+    def alive() -> bool:
+        try:
+            os.kill(launcher, 0)
+        except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's now
+            return False
+        try:  # a killed launcher nobody has reaped yet is a zombie: gone too
+            return Path(f"/proc/{launcher}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll)
+        os._exit(1)  # nobody is left to report to
+
+    threading.Thread(target=watch, name="pipepart-parent-watch", daemon=True).start()
+
+
 @dataclass(frozen=True)
 class _RankStart:
     """Who a spawned rank is and how it joins its process group."""
@@ -246,6 +282,8 @@ class _RankStart:
     """The rendezvous file."""
     backend: str
     options: SpawnOptions
+    launcher: int = dataclasses.field(default_factory=os.getpid)
+    """The process that spawned the rank (made in it, so its pid)."""
 
 
 def _rank_main(
@@ -261,6 +299,7 @@ def _rank_main(
         format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _end_with_launcher(start.launcher)
     torch.set_num_threads(1)
     outcome: RankOutcome
     try:
