@@ -18,9 +18,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from partition.errors import TraceError
-from partition.trace.tensor_constants import constant_key
 from partition.trace.inplace import VersionWatch
 from partition.trace.meta import MetaState, fetch_args, run_node, to_meta
+from partition.trace.tensor_constants import constant_key
 
 __all__ = ["TracedModel", "module_path", "propagate_shapes"]
 

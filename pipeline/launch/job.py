@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from partition.plan import Plan
+from pipeline.checkpoint.lock import FolderLock
 from pipeline.launch.options import Checkpoints
 from pipeline.runtime.optim import OptimizerFactory
 from pipeline.runtime.options import PipelineOptions
@@ -71,7 +73,16 @@ class RankResult:
 
 def run_rank(job: RankJob) -> RankResult:
     """Build this rank's part of the pipeline and train ``job.steps`` steps; a collective of the
-    default process group."""
+    default process group. Rank 0 holds the checkpoint folder when the job says the lock is its
+    (under torchrun; see [Note: one job per folder] in `pipeline.checkpoint.lock`)."""
+    with contextlib.ExitStack() as held:
+        checkpoints = job.checkpoints
+        if checkpoints is not None and checkpoints.lock_here and dist.get_rank() == 0:
+            held.enter_context(FolderLock(checkpoints.root))
+        return _train(job)
+
+
+def _train(job: RankJob) -> RankResult:
     pipe = Pipeline(
         job.factory, plan=job.plan, options=job.pipeline, optimizer_factory=job.optimizer
     )

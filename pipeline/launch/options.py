@@ -25,6 +25,9 @@ class Checkpoints:
     """Keep only the newest ``keep`` complete checkpoints."""
     resume: bool = False
     """Start from the newest complete checkpoint in ``root`` (from step 0 if none)."""
+    lock_here: bool = False
+    """Rank 0 takes the folder's lock (under torchrun; a local launcher holds it itself); see
+    [Note: one job per folder] in `pipeline.checkpoint.lock`."""
 
 
 @dataclass(frozen=True, kw_only=True)

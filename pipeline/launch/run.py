@@ -26,6 +26,7 @@ from partition.errors import InputError, StageError
 from partition.microbatch import batch_size, check_divisible
 from partition.models.registry import BuiltModel, build_meta_model, target_free, unpack_model
 from partition.plan import Plan
+from pipeline.checkpoint.lock import FolderLock
 from pipeline.launch.job import Batch, RankJob, RankResult, run_rank
 from pipeline.launch.options import RunOptions
 from pipeline.launch.reference import CheckResult, compare, run_reference
@@ -91,6 +92,8 @@ def run_pipeline(
         first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
         check_divisible(batch_size(first), m)
     with contextlib.ExitStack() as cleanup:
+        if run.checkpoint_dir is not None and not torchrun:  # see [Note: one job per folder]
+            cleanup.enter_context(FolderLock(run.checkpoint_dir))
         weights_file = None
         if eager is not None and pipe_options.weights != "init":
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pipepart-"))
@@ -144,7 +147,8 @@ def _torchrun_results(job: RankJob, run: RunOptions) -> list[RankResult] | None:
     checkpoints = job.checkpoints
     if checkpoints is not None:
         resume = run.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        job = dataclasses.replace(job, checkpoints=dataclasses.replace(checkpoints, resume=resume))
+        checkpoints = dataclasses.replace(checkpoints, resume=resume, lock_here=True)
+        job = dataclasses.replace(job, checkpoints=checkpoints)
     return run_under_torchrun(job, run.timeout, run.backend)
 
 
