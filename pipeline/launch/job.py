@@ -93,7 +93,7 @@ def _train(job: RankJob) -> RankResult:
     start = 0
     losses: list[float | None] = []
     if checkpoints is not None and checkpoints.resume:
-        start, losses = _resume(pipe, checkpoints.root)
+        start, losses = _resume(pipe, checkpoints.root, job.optimizer.lr)
     result = RankResult(
         rank=pipe.rank,
         stages=list(pipe.my_stages),
@@ -138,7 +138,25 @@ def _save(pipe: Pipeline, checkpoints: Checkpoints, losses: list[float | None]) 
     )
 
 
-def _resume(pipe: Pipeline, root: str) -> tuple[int, list[float | None]]:
+def _apply_lr(pipe: Pipeline, lr: float) -> None:
+    """The run's learning rate over the one the checkpoint restored: what the user passed now is
+    what trains (``load_state_dict`` would keep the saved one, silently), and a line says so."""
+    if pipe.optimizer is None:
+        return
+    saved = sorted({float(g["lr"]) for g in pipe.optimizer.param_groups})
+    if saved != [lr]:
+        log.warning(
+            "rank %d: resuming with the learning rate given now, %g (the checkpoint's optimizer "
+            "had %s)",
+            pipe.rank,
+            lr,
+            ", ".join(f"{x:g}" for x in saved),
+        )
+    for group in pipe.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _resume(pipe: Pipeline, root: str, lr: float) -> tuple[int, list[float | None]]:
     """The step to start from and the losses before it: 0 and none when ``root`` holds no
     complete checkpoint yet (each one skipped is logged with why)."""
     from pipeline.checkpoint.save_load import latest_complete, load_checkpoint
@@ -150,6 +168,7 @@ def _resume(pipe: Pipeline, root: str) -> tuple[int, list[float | None]]:
         log.warning("rank %d: no complete checkpoint in %s; starting at step 0", pipe.rank, root)
         return 0, []
     info = load_checkpoint(pipe, found)
+    _apply_lr(pipe, lr)
     losses = list(info.extra.get("losses", [None] * info.step))
     mine = losses if pipe.is_last else [None] * len(losses)
     log.info("rank %d: resumed from %s at step %d", pipe.rank, found, info.step)

@@ -183,3 +183,31 @@ def test_torchrun_max_restarts_resumes_bit_identical(tmp_path: Path) -> None:
         for n in ("straight", "restarted")
     ]
     _assert_same_tensors(*ends)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_new_lr_on_resume_is_the_one_that_trains(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 22, item 4: the checkpoint's learning rate used to win over ``--lr`` on resume, and
+    nothing said so. Resumed with ``--lr 1e-30`` (plain SGD), the third step changes the weights
+    by nothing visible, where the second (at 0.1) moved them."""
+    ckpt = tmp_path / "ckpt"
+    common = ["run", "gpt", "--size", "toy", "--ranks", "2", "--microbatches", "2"]
+    common += ["--optimizer", "sgd", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"]
+    assert main([*common, "--steps", "2", "--lr", "0.1", "--json"]) == 0
+    assert main([*common, "--steps", "3", "--lr", "1e-30", "--resume", "--json"]) == 0
+    err = capfd.readouterr().err
+    said = "resuming with the learning rate given now, 1e-30 (the checkpoint's optimizer had 0.1)"
+    assert said in err
+    one, two, three = (
+        load_file(str(export_checkpoint(ckpt / f"step-{k:08d}", tmp_path / f"{k}.safetensors")))
+        for k in (1, 2, 3)
+    )
+
+    def moved(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+    assert moved(one, two) > 1e-4  # at lr 0.1
+    assert moved(two, three) < 1e-20  # at the lr given on resume, not the checkpoint's 0.1
