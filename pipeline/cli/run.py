@@ -157,6 +157,10 @@ def _print_run(model: str, result: RunResult) -> None:
         )
     out = console()
     out.print(table)
+    if result.resumed_from:
+        out.print(f"resumed from step {result.resumed_from} (the newest complete checkpoint)")
+    if result.restarts:
+        out.print(f"ranks restarted {result.restarts} time(s) after a failure")
     sources = sorted({s for ranks in result.weights.values() for s in ranks})
     if sources:
         out.print(f"weights from: {', '.join(sources)} (see --weights)")

@@ -197,8 +197,9 @@ def test_a_new_lr_on_resume_is_the_one_that_trains(
     common = ["run", "gpt", "--size", "toy", "--ranks", "2", "--microbatches", "2"]
     common += ["--optimizer", "sgd", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"]
     assert main([*common, "--steps", "2", "--lr", "0.1", "--json"]) == 0
-    assert main([*common, "--steps", "3", "--lr", "1e-30", "--resume", "--json"]) == 0
-    err = capfd.readouterr().err
+    assert main([*common, "--steps", "3", "--lr", "1e-30", "--resume"]) == 0
+    out, err = capfd.readouterr()
+    assert "resumed from step 2" in out  # said outside --json too (issue 22)
     said = "resuming with the learning rate given now, 1e-30 (the checkpoint's optimizer had 0.1)"
     assert said in err
     one, two, three = (
