@@ -161,6 +161,8 @@ def _print_run(model: str, result: RunResult) -> None:
         out.print(f"resumed from step {result.resumed_from} (the newest complete checkpoint)")
     if result.restarts:
         out.print(f"ranks restarted {result.restarts} time(s) after a failure")
+    for note in result.notes:
+        out.print(note)
     sources = sorted({s for ranks in result.weights.values() for s in ranks})
     if sources:
         out.print(f"weights from: {', '.join(sources)} (see --weights)")

@@ -66,6 +66,8 @@ class RankResult:
     weights: list[str]
     """Where the rank's tensors came from: ``factory``, ``checkpoint``, ``init``."""
     resumed_from: int = 0
+    notes: list[str] = field(default_factory=list)
+    """What the user should be told (a learning rate given now over the checkpoint's)."""
     params: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     buffers: dict[str, Tensor] = field(default_factory=dict)
@@ -92,8 +94,9 @@ def _train(job: RankJob) -> RankResult:
     checkpoints = job.checkpoints
     start = 0
     losses: list[float | None] = []
+    notes: list[str] = []
     if checkpoints is not None and checkpoints.resume:
-        start, losses = _resume(pipe, checkpoints.root, job.optimizer.lr)
+        start, losses, notes = _resume(pipe, checkpoints.root, job.optimizer.lr)
     result = RankResult(
         rank=pipe.rank,
         stages=list(pipe.my_stages),
@@ -103,6 +106,7 @@ def _train(job: RankJob) -> RankResult:
         timelines=[[] for _ in range(start)],
         weights=sorted(set(pipe.weight_sources.values())),
         resumed_from=start,
+        notes=notes,
     )
     inputs, target = job.batch
     for k in range(start, job.steps):
@@ -138,27 +142,29 @@ def _save(pipe: Pipeline, checkpoints: Checkpoints, losses: list[float | None]) 
     )
 
 
-def _apply_lr(pipe: Pipeline, lr: float) -> None:
+def _apply_lr(pipe: Pipeline, lr: float) -> str | None:
     """The run's learning rate over the one the checkpoint restored: what the user passed now is
-    what trains (``load_state_dict`` would keep the saved one, silently), and a line says so."""
+    what trains (``load_state_dict`` would keep the saved one, silently); returns the line that
+    says so, if they differ."""
     if pipe.optimizer is None:
-        return
+        return None
     saved = sorted({float(g["lr"]) for g in pipe.optimizer.param_groups})
-    if saved != [lr]:
-        log.warning(
-            "rank %d: resuming with the learning rate given now, %g (the checkpoint's optimizer "
-            "had %s)",
-            pipe.rank,
-            lr,
-            ", ".join(f"{x:g}" for x in saved),
-        )
     for group in pipe.optimizer.param_groups:
         group["lr"] = lr
+    if saved == [lr]:
+        return None
+    note = (
+        f"resuming with the learning rate given now, {lr:g} (the checkpoint's optimizer had "
+        + ", ".join(f"{x:g}" for x in saved)
+        + ")"
+    )
+    log.warning("rank %d: %s", pipe.rank, note)
+    return note
 
 
-def _resume(pipe: Pipeline, root: str, lr: float) -> tuple[int, list[float | None]]:
-    """The step to start from and the losses before it: 0 and none when ``root`` holds no
-    complete checkpoint yet (each one skipped is logged with why)."""
+def _resume(pipe: Pipeline, root: str, lr: float) -> tuple[int, list[float | None], list[str]]:
+    """The step to start from, the losses before it and what the user should be told: 0 and
+    none when ``root`` holds no complete checkpoint yet (each one skipped is logged with why)."""
     from pipeline.checkpoint.save_load import latest_complete, load_checkpoint
 
     found, skipped = latest_complete(root)
@@ -166,10 +172,10 @@ def _resume(pipe: Pipeline, root: str, lr: float) -> tuple[int, list[float | Non
         log.warning("rank %d: skipping checkpoint %s: %s", pipe.rank, path, why)
     if found is None:
         log.warning("rank %d: no complete checkpoint in %s; starting at step 0", pipe.rank, root)
-        return 0, []
+        return 0, [], []
     info = load_checkpoint(pipe, found)
-    _apply_lr(pipe, lr)
+    note = _apply_lr(pipe, lr)
     losses = list(info.extra.get("losses", [None] * info.step))
     mine = losses if pipe.is_last else [None] * len(losses)
     log.info("rank %d: resumed from %s at step %d", pipe.rank, found, info.step)
-    return info.step, mine
+    return info.step, mine, [note] if note else []

@@ -40,6 +40,8 @@ class RunResult:
     """The step the run started from (a checkpoint's), 0 for a fresh run."""
     check: CheckResult | None = None
     """The comparison with the plain model, when asked for."""
+    notes: list[str] = field(default_factory=list)
+    """What the ranks said the user should know (each line once)."""
     rank_results: list[RankResult] = field(default_factory=list, repr=False)
     """Every rank's own report, in rank order."""
 
@@ -53,6 +55,7 @@ class RunResult:
             "restarts": self.restarts,
             "resumed_from": self.resumed_from,
             "timeline": [[r, a, s, e] for r, a, s, e in self.timeline],
+            "notes": list(self.notes),
         }
         if self.check is not None:
             out["check"] = self.check.to_json()
@@ -81,5 +84,6 @@ def summarize(results: Sequence[RankResult], steps: int, restarts: int = 0) -> R
         timeline=[(r, a, s - t0, e - t0) for r, a, s, e in events],
         restarts=restarts,
         resumed_from=min(r.resumed_from for r in results),
+        notes=list(dict.fromkeys(n for r in results for n in r.notes)),
         rank_results=list(results),
     )

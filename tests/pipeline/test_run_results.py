@@ -134,6 +134,7 @@ def test_to_json_has_the_run_s_keys_and_check_only_when_it_ran() -> None:
         "restarts",
         "resumed_from",
         "timeline",
+        "notes",
     ]
     assert out["steps"] == [
         {"step": 0, "time": 0.75, "loss": 2.5},
@@ -166,7 +167,15 @@ def test_a_run_result_made_directly_has_its_defaults() -> None:
         "restarts": 0,
         "resumed_from": 0,
         "timeline": [],
+        "notes": [],
     }
+
+
+def test_the_ranks_notes_are_said_once_each_in_order() -> None:
+    ranks = _two_ranks()
+    ranks[0].notes = ["resuming with the learning rate given now, 0.1 (the checkpoint's had 1)"]
+    ranks[1].notes = [*ranks[0].notes, "another"]
+    assert summarize(ranks, steps=3).notes == [*ranks[0].notes, "another"]
 
 
 def test_no_steps_give_no_rows() -> None:
