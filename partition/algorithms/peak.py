@@ -17,17 +17,22 @@ import numpy as np
 import numpy.typing as npt
 
 from partition.algorithms.objective import Bounds
-from partition.algorithms.reach import RTOL, Frame, Search, pairs, range_min
+from partition.algorithms.reach import (
+    RTOL,
+    BoolArray,
+    Frame,
+    IntArray,
+    Search,
+    pairs,
+    range_min,
+)
 
 __all__ = ["PEAK_RTOL", "TightStage", "bisect_peak"]
 
 PEAK_RTOL = 1e-9
 """Relative precision of the peak memory when it is bisected."""
 _INF = math.inf
-
-IntArray = npt.NDArray[np.int64]
 Int32Array = npt.NDArray[np.int32]
-BoolArray = npt.NDArray[np.bool_]
 
 
 @dataclass
