@@ -99,6 +99,15 @@ def nn_transformer(size: str = "tiny", batch: int = 4) -> Built:
     return model, (src, tgt), _mse, floats(batch, seq, d, salt=2)
 
 
+def nn_sequential(size: str = "tiny", batch: int = 4) -> Built:
+    """A plain `nn.Sequential` (its forward's argument is called ``input``); real: 16 layers of
+    width 4096."""
+    d, layers = (16, 4) if _tiny(size) else (4096, 16)
+    blocks = [m for _ in range(layers) for m in (nn.Linear(d, d), nn.GELU())]
+    model = nn.Sequential(*blocks, nn.LayerNorm(d))
+    return model, (floats(batch, d),), _mse, floats(batch, d, salt=1)
+
+
 # --- pipepart's bundled models (already tested elsewhere; here on the zoo's terms) ------------
 
 

@@ -2,8 +2,9 @@
 
 [Note: the zoo's comparison]
 For each model: (a) `plan_model` at ``size="real"`` on meta for 4 devices; (b) ``size="tiny"``
-trained on 2 gloo ranks by `pipeline.Pipeline` (schedule 1f1b, 2 micro-batches, 2 SGD steps at
-lr 1e-2), against the reference: the factory's own model, built in this process by
+trained by `pipeline.Pipeline` in each `Setup` (2 or 3 gloo ranks, 1f1b or gpipe; 2 micro-batches,
+2 SGD steps at lr 1e-2) on the plan pipepart makes, which must give every rank work, against the
+reference: the factory's own model, built in this process by
 ``torch.manual_seed(0); factory("tiny")`` and run the plain way over the same 2 micro-batches,
 each micro-batch's loss divided by 2 before its backward, the same SGD. Compared: each step's
 loss, every gradient of the first step, every parameter and buffer after the second. A model
@@ -44,11 +45,27 @@ from pipeline.launch.spawn import spawn_ranks
 from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 from zoo.models import ZOO
 
-__all__ = ["TOLERANCE", "Outcome", "check_plan", "check_runs", "first_line"]
+__all__ = ["SETUPS", "TOLERANCE", "Outcome", "Setup", "check_plan", "check_runs", "first_line"]
 
 log = logging.getLogger(__name__)
 
-WORLD, STEPS, MICROBATCHES, LR, SCHEDULE = 2, 2, 2, 1e-2, "1f1b"
+STEPS, MICROBATCHES, LR, SCHEDULE = 2, 2, 1e-2, "1f1b"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the tiny model runs: on how many gloo ranks, under which schedule."""
+
+    world: int = 2
+    schedule: str = SCHEDULE
+
+    def __str__(self) -> str:
+        return f"{self.world} ranks, {self.schedule}"
+
+
+SETUPS = (Setup(2, "1f1b"), Setup(3, "gpipe"), Setup(2, "gpipe"), Setup(3, "1f1b"))
+"""Every setup the survey runs; the test suite runs the first two (both rank counts, both
+schedules)."""
 TOLERANCE = 1e-5
 _FLOOR = 1e-6
 _PRELOAD = ("zoo.models", "zoo.parity", "torchvision", "timm", "diffusers", "transformers")
@@ -106,18 +123,20 @@ def check_plan(name: str) -> str:
 # --- (b) the run: on the ranks ---------------------------------------------------------------
 
 
-def _train(name: str, inputs: Any, target: Tensor) -> dict[str, Any]:
+def _train(name: str, inputs: Any, target: Tensor, setup: Setup) -> dict[str, Any]:
     entry = ZOO[name]
-    group = dist.new_group(list(range(WORLD)))  # a fresh communicator per model
+    group = dist.new_group(list(range(setup.world)))  # a fresh communicator per model
     pipe = Pipeline(
         functools.partial(entry.factory, "tiny"),
-        options=PipelineOptions(schedule=SCHEDULE, microbatches=MICROBATCHES),
+        options=PipelineOptions(schedule=setup.schedule, microbatches=MICROBATCHES),
         optimizer_factory=functools.partial(torch.optim.SGD, lr=LR),
         group=group,
     )
+    bounds = pipe.plan.bounds
+    empty = [s for s in range(pipe.plan.num_stages) if bounds[s] == bounds[s + 1]]
     if entry.check == "eval":
         pipe.train(False)
-        return {"outputs": [pipe.evaluate(inputs) for _ in range(2)]}
+        return {"outputs": [pipe.evaluate(inputs) for _ in range(2)], "empty": empty}
     losses: list[float | None] = []
     grads: dict[str, Tensor] = {}
     for k in range(STEPS):
@@ -130,6 +149,7 @@ def _train(name: str, inputs: Any, target: Tensor) -> dict[str, Any]:
                 if p.grad is not None
             }
     return {
+        "empty": empty,
         "losses": losses,
         "grads": grads,
         "params": {n: p.detach().clone() for n, p in pipe.named_parameters().items()},
@@ -137,11 +157,11 @@ def _train(name: str, inputs: Any, target: Tensor) -> dict[str, Any]:
     }
 
 
-def _train_many(names: list[str], batches: dict[str, Any], out: str) -> None:
+def _train_many(names: list[str], batches: dict[str, Any], out: str, setup: Setup) -> None:
     """On each rank: every model in turn, each result saved as ``out/NAME.RANK.pt``."""
     rank = dist.get_rank()
     for name in names:
-        result = _train(name, *batches[name])
+        result = _train(name, *batches[name], setup)
         torch.save(result, Path(out, f"{name}.{rank}.pt"))
         dist.barrier()
 
@@ -240,6 +260,9 @@ def compare(name: str, ref: dict[str, Any], ranks: list[dict[str, Any]]) -> Outc
     """How far the ranks' results are from the reference; see [Note: the zoo's comparison]."""
     out = Outcome(name)
     diffs: list[tuple[float, str]] = []
+    empty = ranks[0].get("empty", [])
+    if empty:  # every rank has work, or the run does not test a pipeline of this many stages
+        out.problems.append(f"stages {empty} of the plan are empty")
     if "output" in ref:
         got = [r["outputs"] for r in ranks if r["outputs"][0] is not None]
         if len(got) != 1:
@@ -290,8 +313,10 @@ def compare(name: str, ref: dict[str, Any], ranks: list[dict[str, Any]]) -> Outc
     return out
 
 
-def check_runs(names: list[str], timeout_per_model: float = 90.0) -> dict[str, Outcome]:
-    """Train every model in ``names`` on `WORLD` ranks and compare; see [Note: one spawn for
+def check_runs(
+    names: list[str], setup: Setup = SETUPS[0], timeout_per_model: float = 90.0
+) -> dict[str, Outcome]:
+    """Train every model in ``names`` as ``setup`` says and compare; see [Note: one spawn for
     many models]. Returns an `Outcome` per model, in ``names``' order."""
     refs: dict[str, dict[str, Any]] = {}
     batches: dict[str, Any] = {}
@@ -308,8 +333,8 @@ def check_runs(names: list[str], timeout_per_model: float = 90.0) -> dict[str, O
             start = time.monotonic()
             results = spawn_ranks(
                 _train_many,
-                WORLD,
-                (pending, {n: batches[n] for n in pending}, tmp),
+                setup.world,
+                (pending, {n: batches[n] for n in pending}, tmp, setup),
                 timeout=timeout_per_model * len(pending),
                 pg_timeout=60.0,
                 backend="gloo",
@@ -318,11 +343,14 @@ def check_runs(names: list[str], timeout_per_model: float = 90.0) -> dict[str, O
             )
             elapsed = time.monotonic() - start
             done = [
-                n for n in pending if all(Path(tmp, f"{n}.{r}.pt").exists() for r in range(WORLD))
+                n
+                for n in pending
+                if all(Path(tmp, f"{n}.{r}.pt").exists() for r in range(setup.world))
             ]
             for n in done:
                 ranks = [
-                    torch.load(Path(tmp, f"{n}.{r}.pt"), weights_only=False) for r in range(WORLD)
+                    torch.load(Path(tmp, f"{n}.{r}.pt"), weights_only=False)
+                    for r in range(setup.world)
                 ]
                 outcomes[n] = compare(n, refs[n], ranks)
                 outcomes[n].seconds = elapsed / max(len(done), 1)

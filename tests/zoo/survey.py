@@ -1,10 +1,10 @@
 """The zoo survey: every model (or those named) planned at real size and trained at tiny size.
 
-    python tests/zoo/survey.py [NAME ...] [--out FILE]
+    python tests/zoo/survey.py [NAME ...] [--setups all|tests] [--out FILE]
 
-Prints the table model x plan x run x largest relative difference (see [Note: the zoo's
-comparison] in `zoo.parity`), with the first line of each error, and writes it as Markdown to
-``--out`` (default /work/notes/zoo-survey.md when that folder exists).
+Prints the table model x plan x run (in every `Setup`: 2 and 3 ranks, 1f1b and gpipe) x largest
+relative difference (see [Note: the zoo's comparison] in `zoo.parity`), with the first line of
+each error, and writes it as Markdown to ``--out`` (default /work/notes/zoo-survey.md when that folder exists).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # as under pytest: `partition`,
 import torch  # noqa: E402
 
 from zoo.models import ZOO  # noqa: E402
-from zoo.parity import Outcome, check_plan, check_runs, first_line  # noqa: E402
+from zoo.parity import SETUPS, Outcome, Setup, check_plan, check_runs, first_line  # noqa: E402
 
 _NOTES = Path("/work/notes")
 
@@ -32,18 +32,25 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def table(plans: dict[str, str], runs: dict[str, Outcome]) -> str:
-    """The survey as a Markdown table."""
+def _run_cell(run: Outcome) -> str:
+    if run.error or run.problems:
+        return _cell(run.summary())
+    worst = "nan" if math.isnan(run.worst) else f"{run.worst:.2g}"
+    return f"{'ok' if run.ok else 'DIFFERS'} {worst}"
+
+
+def table(plans: dict[str, str], runs: dict[Setup, dict[str, Outcome]]) -> str:
+    """The survey as a Markdown table: a model per row, a column per setup (each cell: ok or
+    DIFFERS and the largest relative difference, or the error)."""
+    setups = list(runs)
+    head = " | ".join(f"run (tiny, {s})" for s in setups)
     lines = [
-        "| model | library | plan (real, 4 devices, meta) | run (tiny, 2 ranks, 1f1b) | largest rel. diff |",
-        "| --- | --- | --- | --- | --- |",
+        f"| model | library | plan (real, 4 devices, meta) | {head} |",
+        "| --- | --- | --- |" + " --- |" * len(setups),
     ]
     for name, plan in plans.items():
-        run = runs[name]
-        worst = "" if run.error else ("nan" if math.isnan(run.worst) else f"{run.worst:.2g}")
-        lines.append(
-            f"| {name} | {ZOO[name].library} | {_cell(plan)} | {_cell(run.summary())} | {worst} |"
-        )
+        cells = " | ".join(_run_cell(runs[s][name]) for s in setups)
+        lines.append(f"| {name} | {ZOO[name].library} | {_cell(plan)} | {cells} |")
     return "\n".join(lines)
 
 
@@ -54,6 +61,12 @@ def main() -> int:
         "--out", type=Path, default=_NOTES / "zoo-survey.md" if _NOTES.is_dir() else None
     )
     parser.add_argument("--no-plan", action="store_true", help="skip the real-size plans")
+    parser.add_argument(
+        "--setups",
+        choices=("all", "tests"),
+        default="all",
+        help="every setup (2 and 3 ranks x 1f1b and gpipe), or the two the test suite runs",
+    )
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in ZOO]
     if unknown:
@@ -73,10 +86,19 @@ def main() -> int:
             plans[name] = f"{type(e).__name__}: {first_line(str(e))}"
         print(f"plan {name}: {plans[name]} ({time.monotonic() - t:.1f} s)", flush=True)
     planned = time.monotonic()
-    runs = check_runs(names)
+    setups = SETUPS if args.setups == "all" else SETUPS[:2]
+    runs: dict[Setup, dict[str, Outcome]] = {}
+    for setup in setups:
+        runs[setup] = check_runs(names, setup)
+        ok = sum(o.ok for o in runs[setup].values())
+        print(f"runs ({setup}): {ok} of {len(names)} ok", flush=True)
     finished = time.monotonic()
     text = table(plans, runs)
-    passed = sum(1 for n in names if runs[n].ok and plans[n].startswith(("ok", "skipped")))
+    passed = sum(
+        1
+        for n in names
+        if all(runs[s][n].ok for s in setups) and plans[n].startswith(("ok", "skipped"))
+    )
     footer = (
         f"\n\n{passed} of {len(names)} pass. Plans {planned - start:.0f} s, runs "
         f"{finished - planned:.0f} s (torch {torch.__version__}, "

@@ -2,13 +2,14 @@
 size exactly like the model its factory builds.
 
 Per model: ``test_plan`` plans the real-size model on meta for 4 devices; ``test_run`` trains the
-tiny one on 2 gloo ranks (1f1b, 2 micro-batches, 2 SGD steps at lr 1e-2) and compares with the
-factory's own eager model (``torch.manual_seed(0); factory("tiny")``) over the same micro-batches:
+tiny one on 2 gloo ranks under 1f1b and on 3 under gpipe (2 micro-batches, 2 SGD steps at lr
+1e-2; every rank must hold work) and compares with the factory's own eager model
+(``torch.manual_seed(0); factory("tiny")``) over the same micro-batches:
 each step's loss, every gradient of the first step, every parameter and buffer after the second
 (eval-mode output for a model whose training is random). Tolerance, fp32: 1e-5 relative — a loss
 to its own magnitude, a gradient to its tensor's largest magnitude, a parameter or buffer to the
 largest of the model's; NaN, inf, a missing tensor or a shape mismatch always fails (see [Note:
-the zoo's comparison] in `zoo.parity`). The runs of all selected models share spawns of 2 ranks
+the zoo's comparison] in `zoo.parity`). The runs of all selected models share spawns
 ([Note: one spawn for many models]). A model whose library (torchvision, timm, transformers,
 diffusers: the ``zoo`` extra) is not installed is skipped.
 
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from zoo.models import ZOO
-from zoo.parity import Outcome, check_plan, check_runs
+from zoo.parity import SETUPS, Outcome, Setup, check_plan, check_runs
 
 # [Note: the zoo's expected failures]
 # Each mark names the work in progress that the model waits for (issue 9); the lead removes a
@@ -51,17 +52,23 @@ def _require(name: str) -> None:
         pytest.importorskip(library, reason=f'{library} is not installed (the "zoo" extra)')
 
 
+TESTED_SETUPS = SETUPS[:2]  # 2 ranks under 1f1b, 3 under gpipe; the survey runs all four
+
+
 @pytest.fixture(scope="module")
-def runs(request: pytest.FixtureRequest) -> dict[str, Outcome]:
-    """Every selected ``test_run`` model's outcome, from shared spawns."""
-    selected: list[str] = [
-        str(item.callspec.params["name"])
-        for item in request.session.items
-        if isinstance(item, pytest.Function)
-        and item.originalname == "test_run"
-        and item.module is request.module
-    ]
-    return check_runs([n for n in dict.fromkeys(selected) if _available(n)])
+def runs(request: pytest.FixtureRequest) -> dict[Setup, dict[str, Outcome]]:
+    """Every selected ``test_run`` model's outcome per setup, from shared spawns."""
+    selected: dict[Setup, list[str]] = {s: [] for s in TESTED_SETUPS}
+    for item in request.session.items:
+        if (
+            isinstance(item, pytest.Function)
+            and item.originalname == "test_run"
+            and item.module is request.module
+        ):
+            name = str(item.callspec.params["name"])
+            if _available(name):
+                selected[item.callspec.params["setup"]].append(name)
+    return {s: check_runs(list(dict.fromkeys(names)), s) for s, names in selected.items()}
 
 
 @pytest.mark.slow
@@ -74,12 +81,13 @@ def test_plan(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the first one runs the whole zoo (the `runs` fixture)
+@pytest.mark.timeout(1800)  # the first one runs the whole zoo (the `runs` fixture)
+@pytest.mark.parametrize("setup", TESTED_SETUPS, ids=lambda s: f"{s.world}-{s.schedule}")
 @pytest.mark.parametrize("name", _params(XFAIL_RUN))
-def test_run(name: str, runs: dict[str, Outcome]) -> None:
+def test_run(name: str, setup: Setup, runs: dict[Setup, dict[str, Outcome]]) -> None:
     _require(name)
-    outcome = runs[name]
-    assert outcome.ok, f"{name}: {outcome.summary()}; all problems: {outcome.problems}"
+    outcome = runs[setup][name]
+    assert outcome.ok, f"{name} ({setup}): {outcome.summary()}; all problems: {outcome.problems}"
 
 
 @pytest.mark.parametrize("name", list(ZOO))
