@@ -6,13 +6,15 @@ A spec's sizes, rates and times are read in human units by `partition.units`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from partition.errors import PlanError
 from partition.units import parse_flops, parse_rate, parse_seconds, parse_size
 
-__all__ = ["PRESETS", "Device", "parse_devices"]
+__all__ = ["PRESETS", "SPEC_FORMAT", "Device", "parse_devices", "read_spec_file"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,13 @@ class Device:
     """Bytes per second from this device to the next one."""
     latency: float = 10e-6
     """Seconds of fixed cost per message to the next device."""
+    dispatch_forward: float = 0.0
+    """Seconds of fixed cost per traced node in a forward, whatever its size (Python dispatch,
+    kernel launch); 0 for the presets, which are not measured (``pipepart calibrate`` measures)."""
+    dispatch_backward: float = 0.0
+    """The same per node in a backward."""
+    action_overhead: float = 0.0
+    """Seconds of fixed cost per forward-and-backward action of a stage, beyond its nodes'."""
 
     def __post_init__(self) -> None:
         if self.memory <= 0:
@@ -39,22 +48,30 @@ class Device:
             raise PlanError(
                 f"device {self.name!r}: bandwidth must be positive, got {self.bandwidth}"
             )
-        if self.latency < 0:
-            raise PlanError(f"device {self.name!r}: latency must be >= 0, got {self.latency}")
+        for name in ("latency", *_FIXED):
+            if getattr(self, name) < 0:
+                raise PlanError(
+                    f"device {self.name!r}: {name} must be >= 0, got {getattr(self, name)}"
+                )
 
     @classmethod
     def parse(cls, spec: str) -> Device:
-        """A preset name (``"h100"``), optionally overridden, or explicit fields.
+        """A preset name (``"h100"``) or a calibrated spec file (``"@calib.json"``), optionally
+        overridden, or explicit fields.
 
-        ``"h100"``, ``"a100-40,mem=30GiB"``, ``"mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu"``.
+        ``"h100"``, ``"a100-40,mem=30GiB"``, ``"@calib.json,mem=8GiB"``,
+        ``"mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu"``.
         """
         fields = [f.strip() for f in spec.split(",") if f.strip()]
         if not fields:
             raise PlanError(
-                "empty device spec: give a preset (h100, a100-80, cpu, ...) or mem=...,tflops=..."
+                "empty device spec: give a preset (h100, a100-80, cpu, ...), a file written by "
+                "pipepart calibrate (@calib.json) or mem=...,tflops=..."
             )
         base: Device | None = None
-        if "=" not in fields[0]:
+        if fields[0].startswith("@"):
+            base = read_spec_file(fields.pop(0)[1:])
+        elif "=" not in fields[0]:
             key = fields.pop(0).lower()
             if key not in PRESETS:
                 raise PlanError(
@@ -81,7 +98,8 @@ class Device:
                 values["name"] = value.strip()
             else:
                 raise PlanError(
-                    f"unknown device spec key {key!r} in {spec!r}; keys: mem, tflops, flops, bw, lat, name"
+                    f"unknown device spec key {key!r} in {spec!r}; keys: mem, tflops, flops, bw, "
+                    "lat, name"
                 )
         if base is not None:
             return replace(base, **values)  # type: ignore[arg-type]
@@ -94,12 +112,15 @@ class Device:
         return cls(**values)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
+        """Its fields; a fixed cost only when measured (not 0), so preset plans read as before."""
+        fixed = {name: getattr(self, name) for name in _FIXED if getattr(self, name)}
         return {
             "name": self.name,
             "memory": self.memory,
             "flops": self.flops,
             "bandwidth": self.bandwidth,
             "latency": self.latency,
+            **fixed,
         }
 
     @classmethod
@@ -110,7 +131,36 @@ class Device:
             flops=float(data["flops"]),  # type: ignore[arg-type]
             bandwidth=float(data["bandwidth"]),  # type: ignore[arg-type]
             latency=float(data["latency"]),  # type: ignore[arg-type]
+            **{name: float(data.get(name, 0.0)) for name in _FIXED},  # type: ignore[arg-type]
         )
+
+
+_FIXED = ("dispatch_forward", "dispatch_backward", "action_overhead")
+SPEC_FORMAT = "pipepart-device-spec"
+
+
+def read_spec_file(path: str) -> Device:
+    """The device a ``pipepart calibrate`` file describes (its ``device`` object).
+
+    Raises:
+        PlanError: when the file is missing, not JSON, or not a device spec.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(
+            f"cannot read the device spec file {path!r}: {e}; write one with "
+            f"`pipepart calibrate --out {path}`"
+        ) from e
+    if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
+        raise PlanError(
+            f"{path!r} is not a device spec file (no \"format\": \"{SPEC_FORMAT}\"); write one "
+            f"with `pipepart calibrate --out {path}`"
+        )
+    try:
+        return Device.from_dict(data["device"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"device spec file {path!r}: its device is incomplete ({e!r})") from e
 
 
 # Published figures: memory as marketed (GB = 10^9 bytes), dense BF16 tensor-core peak, and

@@ -36,7 +36,16 @@ class _Map:
 
 _NUMBER = (int, float)
 _TENSOR = {"name": str, "shape": [int], "dtype": str}
-_DEVICE = {"name": str, "memory": int, "flops": _NUMBER, "bandwidth": _NUMBER, "latency": _NUMBER}
+_DEVICE = {
+    "name": str,
+    "memory": int,
+    "flops": _NUMBER,
+    "bandwidth": _NUMBER,
+    "latency": _NUMBER,
+    "dispatch_forward": _Opt(_NUMBER),
+    "dispatch_backward": _Opt(_NUMBER),
+    "action_overhead": _Opt(_NUMBER),
+}
 _MODEL = {
     "class_name": str,
     "graph_hash": str,
@@ -47,6 +56,7 @@ _MODEL = {
     "order": str,
     "inputs": [_TENSOR],
     "leaf_modules": _Opt([str]),
+    "modes": _Opt([str]),
 }
 _STAGE = {
     "index": int,

@@ -4,8 +4,9 @@ Every sub-command prints a table for people and, with ``--json``, one JSON objec
 scripts. Errors are one line on stderr and exit code 2; ``--debug``, before or after the
 sub-command, prints the traceback above that line (see [Note: --debug anywhere] in `flags`).
 Each sub-command lives in the module that names it — `pipeline.cli.plan` (``plan``, ``show``,
-``simulate``), `pipeline.cli.run`, `pipeline.cli.bench` — with the flags it reads; the flags they
-share, and the options those make, are `pipeline.cli.flags`'s.
+``simulate``), `pipeline.cli.run`, `pipeline.cli.export`, `pipeline.cli.bench`,
+`pipeline.cli.calibrate` — with the flags it reads; the flags they share, and the options those
+make, are `pipeline.cli.flags`'s.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import traceback
 from collections.abc import Sequence
 
 import pipeline.cli.bench as bench_command
+import pipeline.cli.calibrate as calibrate_command
 import pipeline.cli.export as export_command
 import pipeline.cli.plan as plan_command
 import pipeline.cli.run as run_command
@@ -35,20 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_debug_argument(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (plan_command, run_command, export_command, bench_command):
+    for command in (plan_command, run_command, export_command, bench_command, calibrate_command):
         command.register(sub)
     return parser
 
 
 def _one_line(message: str) -> str:
-    """The line of an error that says what went wrong (a multi-rank report names the failed rank)."""
+    """An error as one line: the failed rank's line of a multi-rank report, else every line of
+    the message joined (its later lines are often the ways out: "fx hit...", "Ways out: ...")."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return "failed"
     for line in lines:
         if line.startswith("rank ") and "killed by the launcher" not in line:
             return line
-    return lines[0]
+    if any(line.startswith("rank ") for line in lines):
+        return next(line for line in lines if line.startswith("rank "))
+    return " ".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
