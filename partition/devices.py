@@ -154,7 +154,7 @@ def read_spec_file(path: str) -> Device:
         ) from e
     if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
         raise PlanError(
-            f"{path!r} is not a device spec file (no \"format\": \"{SPEC_FORMAT}\"); write one "
+            f'{path!r} is not a device spec file (no "format": "{SPEC_FORMAT}"); write one '
             f"with `pipepart calibrate --out {path}`"
         )
     try:
