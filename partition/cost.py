@@ -9,8 +9,10 @@ Every compute node of a `TracedModel` is run once more on meta tensors (see `par
   and attention. So that normalisation, activations, softmax and embedding lookups still weigh on
   a stage's time, each such node is charged ``elementwise_flops`` = one FLOP per output element
   forward and two backward. They are kept apart from ``fwd_flops`` / ``bwd_flops``.
-* **Parameter bytes** — the parameters and buffers a node reads, charged to the first node that
-  reads them in graph order (each tensor once; a tied weight once).
+* **Parameter and buffer bytes** — the parameters and buffers a node reads, charged to the first
+  node that reads them (each tensor once; a tied weight once). Parameters (what
+  ``model.parameters()`` counts) and buffers (and tensor constants: ``buffer_bytes``) are kept
+  apart: only parameters have gradients and optimizer state ([Note: stage memory]).
 * **Saved bytes** — what autograd keeps for the backward, caught with
   ``torch.autograd.graph.saved_tensors_hooks``. Parameters are excluded (counted as weights); a
   tensor produced by one node and saved by several (a residual input) is counted once, at the
@@ -60,6 +62,9 @@ class NodeCost:
     """FLOP-equivalents charged to ops the FLOP counter does not count (forward + backward)."""
     param_bytes: int = 0
     param_numel: int = 0
+    """Bytes and elements of the parameters this node owns (not buffers)."""
+    buffer_bytes: int = 0
+    """Bytes of the buffers and tensor constants this node owns (no gradient, no optimizer)."""
     params: tuple[str, ...] = ()
     """Qualified names of the parameters and buffers this node owns."""
     saved_bytes: int = 0
@@ -101,6 +106,7 @@ class CostGraph:
 
     @property
     def param_numel(self) -> int:
+        """The model's parameter count, ``sum(p.numel() for p in model.parameters())``."""
         return sum(c.param_numel for c in self)
 
     def to_networkx(self) -> nx.DiGraph:
@@ -137,8 +143,11 @@ def cost_model(traced: TracedModel) -> CostGraph:
         new_params = [q for q in params if id(state.tensor(q)) not in owned]
         for q in new_params:
             owned.add(id(state.tensor(q)))
-        param_numel = sum(state.tensor(q).numel() for q in new_params)
-        param_bytes = sum(tensor_bytes(state.tensor(q)) for q in new_params)
+        held = [state.tensor(q) for q in new_params]
+        weights = [t for t in held if isinstance(t, torch.nn.Parameter)]
+        param_numel = sum(t.numel() for t in weights)
+        param_bytes = tensor_bytes(weights)
+        buffer_bytes = tensor_bytes(held) - param_bytes  # buffers and tensor constants
         output_bytes = tensor_bytes(values[node.name])
         base = dict(
             name=node.name,
@@ -146,6 +155,7 @@ def cost_model(traced: TracedModel) -> CostGraph:
             module_path=module_path(node),
             param_bytes=param_bytes,
             param_numel=param_numel,
+            buffer_bytes=buffer_bytes,
             params=tuple(new_params),
             output_bytes=output_bytes,
         )

@@ -9,6 +9,7 @@ __all__ = [
     "FactoryError",
     "InfeasibleError",
     "InputError",
+    "NonFiniteError",
     "PeerError",
     "PipepartError",
     "PlanError",
@@ -25,6 +26,11 @@ class PipepartError(Exception):
 
 class TraceError(PipepartError, RuntimeError):
     """The model could not be traced; the message names the module, the line and the way out."""
+
+    hit: str = ""
+    """What one trace route ran into, without the ways out (for a message naming both routes)."""
+    ways_out: str = ""
+    """The ways out that route itself offers ("" when it has none)."""
 
 
 class PlanError(PipepartError, ValueError):
@@ -45,6 +51,11 @@ class FactoryError(PipepartError, RuntimeError):
 
 class StageError(PipepartError, RuntimeError):
     """A failure inside a pipeline rank, re-raised with `[rank · stage · step · action]` context."""
+
+
+class NonFiniteError(StageError, FloatingPointError):
+    """A step's loss or gradients are not finite (``on_nonfinite="stop"``); names the step, and
+    where it can, the stage and the first tensor."""
 
 
 class InputError(PipepartError, TypeError):

@@ -51,12 +51,17 @@ class LinearGraph:
     param_element_size: float = 4.0
     """Bytes per parameter element (for the optimizer-state model)."""
     extra: dict[str, object] = field(default_factory=dict)
+    buffer_bytes: FloatArray = field(default_factory=lambda: np.zeros(0))
+    """Bytes of the buffers each node owns: memory without gradients or optimizer state
+    (empty: none anywhere)."""
 
     def __post_init__(self) -> None:
         n = len(self.names)
         if n == 0:
             raise PlanError("the graph has no nodes to partition")
-        for name in ("compute", "forward", "param_bytes", "saved_bytes"):
+        if self.buffer_bytes.size == 0:
+            object.__setattr__(self, "buffer_bytes", np.zeros(n))
+        for name in ("compute", "forward", "param_bytes", "saved_bytes", "buffer_bytes"):
             array = getattr(self, name)
             if array.shape != (n,):
                 raise PlanError(f"{name} has shape {array.shape}, expected ({n},)")
@@ -98,6 +103,7 @@ class LinearGraph:
         *,
         forward: npt.ArrayLike | None = None,
         names: tuple[str, ...] | None = None,
+        buffer_bytes: npt.ArrayLike = (),
     ) -> LinearGraph:
         """A graph from plain arrays (tests, benchmarks, synthetic models).
 
@@ -118,6 +124,7 @@ class LinearGraph:
             param_bytes=np.asarray(param_bytes, dtype=np.float64),
             saved_bytes=np.asarray(saved_bytes, dtype=np.float64),
             cut_bytes=cuts,
+            buffer_bytes=np.asarray(buffer_bytes, dtype=np.float64),
         )
 
 
@@ -170,6 +177,7 @@ def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
         cut_bytes=best_cuts,
         param_element_size=total_param_bytes / numel if numel else 4.0,
         extra={"order": best_name},
+        buffer_bytes=np.array([c.buffer_bytes for c in node_costs], dtype=np.float64),
     )
 
 

@@ -3,9 +3,11 @@
 [Note: stage memory]
 For a stage holding nodes ``i .. j-1`` of the linear order, on stage index ``s`` of ``k``::
 
-    memory(s) = kappa * W + inflight(s) * A + (c_in + c_out)
+    memory(s) = kappa * W + V + inflight(s) * A + (c_in + c_out)
 
     W        bytes of the parameters the stage owns (each parameter once; a tied weight once)
+    V        bytes of the buffers it owns (BatchNorm's running statistics, masks, tables): held
+             once, with no gradient and no optimizer state, so outside ``kappa``
     kappa    bytes held per byte of parameter, ``MemoryModel.bytes_per_param_byte``:
                  1                 the weights
                + 1                 their gradients

@@ -18,11 +18,14 @@ from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule
 from partition.trace.fx import TraceMethod
 
-__all__ = ["CUTS", "Cuts", "PlanOptions", "with_knobs"]
+__all__ = ["CUTS", "MODES", "Cuts", "Modes", "PlanOptions", "with_knobs"]
 
 Cuts = Literal["partitioner", "markers"]
 """Who places the cuts: the partitioner, or the model's ``pipe_split()`` markers."""
 CUTS: tuple[str, ...] = get_args(Cuts)
+Modes = Literal["both", "train", "eval"]
+"""Which of the model's modes to trace and plan; see `PlanOptions.modes`."""
+MODES: tuple[str, ...] = get_args(Modes)
 _METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 
@@ -61,6 +64,11 @@ class PlanOptions:
     profile: bool = False
     """Measure node times on this machine (CUDA if available, else CPU), taking the first device
     as the kind this machine is, instead of pricing FLOPs."""
+    modes: Modes = "both"
+    """``both``: when the forward reads ``self.training``, trace train and eval mode and place
+    cuts valid in both (see `partition.modes.cuts`), so that the pipeline can switch modes;
+    ``train`` or ``eval`` (the mode the model is in): trace that mode only, and the pipeline
+    refuses the other (for a model whose other mode cannot be traced, or is never used)."""
 
     def __post_init__(self) -> None:
         from partition.solve import ALGORITHMS
@@ -87,6 +95,7 @@ class PlanOptions:
             ("cuts", self.cuts, CUTS),
             ("method", self.method, _METHODS),
             ("order", self.order, ORDERS),
+            ("modes", self.modes, MODES),
         ):
             if value not in allowed:
                 raise PlanError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")

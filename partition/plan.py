@@ -56,6 +56,10 @@ class ModelInfo:
     leaf_modules: tuple[str, ...] = ()
     """The submodules fx kept whole (qualified names or patterns, or classes as
     ``class:module.QualName``): every rank traces with the same ones."""
+    modes: tuple[str, ...] = ()
+    """The modes traced and planned, the model's own first: ``("train", "eval")`` (its forward
+    reads ``self.training``: cuts valid in both), ``("eval",)`` (that mode only, as asked: the
+    pipeline refuses the other), or ``()`` (one graph serves both modes)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +72,7 @@ class ModelInfo:
             "order": self.order,
             "inputs": [t.to_dict() for t in self.inputs],
             **({"leaf_modules": list(self.leaf_modules)} if self.leaf_modules else {}),
+            **({"modes": list(self.modes)} if self.modes else {}),
         }
 
     @classmethod
@@ -82,6 +87,7 @@ class ModelInfo:
             order=str(data["order"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             leaf_modules=tuple(str(x) for x in data.get("leaf_modules", ())),
+            modes=tuple(str(x) for x in data.get("modes", ())),
         )
 
 

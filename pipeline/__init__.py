@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from partition import plan_analysis, plan_model
-    from partition.errors import BatchError, BoundaryError, PeerError, StageError
+    from partition.errors import BatchError, BoundaryError, NonFiniteError, PeerError, StageError
     from partition.options import PlanOptions
     from partition.planning.predict import reprice, simulate_plan
     from partition.schedules.actions import Action, Kind, Schedule, build_schedule
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 _WHERE: dict[str, tuple[str, str]] = {
     "BatchError": ("partition.errors", "BatchError"),
     "BoundaryError": ("partition.errors", "BoundaryError"),
+    "NonFiniteError": ("partition.errors", "NonFiniteError"),
     "PeerError": ("partition.errors", "PeerError"),
     "StageError": ("partition.errors", "StageError"),
     "plot_gantt": ("partition.schedules.gantt", "plot_gantt"),
@@ -57,6 +58,7 @@ __all__ = [
     "BatchError",
     "BoundaryError",
     "Kind",
+    "NonFiniteError",
     "PeerError",
     "Pipeline",
     "PipelineOptions",

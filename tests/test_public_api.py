@@ -83,6 +83,7 @@ def test_every_error_is_a_pipepart_error_and_a_standard_type() -> None:
         "FactoryError": RuntimeError,
         "InfeasibleError": ValueError,
         "InputError": TypeError,
+        "NonFiniteError": FloatingPointError,
         "PeerError": ConnectionError,
         "PlanError": ValueError,
         "StageError": RuntimeError,
@@ -94,7 +95,7 @@ def test_every_error_is_a_pipepart_error_and_a_standard_type() -> None:
         error = getattr(errors, name)
         assert issubclass(error, errors.PipepartError) and issubclass(error, kind), name
         assert getattr(partition, name) is error, name
-    for name in ("BatchError", "BoundaryError", "PeerError", "StageError"):
+    for name in ("BatchError", "BoundaryError", "NonFiniteError", "PeerError", "StageError"):
         assert getattr(pipeline, name) is getattr(errors, name), name
     from pipeline.runtime.comm import BoundaryError, PeerError
     from pipeline.runtime.pipeline import BatchError

@@ -3,11 +3,12 @@
 [Note: objective]
 A *split* of ``n`` nodes into ``k`` stages is a tuple of bounds ``0 = b_0 < b_1 < ... < b_k = n``;
 stage ``s`` holds nodes ``[b_s, b_{s+1})`` and runs on ``stage_device(s)``. With prefix sums ``P``
-of ``compute``, ``W`` of ``param_bytes``, ``A`` of ``saved_bytes`` and ``c = cut_bytes``::
+of ``compute``, ``W`` of ``param_bytes``, ``V`` of ``buffer_bytes``, ``A`` of ``saved_bytes``
+and ``c = cut_bytes``::
 
     T_s(i, j) = (P_j - P_i) / flops_s  +  comm(c_i, device of stage s-1)  +  comm(c_j, device of s)
     comm(c, d) = 0 if c == 0 else 2 * (d.latency + c / d.bandwidth)
-    M_s(i, j) = kappa * (W_j - W_i)  +  inflight_s * (A_j - A_i)  +  c_i + c_j      <=  cap_s
+    M_s(i, j) = kappa (W_j - W_i) + (V_j - V_i) + inflight_s (A_j - A_i) + c_i + c_j  <=  cap_s
 
 Times are seconds per micro-batch; the activation crosses a link forward and its gradient comes
 back over the same link, hence the 2. The first stage has no link in and the last none out (cut 0
@@ -21,13 +22,23 @@ The objective, in this order (lexicographic):
 
 1. the bottleneck ``B = max_s T_s`` over splits whose every stage fits its cap, smallest first;
    splits within ``1e-12`` relative of the least, ``B*``, are *ties* (float noise);
-2. then the total time ``S = sum_s T_s``, least first;
-3. then the communication ``sum of c_{b_s}`` over the interior cuts ``0 < s < k``, least first;
-4. then the peak memory ``max_s M_s / cap_s``, least first.
+2. then the fewest *idle* stages: ``[i, j)`` is idle when its compute is at most
+   ``tau = IDLE_SHARE * P_n / k`` (1 % of an even share), tested as ``P_i >= P_j - tau``;
+3. then the total time ``S = sum_s T_s``, least first;
+4. then the communication ``sum of c_{b_s}`` over the interior cuts ``0 < s < k``, least first;
+5. then the peak memory ``max_s M_s / cap_s``, least first.
 
-Why (2): a 1F1B or GPipe step with ``m`` micro-batches takes about ``(m - 1) B + S`` (the steady
+Why (2): (3) alone prefers the narrowest cuts, and when the bottleneck leaves the other stages
+slack (one node sets it, or links dominate a small model) the narrowest are often those between
+the inputs and their shape queries — stages with nothing to do. On GPT-2 small over 8 A100s,
+where the LM head sets ``B``, 4 of the 8 stages held an input, a ``size`` or an ``arange``
+(issue 18). Such a split is optimal for the model and useless to a user; with (2) the spare
+devices take work, at no cost to ``B``. Whether any split can use them is the plan's to say
+(`partition.idle`).
+
+Why (3): a 1F1B or GPipe step with ``m`` micro-batches takes about ``(m - 1) B + S`` (the steady
 state, then the fill and drain), so among splits of one bottleneck the one with less work on the
-slow devices and fewer slow links is faster. Without (2) a baseline could tie the bottleneck and
+slow devices and fewer slow links is faster. Without (3) a baseline could tie the bottleneck and
 still beat "optimal" on the predicted step (the LM head of a GPT, alone on the last stage, set
 the bottleneck of every split over H100s and A100s; the least-communication tie left the work on
 the A100s). It stays a tie-break, not a trade: a split with a larger bottleneck can still have a
@@ -52,7 +63,7 @@ only in where zero-compute nodes between equal cuts go or, on identical devices,
 goes (the ``R`` terms telescope); never when their ``S`` differ by more than ``4 k u`` (each
 split's units are within ``2 k u`` of its ``S``; ``4 k u`` is about ``1.5e-11`` of the largest
 stage time on 64 stages). So the S-ties are a relative epsilon of that size, but as an
-equivalence, which makes (2)-(4) a total preorder and exact.
+equivalence, which makes (2)-(5) a total preorder and exact.
 
 ``perfect_balance = sum(compute) / sum over stages of flops_s`` is a lower bound of (1).
 
@@ -107,18 +118,20 @@ class Evaluation:
     bottleneck: float
     """The objective: the largest ``T_s``."""
     total_time: float
-    """``S``, the sum of the ``T_s`` (the first tie-break; compared in `Costs.split_units`)."""
+    """``S``, the sum of the ``T_s`` (the second tie-break; compared in `Costs.split_units`)."""
     fits: bool
     """Whether every device's stages together fit its memory (what a run needs)."""
     within_shares: bool
     """Whether every stage fits its cap, what the partitioner enforces; implies `fits`, and is the
     same test unless interleaved (see [Note: objective])."""
     comm_bytes: float
-    """Bytes per micro-batch crossing the interior cuts (the second tie-break)."""
+    """Bytes per micro-batch crossing the interior cuts (the third tie-break)."""
     peak_memory: float
-    """The largest ``M_s / cap_s`` (the third tie-break); above 1 when a stage exceeds its cap."""
+    """The largest ``M_s / cap_s`` (the fourth tie-break); above 1 when a stage exceeds its cap."""
     perfect_balance: float
     """The lower bound ``sum(compute) / sum(flops over stages)``."""
+    idle_stages: int = 0
+    """Stages doing at most `IDLE_SHARE` of an even share of the compute (the first tie-break)."""
 
     @property
     def balance_ratio(self) -> float:
@@ -128,10 +141,17 @@ class Evaluation:
         return self.bottleneck / self.perfect_balance
 
     @property
-    def key(self) -> tuple[float, float, float, float]:
-        """The objective as a tuple, smaller is better: (bottleneck, total_time, comm_bytes,
-        peak_memory). Compared plainly it has no tie tolerances; see [Note: objective]."""
-        return (self.bottleneck, self.total_time, self.comm_bytes, self.peak_memory)
+    def key(self) -> tuple[float, int, float, float, float]:
+        """The objective as a tuple, smaller is better: (bottleneck, idle_stages, total_time,
+        comm_bytes, peak_memory). Compared plainly it has no tie tolerances; see
+        [Note: objective]."""
+        return (
+            self.bottleneck,
+            self.idle_stages,
+            self.total_time,
+            self.comm_bytes,
+            self.peak_memory,
+        )
 
 
 def check_bounds(problem: Problem, bounds: Sequence[int]) -> Bounds:
@@ -166,12 +186,12 @@ def evaluate(problem: Problem, bounds: Sequence[int]) -> Evaluation:
         comm.append(float(costs.comm_time(s, i, j)))
         params, acts, buffers = costs.memory_parts(s, i, j)
         memory.append(float((params + acts) + buffers))
-        w = float(costs.W[j] - costs.W[i])
+        w, v = float(costs.W[j] - costs.W[i]), float(costs.V[j] - costs.V[i])
         parts.append(
             {
-                "weights": w,
-                "gradients": grads * w,
-                "optimizer": float(params) - (1.0 + grads) * w,
+                "weights": w + v,  # parameters and buffers
+                "gradients": grads * w,  # parameters only, as the optimizer state
+                "optimizer": float(params) - (1.0 + grads) * w - v,
                 "activations": float(acts),
                 "buffers": float(buffers),
             }
@@ -201,4 +221,5 @@ def evaluate(problem: Problem, bounds: Sequence[int]) -> Evaluation:
         comm_bytes=float(sum(costs.c[x] for x in b[1:-1])),
         peak_memory=max(m / cap for m, cap in zip(memory, caps, strict=True)),
         perfect_balance=float(costs.P[-1]) / total_flops,
+        idle_stages=costs.split_idle(b),
     )

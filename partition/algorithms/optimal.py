@@ -5,7 +5,7 @@ The objective is in [Note: objective] (`partition.algorithms.objective`). Write,
 and a bottleneck ``B``, ``pw_i = P_i / f_s`` and::
 
     key_i  = pw_i - comm_in(c_i)          t_j = pw_j + comm_out(c_j) - B
-    mkey_i = Q_i - c_i                    u_j = Q_j + c_j - cap_s       (Q = kappa W + inflight_s A)
+    mkey_i = Q_i - c_i                    u_j = Q_j + c_j - cap_s   (Q = kappa W + V + inflight_s A)
 
 so that a stage ``[i, j)`` is *valid* iff ``i < j``, ``key_i >= t_j`` (time) and
 ``mkey_i >= u_j`` (memory). A bottleneck is feasible iff cut ``n`` is reachable after ``k``
@@ -210,7 +210,7 @@ def min_devices(problem: Problem) -> int | None:
     g = problem.graph
     floor = problem.microbatches if problem.schedule == "gpipe" else 1
     biggest = max(d.memory for d in problem.devices) / v
-    if np.any(problem.kappa * g.param_bytes + floor * g.saved_bytes > biggest):
+    if np.any(problem.kappa * g.param_bytes + g.buffer_bytes + floor * g.saved_bytes > biggest):
         return None  # some node fits no device even alone
     limit = n // v
     m = 1
@@ -249,7 +249,7 @@ def _relaxation_fits(problem: Problem, count: int) -> bool:
     caps = np.array([devices[s % count].memory / v for s in range(k)], dtype=np.float64)
     inflight = np.array(problem.inflight_for(count), dtype=np.float64)
     c = problem.costs
-    params, acts = problem.kappa * float(c.W[-1]), float(c.A[-1])
+    params, acts = float(c.H[-1]), float(c.A[-1])
     if params > caps.sum():
         return False
     order = np.argsort(-inflight, kind="stable")
@@ -266,7 +266,7 @@ def _fits_with(problem: Problem, count: int) -> bool:
 def _too_large(problem: Problem) -> tuple[int, int] | None:
     """A node (and the stage it fits best) that fits no stage even alone, without buffers."""
     c, g = problem.costs, problem.graph
-    w = problem.kappa * g.param_bytes
+    w = problem.kappa * g.param_bytes + g.buffer_bytes
     excess = np.full(len(g), _INF)
     where = np.zeros(len(g), dtype=np.int64)
     for s in range(problem.num_stages):
@@ -300,7 +300,7 @@ def _infeasible_message(problem: Problem) -> str:
     v = problem.virtual
     if big is not None:
         node, s = big
-        params = problem.kappa * float(g.param_bytes[node])
+        params = problem.kappa * float(g.param_bytes[node]) + float(g.buffer_bytes[node])
         acts = float(c.inflight[s] * g.saved_bytes[node])
         path = g.module_paths[node] or "(no module)"
         holds = f"the largest stage holds {format_size(float(c.cap.max()))}"
@@ -320,7 +320,7 @@ def _infeasible_message(problem: Problem) -> str:
     spec = problem.devices[-1]
     kind = spec.name.rsplit(":", 1)[0] if _homogeneous(problem.devices) else spec.name  # h100:3
     m = min_devices(problem)
-    total = float(problem.kappa * c.W[-1] + c.A[-1])
+    total = float(c.H[-1] + c.A[-1])
     head = (
         f"no split of the {len(g)} nodes fits {len(problem.devices)} device(s) {where}: the model "
         f"needs at least {format_size(total)} (weights, optimizer state and one micro-batch of "

@@ -42,11 +42,15 @@ class TightStage:
     a: int
     """The first cut of the stage's window of starts."""
     rank: Int32Array
-    """Rank of each start's label (total time, communication) among the stage's; -1: none."""
+    """Rank of each start's label (idle, total time, communication) among the stage's; -1: none."""
     ends: IntArray
     """The cuts the stage may end at."""
     best: Int32Array
-    """The rank of the best start of each end; -1 where none."""
+    """The rank of the tight starts of each end that make a working stage; -1 where none."""
+    best_idle: Int32Array
+    """The rank of the tight starts of each end that make an idle stage; -1 where none."""
+    idle_from: IntArray
+    """Per end, the first start (a cut) that makes the stage idle (`Costs.idle_from`)."""
 
 
 def bisect_peak(search: Search, stages: list[TightStage], split: Bounds, B: float) -> Bounds:
@@ -117,6 +121,8 @@ def _reach_tight(
                 rank=rank,
                 j=j,
                 best=st.best[e0:e1],
+                best_idle=st.best_idle[e0:e1],
+                z=st.idle_from[e0:e1] - a,
                 mu=mu,
             )
             got, ev = step.hits()
@@ -149,29 +155,46 @@ class _Step:
     j: IntArray
     """The ends the window admits."""
     best: Int32Array
-    """Per end: the rank of its best start; -1 where none."""
+    """Per end: the rank of its tight starts of a working stage; -1 where none."""
+    best_idle: Int32Array
+    """Per end: the rank of its tight starts of an idle stage; -1 where none."""
+    z: IntArray
+    """Per end: its first idle start (position from ``a``): tight starts before it have rank
+    ``best``, from it ``best_idle``."""
     mu: float
+
+    def wanted(self, q: IntArray, i: IntArray) -> Int32Array:
+        """The rank a start ``i`` needs to be tight for end ``q`` (pairs of arrays)."""
+        return np.where(i < self.z[q], self.best[q], self.best_idle[q])
 
     def hits(self) -> tuple[BoolArray, float]:
         """Which ends ``j`` a usable start of their best rank reaches within ``mu`` times the
         cap, and the event of those missed (see `_event`)."""
-        fr, usable, rank, best = self.fr, self.usable, self.rank, self.best
+        fr, usable, rank, z = self.fr, self.usable, self.rank, self.z
+        best, idle = self.best, self.best_idle
         size = rank.size
         end = np.minimum(self.j - 1 - self.a, size - 1)
+        work = np.minimum(end, z - 1)  # the last start of a working stage
         pos = np.arange(size)
         r = np.maximum.accumulate(np.where(usable, pos, -1))[end]
         tlo, tsure = fr.pw.searchsorted(fr.t - fr.tm), fr.pw.searchsorted(fr.t + fr.sure_t)
         lo = np.maximum(tlo, fr.qw.searchsorted(fr.u - fr.mm))
         sure = np.maximum(tsure, fr.qw.searchsorted(fr.u + fr.sure_u))
-        hit = np.zeros(self.j.size, dtype=np.bool_)
-        for want in np.unique(best[best >= 0]):
-            last = np.maximum.accumulate(np.where(usable & (rank == want), pos, -1))[end]
-            hit |= (best == want) & (last >= sure)
+        wants = np.unique(np.concatenate([best[best >= 0], idle[idle >= 0]]))
+        if wants.size > 2:  # one sort for all ranks, rather than a scan per rank
+            last = _LastOfRank(usable, rank)
+            hit = (last(best, work) >= sure) | (last(idle, end) >= np.maximum(sure, z))
+        else:
+            hit = np.zeros(self.j.size, dtype=np.bool_)
+        for want in wants if wants.size <= 2 else ():
+            scan = np.maximum.accumulate(np.where(usable & (rank == want), pos, -1))
+            hit |= (best == want) & (np.where(work >= 0, scan[np.maximum(work, 0)], -1) >= sure)
+            hit |= (idle == want) & (scan[end] >= np.maximum(sure, z))
         q, i, _ = pairs(lo, np.minimum(sure - 1, r))
-        ok = usable[i] & (rank[i] == best[q])
+        ok = usable[i] & (rank[i] == self.wanted(q, i))
         ok &= (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
         hit[q[ok]] = True
-        missed = np.flatnonzero(~hit & (best >= 0))
+        missed = np.flatnonzero(~hit & ((best >= 0) | (idle >= 0)))
         if missed.size == 0:
             return hit, _INF
         return hit, self._event(missed, (tlo[missed], tsure[missed], end[missed], r[missed]))
@@ -187,23 +210,48 @@ class _Step:
         fr, usable, rank = self.fr, self.usable, self.rank
         cap = self.search.cap[self.s]
         tlo, tsure, end, r = cut
-        want = self.best[missed]
+        z = self.z[missed]
         event = _INF
         # Starts that may be fast enough, tested one by one.
         q, i, _ = pairs(tlo, np.minimum(tsure - 1, r))
-        ok = usable[i] & (rank[i] == want[q]) & (fr.key[i] >= fr.t[missed[q]])
+        ok = usable[i] & (rank[i] == self.wanted(missed[q], i)) & (fr.key[i] >= fr.t[missed[q]])
         if ok.any():
             memory = self.search.costs.memory(self.s, self.a + i[ok], self.j[missed[q[ok]]])
             event = float((memory / cap).min())
-        # Starts surely fast enough: the lightest (largest mkey) of the end's rank, a range maximum.
-        ranged = tsure <= end
-        for w in np.unique(want[ranged]):
-            sel = np.flatnonzero(ranged & (want == w))
-            vals = np.where(usable & (rank == w), -fr.mkey, _INF)
-            heaviest = range_min(vals, tsure[sel], end[sel])  # -(largest mkey), inf if none
-            u = fr.u[missed[sel]] + cap * self.mu  # a stage's bytes are u + cap mu - mkey
-            event = min(event, float(((u + heaviest) / cap).min()))
+        # Starts surely fast enough: the lightest (largest mkey) of the end's rank, a range
+        # maximum over the working starts and over the idle ones, each with its own rank.
+        sides = (
+            (self.best[missed], tsure, np.minimum(end, z - 1)),
+            (self.best_idle[missed], np.maximum(tsure, z), end),
+        )
+        for want, first, last in sides:
+            ranged = (first <= last) & (want >= 0)
+            for w in np.unique(want[ranged]):
+                sel = np.flatnonzero(ranged & (want == w))
+                vals = np.where(usable & (rank == w), -fr.mkey, _INF)
+                heaviest = range_min(vals, first[sel], last[sel])  # -(largest mkey), inf if none
+                u = fr.u[missed[sel]] + cap * self.mu  # a stage's bytes are u + cap mu - mkey
+                event = min(event, float(((u + heaviest) / cap).min()))
         return event
+
+
+class _LastOfRank:
+    """The last usable start of a given rank at or before a given position, for many queries:
+    one sort of the usable starts by (rank, position), then a binary search per query."""
+
+    def __init__(self, usable: BoolArray, rank: Int32Array) -> None:
+        self.size = np.int64(rank.size)
+        pos = np.flatnonzero(usable)
+        self.keys = np.sort(rank[pos].astype(np.int64) * self.size + pos)
+
+    def __call__(self, want: Int32Array, upto: IntArray) -> IntArray:
+        """Per query, the last usable start of rank ``want`` at or before ``upto`` (-1: none)."""
+        if self.keys.size == 0:
+            return np.full(want.size, -1, dtype=np.int64)
+        at = self.keys.searchsorted(want.astype(np.int64) * self.size + upto, "right") - 1
+        key = self.keys[np.maximum(at, 0)]
+        found = (at >= 0) & (want >= 0) & (upto >= 0) & (key // self.size == want)
+        return np.where(found, key % self.size, -1)
 
 
 def _walk_tight(
@@ -217,7 +265,9 @@ def _walk_tight(
     for s in range(search.k - 1, -1, -1):
         st, mask = stages[s], masks[s]
         a, m = st.a, j - st.a
-        want = st.best[int(st.ends.searchsorted(j))]
+        e = int(st.ends.searchsorted(j))
+        pos = np.arange(min(m, st.rank.size))
+        want = np.where(pos < st.idle_from[e] - a, st.best[e], st.best_idle[e])
         fr = search.frame(s, a, a + mask.size - 1, np.array([j], dtype=np.int64), bs, mu)
         ok = mask[:m] & (st.rank[:m] == want) & (fr.key[:m] >= fr.t[0]) & (fr.mkey[:m] >= fr.u[0])
         cand = np.flatnonzero(ok)

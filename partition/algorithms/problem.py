@@ -24,10 +24,13 @@ from partition.memory import MemoryModel
 from partition.schedules.inflight import schedule_inflight
 from partition.schedules.names import canonical_schedule
 
-__all__ = ["DEFAULT_MEMORY", "Costs", "Problem"]
+__all__ = ["DEFAULT_MEMORY", "IDLE_SHARE", "Costs", "Problem"]
 
 DEFAULT_MEMORY = MemoryModel()
 """What training keeps per parameter byte unless told otherwise: Adam, no master copy."""
+IDLE_SHARE = 0.01
+"""A stage whose compute is at most this fraction of an even share (``P_n / k``) is *idle*: it
+leaves its device all but unused; see [Note: objective] in `partition.algorithms.objective`."""
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Index = IntArray | np.int64 | int
@@ -134,8 +137,15 @@ class Costs:
         zero = np.zeros(1)
         self.P: FloatArray = np.concatenate([zero, np.cumsum(g.compute, dtype=np.float64)])
         self.W: FloatArray = np.concatenate([zero, np.cumsum(g.param_bytes, dtype=np.float64)])
+        self.V: FloatArray = np.concatenate([zero, np.cumsum(g.buffer_bytes, dtype=np.float64)])
+        self.H: FloatArray = self.kappa * self.W + self.V
+        """Prefix sums of what the weights hold: ``kappa`` per parameter byte, buffers once."""
         self.A: FloatArray = np.concatenate([zero, np.cumsum(g.saved_bytes, dtype=np.float64)])
         self.c: FloatArray = np.asarray(g.cut_bytes, dtype=np.float64)
+        self.idle_from: IntArray = self.P.searchsorted(
+            self.P - IDLE_SHARE * float(self.P[-1]) / self.k, "left"
+        )
+        """Per cut ``j``, the first start ``i`` that makes ``[i, j)`` idle: ``P_i >= P_j - tau``."""
         devices = [problem.stage_device(s) for s in range(self.k)]
         self.flops: FloatArray = np.array([d.flops for d in devices], dtype=np.float64)
         self.latency: FloatArray = np.array([d.latency for d in devices], dtype=np.float64)
@@ -207,11 +217,16 @@ class Costs:
             total += (r[j] - r[i]) + (self.link_units(s - 1)[i] + self.link_units(s)[j])
         return total
 
+    def split_idle(self, bounds: Sequence[int]) -> int:
+        """How many stages of a split are idle (see `IDLE_SHARE`)."""
+        b = np.asarray(bounds, dtype=np.int64)
+        return int((b[:-1] >= self.idle_from[b[1:]]).sum())
+
     def q(self, inflight: float) -> FloatArray:
-        """Prefix sums of ``kappa * param_bytes + inflight * saved_bytes`` (cached)."""
+        """Prefix sums of ``kappa * param_bytes + buffer_bytes + inflight * saved_bytes``."""
         q = self._q.get(inflight)
         if q is None:
-            q = self.kappa * self.W + inflight * self.A
+            q = self.H + inflight * self.A
             self._q[inflight] = q
         return q
 
@@ -228,8 +243,8 @@ class Costs:
     def memory_parts(
         self, stage: int, i: Index, j: Index
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
-        """``M_s(i, j)`` as (parameter state, activations, receive buffers)."""
-        params = self.kappa * (self.W[j] - self.W[i])
+        """``M_s(i, j)`` as (weights and their state, activations, receive buffers)."""
+        params = self.H[j] - self.H[i]
         acts = self.inflight[stage] * (self.A[j] - self.A[i])
         return params, acts, self.c[i] + self.c[j]
 

@@ -288,7 +288,7 @@ class Search:
         b = np.asarray(bounds, dtype=np.int64)
         c = self.costs
         i, j = b[:-1], b[1:]
-        params = c.kappa * (c.W[j] - c.W[i])
+        params = c.H[j] - c.H[i]
         acts = c.inflight * (c.A[j] - c.A[i])
         return ((params + acts) + (c.c[i] + c.c[j])) / c.cap
 
@@ -296,7 +296,7 @@ class Search:
         b = np.asarray(bounds, dtype=np.int64)
         c = self.costs
         i, j = b[:-1], b[1:]
-        params = c.kappa * (c.W[j] - c.W[i])
+        params = c.H[j] - c.H[i]
         acts = c.inflight * (c.A[j] - c.A[i])
         return bool(np.all((params + acts) + (c.c[i] + c.c[j]) <= c.cap))
 

@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from partition.errors import InputError, PipepartError, factory_error
-from partition.models import examples
+from partition.models import examples, meta_build
 
 __all__ = [
     "BUNDLED",
@@ -71,14 +72,17 @@ def unpack_model(built: Any) -> BuiltModel:
     return normalise("the model factory", built)
 
 
-def build_meta_model(model_fn: Callable[[], Any]) -> BuiltModel:
+def build_meta_model(model_fn: Callable[[], Any], *, cpu_fallback: bool = True) -> BuiltModel:
     """Call ``model_fn`` under ``torch.device("meta")``; so building the model costs no memory.
+
+    A model that cannot be built on meta is built on the CPU and moved to meta, unless
+    ``cpu_fallback`` is False (see [Note: building on meta] in `partition.models.meta_build`).
 
     Raises:
         FactoryError: the factory raised (also an instance of what it raised, which is the cause).
         InputError: it returned something that is not a model.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), meta_build.cpu_fallback(cpu_fallback):
         built = call_factory(
             model_fn,
             factory_name(model_fn),
@@ -90,12 +94,15 @@ def build_meta_model(model_fn: Callable[[], Any]) -> BuiltModel:
 def call_factory(model_fn: Callable[..., Any], name: str, how: str, **kwargs: Any) -> Any:
     """``model_fn(**kwargs)``; what it raises (unless a pipepart error, which says enough) comes
     back as a `FactoryError` naming the factory and ``how`` it was called, also an instance of
-    the type it raised, with the original as its cause."""
+    the type it raised, with the original as its cause. Under meta, a model that cannot be built
+    there is built on the CPU (see [Note: building on meta] in `partition.models.meta_build`)."""
     try:
         return model_fn(**kwargs)
     except PipepartError:
         raise
     except Exception as e:
+        if meta_build.meta_failure(e):  # see [Note: building on meta]
+            return meta_build.on_meta_or_cpu(model_fn, name, e, kwargs)
         message = f"the model factory {name} raised {type(e).__name__}: {e} ({how})"
         raise factory_error(e, message) from e
 
@@ -224,10 +231,24 @@ def default_loss(output: Any) -> torch.Tensor:
         own = output.get("loss")
     if isinstance(own, torch.Tensor):
         return own
+    if isinstance(output, (tuple, list)) and _is_scalar(output[0] if output else None):
+        warnings.warn(
+            f"the model returns a {type(output).__name__} whose first element is a scalar (a "
+            "loss?), and no loss function was given: pipepart trains on the default loss, the "
+            "mean square of every floating-point output, that scalar included, not on the "
+            "scalar itself. To train on it, return (model, inputs, lambda out: out[0]) from the "
+            "factory, or pass Pipeline(loss_fn=lambda out, target: out[0])",
+            UserWarning,
+            stacklevel=2,
+        )
     leaves = [t for t in _leaves(output) if t.is_floating_point()]
     if not leaves:
         raise InputError("the model's output has no floating-point tensor to take a loss of")
     return sum((t.float().pow(2).mean() for t in leaves), torch.zeros((), device=leaves[0].device))
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:

@@ -8,7 +8,10 @@ modules as leaf nodes, which follow the module's mode at run time). So:
 
 * `trace_modes` traces the model in the mode it is in while recording which modules' forward
   code read ``training`` (see [Note: proving the modes equal]); only if some did is the model
-  traced again in the other mode, and that graph kept only if it differs;
+  traced again in the other mode, and that graph kept only if it differs (``modes="train"`` or
+  ``"eval"``, the mode the model is in, skips that second trace: the other mode cannot run);
+* `partition.modes.cuts` says which cuts of the traced graph carry over, so that the planner
+  only picks those;
 * `partition.modes.split.modal_stages` splits the other mode's graph with the cuts of the first:
   every boundary carries the same tensors, in the same order, in both modes, or the build fails
   naming the stage;
@@ -29,16 +32,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from partition.errors import PlanError
+from partition.errors import PipepartError, PlanError, TraceError
 from partition.microbatch import first_microbatch
+from partition.options import Modes, PlanOptions, with_knobs
 from partition.split import Stage
-from partition.trace.fx import LeafSpec, TraceMethod, trace
+from partition.trace.fx import trace
 from partition.trace.traced import TracedModel, module_path
 
 __all__ = [
     "ModalStage",
     "OtherMode",
     "bind_other_mode",
+    "mode_name",
     "node_key",
     "stage_module",
     "trace_modes",
@@ -56,21 +61,41 @@ class ModalStage(Stage):
     traced_mode: bool = True
     """The mode ``module`` was traced in (the model's mode as its factory returned it)."""
     other: fx.GraphModule | None = None
-    """The same stage traced in the other mode: the same inputs and outputs, in the same order."""
+    """The same stage traced in the other mode: the same inputs and outputs, in the same order;
+    ``None`` when that mode was not traced (``modes="train"`` or ``"eval"``): it cannot run."""
+    untraced: str = ""
+    """Without ``other``: why the other mode cannot run, and how to make it run."""
 
 
 @dataclass(frozen=True, eq=False)
 class OtherMode:
-    """The model traced in the mode its analysis was not."""
+    """The model in the mode its analysis was not: its graph, or why there is none."""
 
-    traced: TracedModel
+    traced: TracedModel | None
+    """The graph in ``mode``; ``None`` when ``modes`` asked for the traced mode only."""
     mode: bool
-    """``True``: ``traced`` is the training graph; ``False``: the eval graph."""
+    """``True``: the training mode; ``False``: eval."""
+    readers: tuple[str, ...] = ()
+    """The modules whose forward reads ``self.training`` (``""``: the root)."""
+
+    @property
+    def name(self) -> str:
+        return mode_name(self.mode)
+
+
+def mode_name(mode: bool) -> str:
+    return "train" if mode else "eval"
 
 
 def stage_module(stage: Stage, mode: bool) -> fx.GraphModule:
-    """The graph module that runs ``stage`` in training (``True``) or eval (``False``) mode."""
-    if isinstance(stage, ModalStage) and stage.other is not None and mode != stage.traced_mode:
+    """The graph module that runs ``stage`` in training (``True``) or eval (``False``) mode.
+
+    Raises:
+        PlanError: ``mode`` was not traced (``modes="train"`` or ``"eval"``) and differs.
+    """
+    if isinstance(stage, ModalStage) and mode != stage.traced_mode:
+        if stage.other is None:
+            raise PlanError(stage.untraced)
         return stage.other
     return stage.module
 
@@ -179,29 +204,84 @@ def trace_modes(
     example_inputs: Sequence[Any],
     example_kwargs: Mapping[str, Any] | None = None,
     *,
-    microbatches: int = 1,
-    method: TraceMethod = "auto",
-    leaf_modules: Sequence[LeafSpec] = (),
+    options: PlanOptions | None = None,
+    **knobs: Any,
 ) -> tuple[TracedModel, OtherMode | None]:
     """The model traced in its mode (at one micro-batch), and in the other mode when it differs
     (``None`` when the two graphs are equal; see [Note: proving the modes equal]): all a rank
-    given a plan needs. ``leaf_modules``: fx keeps these whole, in both modes."""
-    args, kwargs = first_microbatch(example_inputs, example_kwargs, microbatches)
+    given a plan needs.
+
+    ``options`` (or ``knobs``, its fields one by one): the tracing fields of `PlanOptions`
+    (``microbatches``, ``method``, ``leaf_modules``, ``concrete_args``, ``tracer_class``) and
+    ``modes``: ``"both"``, or the model's own mode alone (then an `OtherMode` without a graph
+    when the forward reads ``self.training``: that mode cannot run).
+
+    Raises:
+        PlanError: ``modes`` names the mode the model is not in.
+        TraceError: a trace failed; for the other mode, the message says that pipepart traced it
+            and how to trace one mode.
+    """
+    options = with_knobs(options or PlanOptions(microbatches=1), knobs)
+    _check_modes(options.modes, model.training)
+    args, kwargs = first_microbatch(example_inputs, example_kwargs, options.microbatches)
+    fx_options: dict[str, Any] = {
+        "leaf_modules": options.leaf_modules,
+        "concrete_args": options.concrete_args,
+        "tracer_class": options.tracer_class,
+    }
     with _training_reads(model) as reads:
-        traced = trace(model, args, kwargs, method=method, leaf_modules=leaf_modules)
+        traced = trace(model, args, kwargs, method=options.method, **fx_options)
     modules = dict(model.named_modules(remove_duplicate=False))
-    if all(_run_at_run_time(traced, p) or _same_in_both(modules[p]) for p in reads):
+    readers = tuple(
+        sorted(
+            p for p in reads if not _run_at_run_time(traced, p) and not _same_in_both(modules[p])
+        )
+    )
+    if not readers:
         return traced, None
-    flags = [(m, m.training) for m in model.modules()]
     mode = not model.training
+    if options.modes != "both":
+        return traced, OtherMode(None, mode, readers)
+    flags = [(m, m.training) for m in model.modules()]
     model.train(mode)
     try:
-        leaves = leaf_modules if traced.method == "fx" else ()
-        other = trace(model, args, kwargs, method=traced.method, leaf_modules=leaves)
+        if traced.method != "fx":
+            fx_options = {}
+        other = trace(model, args, kwargs, method=traced.method, **fx_options)
+    except Exception as e:
+        raise _other_failed(e, mode, readers) from e
     finally:
         for module, flag in flags:
             module.training = flag
-    return traced, None if _same_graph(traced, other) else OtherMode(other, mode)
+    return traced, None if _same_graph(traced, other) else OtherMode(other, mode, readers)
+
+
+def _check_modes(modes: Modes, training: bool) -> None:
+    if modes not in ("both", mode_name(training)):
+        raise PlanError(
+            f"modes={modes!r} traces {modes} mode only, but the model is in "
+            f"{mode_name(training)} mode; call model.{'train()' if modes == 'train' else 'eval()'} "
+            f"first (in the factory), or trace {mode_name(training)!r} or 'both'"
+        )
+
+
+def _other_failed(error: Exception, mode: bool, readers: Sequence[str]) -> Exception:
+    """``error``, raised tracing the model in the other ``mode``, said as that."""
+    traced = mode_name(not mode)
+    shown = ", ".join(repr(r or "(the model)") for r in readers[:3])
+    more = f" and {len(readers) - 3} more" if len(readers) > 3 else ""
+    message = (
+        f"pipepart also traced the model in {mode_name(mode)} mode, because its forward reads "
+        f"self.training ({shown}{more}), so that the pipeline can switch modes, and that trace "
+        f"failed. To trace only {traced} mode, the mode the model is in, plan with "
+        f"modes={traced!r} (--modes {traced}): the pipeline then refuses train({mode}). "
+        f"The {mode_name(mode)}-mode trace said: {error}"
+    )
+    kind = type(error) if isinstance(error, PipepartError) else TraceError
+    try:
+        return kind(message)
+    except TypeError:
+        return TraceError(message)
 
 
 def node_key(node: fx.Node, traced: TracedModel) -> tuple[str, ...]:

@@ -9,20 +9,22 @@ in the same order, whichever mode runs, and `Pipeline.train` can switch graphs.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.modes.modal import ModalStage, OtherMode, node_key
+from partition.modes.modal import ModalStage, OtherMode, mode_name, node_key
 from partition.split import Stage, split
+from partition.trace.tensor_constants import constant_key
 from partition.trace.traced import TracedModel, module_path
-from partition.wires import Wire, leaf, tensor_paths, wire_name
+from partition.wires import Wire, leaf, live_tensors, wire_name
 
-__all__ = ["modal_stages"]
+__all__ = ["align", "assign", "is_local", "match_wires", "modal_stages"]
 
 
 def modal_stages(
@@ -46,14 +48,26 @@ def modal_stages(
     """
     if other_mode is None:
         return list(stages)
-    other = other_mode.traced
     mode = not other_mode.mode
-    what = "train" if other_mode.mode else "eval"
-    partner = _align(traced, other)
+    names = [f.name for f in fields(Stage)]
+    if other_mode.traced is None:
+        why = _untraced(other_mode)
+        return [
+            ModalStage(**{k: getattr(s, k) for k in names}, traced_mode=mode, untraced=why)
+            for s in stages
+        ]
+    other = other_mode.traced
+    what = other_mode.name
+    partner = align(traced, other)
     stage_of = {name: s for s, stage in enumerate(stages) for name in stage.nodes}
     by_name = {node.name: node for node in traced.graph.nodes}
     stage_a = {by_name[name]: s for name, s in stage_of.items()}
-    stage_b = _assign(other, partner, stage_a, len(stages), what)
+    stage_b, conflicts = assign(other, partner, stage_a, len(stages))
+    for node, s, t in conflicts[:1]:
+        raise PlanError(
+            f"stage {s}: in {what} mode its node {node.name!r} reads a tensor made in stage "
+            f"{t}; choose other bounds around module {module_path(node) or node.name!r}"
+        )
     nodes_b = [n for n in other.graph.nodes if n.op != "output"]
     program = {n: i for i, n in enumerate(nodes_b)}
     order_b = sorted(nodes_b, key=lambda n: (stage_b[n], program[n]))
@@ -75,16 +89,18 @@ def modal_stages(
     except PlanError as e:
         raise PlanError(f"the split does not carry over to {what} mode: {e}") from e
     order_a = [by_name[name] for stage in stages for name in stage.nodes]
-    live_a = _live(traced, order_a, stage_a, len(stages))
-    live_b = _live(other, order_b, stage_b, len(stages))
+    live_a = live_tensors(traced, order_a, _bounds(stages))  # what `split` sends, by its rule
+    live_b = live_tensors(other, order_b, bounds)
     for s, (stage, stage_other) in enumerate(zip(stages, split_b, strict=True)):
         for live, made in ((live_a[s], stage), (live_b[s], stage_other)):
             if [wire_name(w) for w in live] != [spec.name for spec in made.inputs]:
-                raise PlanError(  # partition.split and _live disagree: a bug, not the model's
+                raise PlanError(  # the stages were not split from these graphs by `split`
                     f"stage {s}: internal error pairing the modes' boundaries; please report"
                 )
         if s > 0:
-            perm = _pair(live_a[s], live_b[s], partner, stage_a, s, what)
+            perm = _pair(
+                live_a[s], live_b[s], partner, lambda n, s=s: stage_a.get(n, s) < s, s, what
+            )
             _reorder_inputs(stage_other.module, perm)
             _reorder_outputs(split_b[s - 1].module, perm)
     last, last_other = stages[-1].outputs, split_b[-1].outputs
@@ -97,18 +113,73 @@ def modal_stages(
         raise PlanError(f"the model returns a different structure in {what} mode")
     for stage_other in split_b:
         stage_other.module.recompile()
-    names = [f.name for f in fields(Stage)]
+    held = {name for stage in stages for name in _tensor_names(stage.module)}
+    carried = []
+    for stage, b in zip(stages, split_b, strict=True):
+        extra = [n for n in _tensor_names(b.module) if n not in held]
+        for name in extra:  # read in the other mode only: this stage holds it for that mode
+            _hold(stage.module, traced.model, name)
+        fields_of = {k: getattr(stage, k) for k in names}
+        fields_of["params"] = (*stage.params, *extra)
+        carried.append(ModalStage(**fields_of, traced_mode=mode, other=b.module))
+    return carried
+
+
+def _untraced(other_mode: OtherMode) -> str:
+    """Why a pipeline that traced one mode cannot run ``other_mode``."""
+    traced, other = mode_name(not other_mode.mode), other_mode.name
+    shown = ", ".join(repr(r or "(the model)") for r in other_mode.readers[:3])
+    return (
+        f"the pipeline traced {traced} mode only (modes={traced!r}), and the model's forward "
+        f"reads self.training ({shown}), so its {other} graph is unknown and it cannot run in "
+        f"{other} mode (train({other_mode.mode})); plan with modes='both' (--modes both) to "
+        "switch modes"
+    )
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """The parameters and buffers ``module`` holds, by qualified name (constants left out)."""
     return [
-        ModalStage(**{k: getattr(stage, k) for k in names}, traced_mode=mode, other=b.module)
-        for stage, b in zip(stages, split_b, strict=True)
+        name
+        for name, _ in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+        if constant_key(name) is None
     ]
+
+
+def _hold(module: nn.Module, model: nn.Module, name: str) -> None:
+    """Make ``module`` (a stage) hold ``model``'s tensor ``name`` under that name, unused by
+    its graph: its other-mode graph reads it (`partition.modes.modal.bind_other_mode`)."""
+    path, _, leaf_name = name.rpartition(".")
+    source = model.get_submodule(path)
+    owner = module
+    for part in path.split(".") if path else ():
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if hasattr(owner, leaf_name):
+        return
+    if leaf_name in source._parameters:
+        owner.register_parameter(leaf_name, source._parameters[leaf_name])
+    else:
+        persistent = leaf_name not in source._non_persistent_buffers_set
+        owner.register_buffer(leaf_name, source._buffers[leaf_name], persistent=persistent)
+
+
+def _bounds(stages: Sequence[Stage]) -> list[int]:
+    bounds = [0]
+    for stage in stages:
+        bounds.append(bounds[-1] + len(stage.nodes))
+    return bounds
 
 
 def _names(specs: Sequence[Any]) -> str:
     return "[" + ", ".join(s.describe() for s in specs) + "]"
 
 
-def _align(a: TracedModel, b: TracedModel) -> dict[fx.Node, fx.Node]:
+def align(a: TracedModel, b: TracedModel) -> dict[fx.Node, fx.Node]:
     """Node of ``a`` → its partner in ``b``; see [Note: corresponding cuts]."""
     nodes_a = [n for n in a.graph.nodes if n.op != "output"]
     nodes_b = [n for n in b.graph.nodes if n.op != "output"]
@@ -126,97 +197,70 @@ def _align(a: TracedModel, b: TracedModel) -> dict[fx.Node, fx.Node]:
     return partner
 
 
-def _is_local(traced: TracedModel, node: fx.Node) -> bool:
+def is_local(traced: TracedModel, node: fx.Node) -> bool:
     return node.op == "get_attr" or node.name in traced.param_placeholders
 
 
-def _assign(
+Conflict = tuple[fx.Node, int, int]
+"""A node of the other mode whose partner is in stage ``s`` but that reads a tensor made in a
+later stage ``t``: ``(node, s, t)``."""
+
+
+def assign(
     b: TracedModel,
     partner: dict[fx.Node, fx.Node],
     stage_a: dict[fx.Node, int],
     num_stages: int,
-    what: str,
-) -> dict[fx.Node, int]:
-    """The stage of every node of ``b``; see [Note: corresponding cuts]."""
+) -> tuple[dict[fx.Node, int], list[Conflict]]:
+    """The stage of every node of ``b`` (see [Note: corresponding cuts]), and the nodes that
+    cannot follow their partner (each then goes to its partner's stage regardless).
+
+    Only ``max``, ``min`` and comparisons combine the stages, so given each node's *position*
+    as its stage (``num_stages = n``), it gives each node of ``b`` the last cut it follows:
+    `partition.modes.cuts` reads every two-stage split off one call."""
+    conflicts: list[Conflict] = []
     back = {y: x for x, y in partner.items()}
     nodes = [n for n in b.graph.nodes if n.op != "output"]
     last = num_stages - 1
     earliest: dict[fx.Node, int] = {}
     for node in nodes:
-        inputs = [earliest[n] for n in node.all_input_nodes if not _is_local(b, n)]
+        inputs = [earliest[n] for n in node.all_input_nodes if not is_local(b, n)]
         lo = max(inputs, default=0)
-        if node.op == "placeholder" and not _is_local(b, node):
+        if node.op == "placeholder" and not is_local(b, node):
             lo = 0
         mate = back.get(node)
-        if mate is not None and mate in stage_a and not _is_local(b, node):
+        if mate is not None and mate in stage_a and not is_local(b, node):
             if stage_a[mate] < lo:
-                raise PlanError(
-                    f"stage {stage_a[mate]}: in {what} mode its node {node.name!r} reads a "
-                    f"tensor made in stage {lo}; choose other bounds around module "
-                    f"{module_path(node) or node.name!r}"
-                )
+                conflicts.append((node, stage_a[mate], lo))
             lo = stage_a[mate]
         earliest[node] = lo
     stage: dict[fx.Node, int] = {}
     for node in reversed(nodes):
         mate = back.get(node)
         users = [stage.get(u, last) for u in node.users]
-        if mate is not None and mate in stage_a and not _is_local(b, node):
+        if mate is not None and mate in stage_a and not is_local(b, node):
             stage[node] = stage_a[mate]
-        elif _is_local(b, node) or users:
+        elif is_local(b, node) or users:
             stage[node] = max(min(users, default=earliest[node]), earliest[node])
         else:
             stage[node] = earliest[node]
-    return stage
-
-
-def _live(
-    traced: TracedModel, order: list[fx.Node], stage: dict[fx.Node, int], num_stages: int
-) -> list[list[Wire]]:
-    """For each stage, the tensors it receives, in the order `partition.split` sends them."""
-    position = {node: i for i, node in enumerate(order)}
-    n = len(order)
-    inputs = [x for x in order if x.op == "placeholder" and not _is_local(traced, x)]
-    last_use = {x: max((position.get(u, n) for u in x.users), default=-1) for x in order}
-    starts = [min(position[x] for x in order if stage[x] == s) for s in range(num_stages)]
-    live: list[list[Wire]] = [[(x, ()) for x in inputs if tensor_paths(x.meta.get("val"))]]
-    for start in starts[1:]:
-        live.append(
-            [
-                (x, path)
-                for x in order
-                if (position[x] < start or x in inputs)
-                and last_use[x] >= start
-                and not _is_local(traced, x)
-                for path in tensor_paths(x.meta.get("val"))
-            ]
-        )
-    return live
+    return stage, conflicts
 
 
 def _pair(
     wires_a: list[Wire],
     wires_b: list[Wire],
     partner: dict[fx.Node, fx.Node],
-    stage_a: dict[fx.Node, int],
+    before: Callable[[fx.Node], bool],
     s: int,
     what: str,
 ) -> list[int]:
     """For each tensor stage ``s`` receives in the traced mode, the index of its partner among
-    those it receives in the other mode; see [Note: corresponding cuts]."""
-    index_b = {wire: k for k, wire in enumerate(wires_b)}
-    traced = "eval" if what == "train" else "train"
-    perm: list[int] = []
-    unpaired: list[Wire] = []
-    for node, path in wires_a:
-        k = index_b.get((partner[node], path)) if node in partner else None
-        if k is None:  # produced in one mode only: pair through a reader after the cut
-            k = _through_reader(node, path, partner, stage_a, s, index_b)
-        if k is None or k in perm or not _same_spec((node, path), wires_b[k]):
-            unpaired.append((node, path))
-        else:
-            perm.append(k)
+    those it receives in the other mode (``before``: whether a traced-mode node is in an
+    earlier stage); see [Note: corresponding cuts]."""
+    perm, unpaired = match_wires(wires_a, wires_b, partner, before)
     if unpaired or len(perm) != len(wires_b):
+        traced = "eval" if what == "train" else "train"
         extra = [w for k, w in enumerate(wires_b) if k not in perm]
         raise PlanError(
             f"stage {s} cannot receive the same tensors in both modes: "
@@ -227,12 +271,33 @@ def _pair(
     return perm
 
 
+def match_wires(
+    wires_a: list[Wire],
+    wires_b: list[Wire],
+    partner: dict[fx.Node, fx.Node],
+    before: Callable[[fx.Node], bool],
+) -> tuple[list[int], list[Wire]]:
+    """The partner's index among ``wires_b`` of each of ``wires_a`` that has one, and those
+    that have none (`_pair` without the error; `partition.modes.cuts` asks it of every cut)."""
+    index_b = {wire: k for k, wire in enumerate(wires_b)}
+    perm: list[int] = []
+    unpaired: list[Wire] = []
+    for node, path in wires_a:
+        k = index_b.get((partner[node], path)) if node in partner else None
+        if k is None:  # produced in one mode only: pair through a reader after the cut
+            k = _through_reader(node, path, partner, before, index_b)
+        if k is None or k in perm or not _same_spec((node, path), wires_b[k]):
+            unpaired.append((node, path))
+        else:
+            perm.append(k)
+    return perm, unpaired
+
+
 def _through_reader(
     node: fx.Node,
     path: tuple[int, ...],
     partner: dict[fx.Node, fx.Node],
-    stage_a: dict[fx.Node, int],
-    s: int,
+    before: Callable[[fx.Node], bool],
     index_b: dict[Wire, int],
 ) -> int | None:
     """The other mode's tensor that the first aligned reader of ``node`` after the cut reads
@@ -241,7 +306,7 @@ def _through_reader(
     while queue:
         feeder = queue.pop(0)
         for user in feeder.users:
-            if user in seen or stage_a.get(user, s) < s:
+            if user in seen or before(user):
                 continue
             seen.add(user)
             mate = partner.get(user)

@@ -9,13 +9,19 @@ The example inputs are one *full batch*; they are cut into ``microbatches`` equa
 dimension 0 and the model is traced and costed at the chunk's shape, because a pipeline runs one
 micro-batch at a time and every cost in a plan is per micro-batch. A batch that does not divide
 is an error before anything is traced.
+
+A model whose forward reads ``self.training`` is traced in both modes (`partition.modes`): the
+analysis costs the mode the model is in (the one ``Pipeline.step`` trains) and keeps the other's
+graph, and `Analysis.solve` places cuts only where they carry over to it (`mode_cuts`; see
+[Note: cuts valid in both modes] in `partition.modes.cuts`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -27,11 +33,12 @@ from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph, linearize, node_order
 from partition.microbatch import first_microbatch
+from partition.modes.cuts import ModeCuts, mode_cuts
+from partition.modes.modal import OtherMode, mode_name, trace_modes
 from partition.options import PlanOptions, with_knobs
 from partition.plan import ModelInfo, Plan, graph_hash
 from partition.solve import Solution, solve
 from partition.split import Stage, split
-from partition.trace.fx import trace
 from partition.trace.traced import TracedModel
 from partition.wires import TensorSpec
 
@@ -56,6 +63,23 @@ class Analysis:
     """One micro-batch's tensor inputs."""
     microbatches: int = 1
     """The batch was traced as this many micro-batches (each cost is per micro-batch)."""
+    other: OtherMode | None = None
+    """The model's other mode, when its forward reads ``self.training`` and the graphs differ."""
+
+    @cached_property
+    def mode_cuts(self) -> ModeCuts | None:
+        """Which cuts carry over to the other mode (``None``: every cut does)."""
+        if self.other is None or self.other.traced is None:
+            return None
+        return mode_cuts(self.traced, self.other, self.graph.names)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes traced and planned, the model's own first (see `ModelInfo.modes`)."""
+        if self.other is None:
+            return ()
+        own = mode_name(not self.other.mode)
+        return (own,) if self.other.traced is None else (own, self.other.name)
 
     def solve(
         self,
@@ -78,6 +102,15 @@ class Analysis:
             return self._marker_solution(devices, options)
         if options.bounds is not None:
             return self._given_solution(devices, options, options.bounds, "given")
+        if self.mode_cuts is not None and self.other is not None:
+            from partition.planning.restricted import solve_on_cuts
+
+            why = (
+                f"the model's forward reads self.training and its {self.other.name} graph "
+                "differs, so a cut must carry over to it (see partition.modes.cuts); or trace "
+                f"one mode (modes={self.modes[0]!r}, --modes {self.modes[0]})"
+            )
+            return solve_on_cuts(self.graph, self.mode_cuts.usable(), devices, options, why)
         return solve(
             self.graph,
             list(devices),
@@ -150,6 +183,7 @@ class Analysis:
             order=str(self.graph.extra.get("order", "graph")),
             inputs=self.inputs,
             leaf_modules=self.traced.leaf_modules,
+            modes=self.modes,
         )
 
 
@@ -181,22 +215,16 @@ def analyze(
     args, kwargs = first_microbatch(example_inputs, example_kwargs, options.microbatches)
     if progress:
         progress(f"tracing {type(model).__name__}")
-    traced = trace(
-        model,
-        args,
-        kwargs,
-        method=options.method,
-        leaf_modules=options.leaf_modules,
-        concrete_args=options.concrete_args,
-        tracer_class=options.tracer_class,
-    )
-    return analyze_traced(
+    traced, other = trace_modes(model, args, kwargs, options=replace(options, microbatches=1))
+    analysis = analyze_traced(
         traced,
         microbatches=options.microbatches,
         order=options.node_order,
         profile_on=profile_on,
         progress=progress,
     )
+    analysis.other = other
+    return analysis
 
 
 def analyze_traced(

@@ -17,10 +17,12 @@ from torch import nn
 
 from partition.devices import Device
 from partition.errors import PlanError
+from partition.modes.split import modal_stages
 from partition.options import PlanOptions, with_knobs
 from partition.plan import Plan
 from partition.planning.analysis import Analysis, analyze
 from partition.planning.assemble import build_plan
+from partition.split import split
 
 __all__ = ["plan_analysis", "plan_model"]
 
@@ -81,4 +83,7 @@ def plan_analysis(
     if options is None:
         options = PlanOptions(microbatches=analysis.microbatches)
     options = with_knobs(options, knobs)
-    return build_plan(analysis, analysis.solve(devices, options))
+    solution = analysis.solve(devices, options)
+    stages = split(analysis.traced, analysis.graph, solution.bounds)
+    modal_stages(analysis.traced, analysis.other, stages)  # raises where a cut does not carry over
+    return build_plan(analysis, solution, stages=stages)

@@ -3,7 +3,8 @@
 `partition.trace.fx` is the front door (``trace``) and the symbolic route; `export` the
 ``torch.export`` route; `traced` what both give (`TracedModel`); `meta` runs nodes on meta
 tensors; `tensor_constants`, `functions`, `inplace` and `markers` carry what a graph needs
-beyond its nodes (constants, custom autograd Functions, in-place writes, ``pipe_split()``).
+beyond its nodes (constants, custom autograd Functions, in-place writes, ``pipe_split()``), and
+`assigns` what it cannot hold (attributes a forward assigns).
 """
 
 from __future__ import annotations

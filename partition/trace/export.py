@@ -4,8 +4,10 @@
 tensors to placeholders. pipepart turns them back into attributes of a root module that mirrors
 the model — the same submodule objects under the same names, so parameters keep their qualified
 names and are shared, never copied — and the lifted constants into `TracedModel.constants`
-(see [Note: tensor constants] in `partition.trace.tensor_constants`). A model that calls a custom autograd
-Function is refused (export would lose its backward; see `partition.trace.functions`). User
+(see [Note: tensor constants] in `partition.trace.tensor_constants`). A custom autograd Function
+stays one node running its own forward and backward ([Note: custom autograd Functions] in
+`partition.trace.functions`). A tensor assigned to a module attribute in forward is dropped
+from the graph: the attribute is restored and a warning names it. User
 inputs stay placeholders, outputs are the flat list of the model's output tensors and
 ``TracedModel.out_spec`` rebuilds the model's own structure (a ``ModelOutput``, a dict, a tuple).
 Nodes keep the user's module path in ``nn_module_stack``, so plans still name ``h.3.attn``.
@@ -17,6 +19,7 @@ import functools
 import inspect
 import itertools
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -26,10 +29,11 @@ from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_map
 
 from partition.errors import TraceError
-from partition.trace.functions import watch_functions
+from partition.trace.assigns import AttributeWatch
+from partition.trace.functions import export_functions, keep_opaque
 from partition.trace.markers import take_markers
 from partition.trace.tensor_constants import CONSTANTS, graph_module
-from partition.trace.traced import TracedModel, propagate_shapes
+from partition.trace.traced import TracedModel, propagate_shapes, route_error
 
 __all__ = ["trace_export"]
 
@@ -110,23 +114,33 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     """Trace ``model`` with ``torch.export.export(strict=False)``; see the module docstring."""
     defaults = _tensor_defaults(model, args, kwargs)
     given = {**kwargs, **{name: _beside(model, value) for name, value in defaults.items()}}
+    name = type(model).__name__
+    watch = AttributeWatch(model)
     try:
-        with watch_functions() as functions:
+        with export_functions() as functions:
             program = _export_as_cpu(model, args, given)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(
-            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first}. "
-            "Data-dependent control flow needs torch.cond or a fixed input; try method='fx' with "
-            "leaf_modules for the offending submodule"
-        ) from e
-    if functions:
-        raise TraceError(
-            f"{type(model).__name__} calls the custom autograd Function(s) {', '.join(functions)}; "
-            "torch.export traces through their forward and would lose their backward. Trace with "
-            "method='fx' (--trace fx), which keeps each call as one node running the Function's "
-            "own forward and backward"
+        raise _explain(name, e) from e
+    finally:
+        assigned = watch.restore(_is_fake)
+    if assigned:  # see [Note: attributes assigned in forward]
+        warnings.warn(
+            f"{name}'s forward assigns {'; '.join(str(a) for a in assigned)}: the split model "
+            "computes the same outputs but does not keep that assignment (update a buffer made "
+            "with register_buffer in place, `self.x.copy_(value)`, to keep it)",
+            UserWarning,
+            stacklevel=3,
         )
+    if functions.refused:
+        said = "; ".join(f"{fn} ({why})" for fn, why in functions.refused.items())
+        raise route_error(
+            f"{name} calls the custom autograd Function(s) {said}: torch.export would trace "
+            "through its forward and lose its backward, and a Function kept as one node may be "
+            "passed only tensors and constants (numbers, strings, dtypes, devices)",
+            "pass the Function only tensors and constants (a module's weights, not the module)",
+            "or trace with method='fx' (--trace fx), which keeps each call as one node",
+        )
+    keep_opaque(program.graph_module, functions)
     module: fx.GraphModule = program.graph_module
     graph = module.graph
     constants: dict[str, torch.Tensor] = {}
@@ -184,6 +198,38 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         )
     propagate_shapes(traced, dict(zip(user_inputs, tensors, strict=True)))
     return traced
+
+
+_EXPORT_HINTS = (  # (words of export's message, the ways out export itself offers)
+    (
+        "which is not a known type",
+        "return tensors, or tuples, lists, dicts or a ModelOutput of them (transformers: "
+        "use_cache=False, so no cache object is returned)",
+    ),
+    (
+        "data dependent",
+        "data-dependent control flow needs torch.cond, or a value fixed in the model's factory",
+    ),
+)
+
+
+def _explain(name: str, error: Exception) -> Exception:
+    """What export hit (its message's first line) and the ways out that fit it."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    said = text.lower().replace("-", " ")
+    ways = next((w for words, w in _EXPORT_HINTS if words in said), "")
+    return route_error(
+        f"torch.export could not trace {name}: {type(error).__name__}: {first.rstrip('.')}",
+        ways,
+        "or trace with method='fx' (--trace fx), with leaf_modules for the module that fails",
+    )
+
+
+def _is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
 
 
 def _tensor_defaults(

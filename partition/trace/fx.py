@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from partition.errors import InputError, TraceError
+from partition.trace.assigns import AttributeWatch, assigns_error, is_proxy
 from partition.trace.export import trace_export
 from partition.trace.functions import opaque_functions
 from partition.trace.markers import record_markers, take_markers
@@ -48,7 +49,7 @@ from partition.trace.tensor_constants import (
     graph_module,
     lift_fx_constants,
 )
-from partition.trace.traced import TracedModel, module_path, propagate_shapes
+from partition.trace.traced import TracedModel, module_path, propagate_shapes, route_error
 
 __all__ = ["TraceMethod", "TracedModel", "module_path", "propagate_shapes", "trace"]
 
@@ -107,9 +108,7 @@ def trace(
         try:
             return _trace_export(model, args, kwargs)
         except TraceError as export_error:
-            raise TraceError(
-                f"{fx_error}\nThe export route failed too: {export_error}"
-            ) from fx_error
+            raise _neither(type(model).__name__, fx_error, export_error) from fx_error
     return traced
 
 
@@ -221,13 +220,20 @@ def _trace_fx(
     concrete.update(concrete_args or {})
     check_default_containers(model, {**bound, **concrete})
     before = set(vars(model))
+    watch = AttributeWatch(model)
     try:
         with opaque_functions(), record_markers(tracer):
             graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
+        watch.restore(is_proxy)
         for name in _stowed(model, before):
             delattr(model, name)
         raise _explain(model, e) from e
+    assigned = watch.restore(is_proxy)
+    if assigned:
+        for name in _stowed(model, before):
+            delattr(model, name)
+        raise assigns_error(type(model).__name__, assigned)
     added = _stowed(model, before)  # lift_fx_constants takes them back off the model
     markers = take_markers(graph)
     constants, sources = lift_fx_constants(model, graph, bound, added)
@@ -294,7 +300,7 @@ def _constants(model: nn.Module, bound: dict[str, Any]) -> dict[str, Any]:
 def _explain(model: nn.Module, error: Exception) -> TraceError:
     """A `TraceError` naming the deepest module of ``model`` on the stack and its source line."""
     paths = {id(m): name for name, m in model.named_modules()}
-    where = ""
+    where, path = "", ""
     tb: TracebackType | None = error.__traceback__
     for frame, lineno in traceback.walk_tb(tb):
         filename = frame.f_code.co_filename
@@ -302,24 +308,43 @@ def _explain(model: nn.Module, error: Exception) -> TraceError:
             continue
         owner = frame.f_locals.get(frame.f_code.co_varnames[0])
         if isinstance(owner, nn.Module) and id(owner) in paths:
-            path = paths[id(owner)] or "<root>"
+            path = paths[id(owner)]
             line = linecache.getline(frame.f_code.co_filename, lineno).strip()
-            where = f" in module {path!r} ({type(owner).__name__}) at {frame.f_code.co_filename}:{lineno}: `{line}`"
+            where = f" in module {path or '<root>'!r} ({type(owner).__name__}) at {frame.f_code.co_filename}:{lineno}: `{line}`"
     kind = type(error).__name__
     message = str(error).strip().splitlines()[0] if str(error).strip() else kind
+    ways = []
+    if where:
+        ways.append(
+            f"keep {path!r} as one node (leaf_modules=[{path!r}] / --leaf {path})"
+            if path
+            else "keep the module that fails as one node (leaf_modules=[...] / --leaf PATH)"
+        )
     if "control flow" in message or "iterated" in message or "bool" in message.lower():
-        hint = (
-            "Python control flow or iteration depends on a tensor's value. Ways out: "
-            "keep that module as one node (leaf_modules=[...] / --leaf PATH), fix the input that "
-            "drives the branch (concrete_args={...}), or trace through torch.export "
-            "(method='export' / --trace export)"
+        message += " (Python control flow or iteration depends on a tensor's value)"
+        ways.append("fix the input that drives the branch (concrete_args={...})")
+    return route_error(
+        f"cannot trace {type(model).__name__}{where}: {kind}: {message.rstrip('.')}",
+        ", ".join(ways),
+        "or trace through torch.export (method='export' / --trace export)",
+    )
+
+
+def _neither(name: str, fx_error: TraceError, export_error: TraceError) -> TraceError:
+    """Both routes failed: what each hit, and each one's own ways out (never the other route,
+    which failed too)."""
+    ways = "; ".join(w for w in (fx_error.ways_out, export_error.ways_out) if w)
+    return TraceError(
+        f"cannot trace {name} by either route.\n"
+        f"fx (symbolic tracing): {fx_error.hit or fx_error}.\n"
+        f"torch.export: {export_error.hit or export_error}.\n"
+        + (
+            f"Ways out: {ways}; or change the code that each names."
+            if ways
+            else "Neither route offers a way out of its own: change the code that each names "
+            "(or build the model with options that avoid it)."
         )
-    else:
-        hint = (
-            "Ways out: keep that module as one node (leaf_modules=[...] / --leaf PATH), "
-            "or trace through torch.export (method='export' / --trace export)"
-        )
-    return TraceError(f"cannot trace {type(model).__name__}{where}: {kind}: {message}. {hint}")
+    )
 
 
 # --- export route ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from partition.trace.inplace import VersionWatch
 from partition.trace.meta import MetaState, fetch_args, run_node, to_meta
 from partition.trace.tensor_constants import constant_key
 
-__all__ = ["TracedModel", "module_path", "propagate_shapes"]
+__all__ = ["TracedModel", "module_path", "propagate_shapes", "route_error"]
 
 
 @dataclass(eq=False)
@@ -60,6 +60,18 @@ class TracedModel:
         if self.state is None:
             self.state = MetaState(self.model, self.constants)
         return self.state
+
+
+def route_error(hit: str, ways_out: str, other_route: str) -> TraceError:
+    """A `TraceError` saying what one route hit and the ways out, the other route among them.
+
+    ``hit`` and ``ways_out`` are kept on the error apart: when both routes fail, `trace` names
+    what each hit and offers each one's own ways out, not the other route that failed too.
+    """
+    ways = "; ".join(w for w in (ways_out, other_route) if w)
+    error = TraceError(f"{hit}. Ways out: {ways}" if ways else f"{hit}.")
+    error.hit, error.ways_out = hit, ways_out
+    return error
 
 
 def propagate_shapes(traced: TracedModel, inputs: Mapping[str, Any]) -> None:

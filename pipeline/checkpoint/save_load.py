@@ -59,6 +59,7 @@ from pipeline.checkpoint.store import (
     resolve,
 )
 from pipeline.checkpoint.write import PendingCheckpoint, snapshot, start, wait_pending, write
+from pipeline.runtime.finite import nonfinite_names
 
 __all__ = [
     "CheckpointInfo",
@@ -89,6 +90,9 @@ class CheckpointInfo:
     """Newer checkpoints under the root that were not complete, and why."""
     rng_restored: bool = False
     """Whether this rank's RNG states were restored (only under the saved world size)."""
+    nonfinite: tuple[str, ...] = ()
+    """This rank's parameters and buffers that the checkpoint gave a NaN or inf (a save of a
+    run that had diverged, by a pipepart that published such saves); logged as a warning."""
 
 
 # --- save --------------------------------------------------------------------------------------
@@ -127,12 +131,16 @@ def save_checkpoint(
         The published directory (on every rank, once it is published).
 
     Raises:
-        CheckpointError: bad arguments (before any collective), or a rank failed to write its
-            part (raised on every rank, naming it); nothing is then published.
+        CheckpointError: bad arguments (before any collective); a rank's weights are not finite
+            (a checkpoint of them is never published: [Note: non-finite steps] in
+            `pipeline.runtime.finite`); another job holds ``root`` (rank 0 holds it for the
+            pipeline's lifetime from the first save: [Note: one job per folder] in
+            `pipeline.checkpoint.lock`); or a rank failed to write its part. Raised on every
+            rank, naming it; nothing is then published and the ``.tmp-`` folder is removed.
     """
     meta = _meta(data_position, extra, keep)
     wait_pending(pipe)
-    return write(snapshot(pipe, meta, copy_tensors=False), Path(root), keep, pipe.group)
+    return write(snapshot(pipe, meta, copy_tensors=False), Path(root), keep, pipe.group, pipe)
 
 
 def save_checkpoint_async(
@@ -204,6 +212,16 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
         restore_rng(state, pipe.rank)
     pipe.steps_done = int(manifest["step"])
     log.info("loaded %s (step %d) on rank %d", path, pipe.steps_done, pipe.rank)
+    bad = nonfinite_names((key, t) for key, (t, _) in local.items())
+    if bad:
+        log.warning(
+            "rank %d: %s holds %d weight tensor(s) that are not finite, the first %r: training "
+            "from it trains NaN",
+            pipe.rank,
+            path,
+            len(bad),
+            bad[0],
+        )
     return CheckpointInfo(
         path=path,
         step=int(manifest["step"]),
@@ -211,6 +229,7 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
         extra=dict(manifest["extra"]),
         skipped=tuple(skipped),
         rng_restored=same_world,
+        nonfinite=tuple(bad),
     )
 
 

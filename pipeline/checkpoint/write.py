@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from partition.errors import CheckpointError
+from pipeline.checkpoint.lock import hold_folder
 from pipeline.checkpoint.state import (
     Checkpointable,
     model_identity,
@@ -49,6 +50,7 @@ from pipeline.checkpoint.store import (
     step_name,
     write_json,
 )
+from pipeline.runtime.finite import nonfinite_names
 
 __all__ = ["PendingCheckpoint"]
 
@@ -116,20 +118,59 @@ def _all_ok(group: Any, world: int, error: str, what: str) -> list[Any]:
     return got
 
 
-def write(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
+def _prepare(snap: Snapshot, root: Path, tmp: Path, owner: object | None) -> tuple[str, bool]:
+    """This rank's part of starting a save: its weights are finite; on rank 0, the folder's lock
+    (for ``owner``'s lifetime, see `pipeline.checkpoint.lock.hold_folder`) and a fresh ``tmp``.
+    Returns what failed (empty when fine) and whether ``tmp`` was made here."""
+    model = (
+        (k.removeprefix("model/"), t) for k, t in snap.tensors.items() if k.startswith("model/")
+    )
+    bad = nonfinite_names(model)
+    if bad:  # see [Note: complete or absent] in pipeline.checkpoint.store
+        return (
+            f"not saving {root / step_name(snap.manifest['step'])}: {len(bad)} weight tensor(s) "
+            f"are not finite, the first {bad[0]!r}; a checkpoint of them would pass as complete "
+            "(and --keep could delete the last good one), so the checkpoints already there stay "
+            "as they are: resume from the newest with a lower --lr, --clip, or --on-nonfinite skip"
+        ), False
+    if snap.rank != 0:
+        return "", False
+    try:
+        if owner is not None:
+            hold_folder(owner, root)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save of this step left
+        (tmp / TENSORS).mkdir(parents=True)
+    except CheckpointError as e:  # another job holds the folder
+        return str(e), False
+    except OSError as e:
+        return f"cannot create {tmp}: {e}", False
+    return "", True
+
+
+def write(snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object = None) -> Path:
     """Write ``snap`` as ``root/step-N`` and publish it: a collective over ``group``; see
-    [Note: complete or absent] in `pipeline.checkpoint.store`."""
-    rank, world = snap.rank, snap.world
+    [Note: complete or absent] in `pipeline.checkpoint.store`. A save that fails leaves nothing:
+    every rank removes the ``.tmp-`` folder (a full disk must not stay full). Rank 0 holds the
+    folder's lock for ``owner``'s lifetime (see [Note: one job per folder])."""
     final = root / step_name(snap.manifest["step"])
     tmp = root / f"{TMP}{final.name}"
-    error = ""
-    if rank == 0:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save of this step left
-            (tmp / TENSORS).mkdir(parents=True)
-        except OSError as e:
-            error = f"cannot create {tmp}: {e}"
-    _all_ok(group, world, error, "preparing the checkpoint")
+    error, made = _prepare(snap, root, tmp, owner)
+    started = False
+    try:
+        _all_ok(group, snap.world, error, "preparing the checkpoint")
+        started = True
+        _publish(snap, final, _write(snap, tmp, group), keep, group)
+    except BaseException:
+        if made or started:  # never another job's save in progress
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write(snap: Snapshot, tmp: Path, group: Any) -> dict[str, Any]:
+    """Every rank's tensors (DCP), JSON part and checksums into ``tmp``: every rank's files with
+    their checksums; a failure is raised on every rank."""
+    rank, world = snap.rank, snap.world
     try:
         writer = dcp.FileSystemWriter(tmp / TENSORS)
         dcp.save(snap.tensors, storage_writer=writer, process_group=group)
@@ -137,6 +178,7 @@ def write(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
         raise CheckpointError(f"writing the tensors of {tmp} failed: {dcp_failure(e)}") from e
 
     files: dict[str, Any] = {}
+    error = ""
     try:
         write_json(tmp / part_name(rank), snap.part)
         mine = [
@@ -155,11 +197,18 @@ def write(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
     failed = [(r, err) for r, (_, err) in enumerate(gathered) if err]
     if failed:
         raise CheckpointError(f"writing {tmp} failed on rank {failed[0][0]}: {failed[0][1]}")
+    return {k: v for f, _ in gathered for k, v in f.items()}
 
-    if rank == 0:
+
+def _publish(
+    snap: Snapshot, final: Path, files: dict[str, Any], keep: int | None, group: Any
+) -> None:
+    """Rank 0 writes the manifest, renames the folder and applies ``keep``; raised on every rank."""
+    error = ""
+    if snap.rank == 0:
+        root, tmp = final.parent, final.parent / f"{TMP}{final.name}"
         try:
-            everything = {k: v for f, _ in gathered for k, v in f.items()}
-            publish(tmp, final, {**snap.manifest, "files": everything})
+            publish(tmp, final, {**snap.manifest, "files": files})
             _PUBLISHED.add(final)
             if keep is not None:
                 for old in prune_checkpoints(root, keep, known_complete=_PUBLISHED):
@@ -167,8 +216,7 @@ def write(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
                     log.info("deleted checkpoint %s (keep=%d)", old, keep)
         except OSError as e:
             error = f"publishing {final}: {e}"
-    _all_ok(group, world, error, "publishing the checkpoint")
-    return final
+    _all_ok(group, snap.world, error, "publishing the checkpoint")
 
 
 # --- in the background -------------------------------------------------------------------------
@@ -180,19 +228,21 @@ _GROUPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 class PendingCheckpoint:
     """A save running in a background thread; `wait` for its directory."""
 
-    def __init__(self, snap: Snapshot, root: Path, keep: int | None, group: Any) -> None:
+    def __init__(
+        self, snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object = None
+    ) -> None:
         self._path: Path | None = None
         self._error: BaseException | None = None
         self.reported = False
         """Whether `wait` has given its outcome to the caller."""
         self._thread = threading.Thread(
-            target=self._run, args=(snap, root, keep, group), name="pipepart-checkpoint"
+            target=self._run, args=(snap, root, keep, group, owner), name="pipepart-checkpoint"
         )
         self._thread.start()
 
-    def _run(self, snap: Snapshot, root: Path, keep: int | None, group: Any) -> None:
+    def _run(self, snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object) -> None:
         try:
-            self._path = write(snap, root, keep, group)
+            self._path = write(snap, root, keep, group, owner)
         except BaseException as e:  # handed to wait(), in the caller's thread
             self._error = e
 
@@ -235,5 +285,5 @@ def start(pipe: Checkpointable, snap: Snapshot, root: Path, keep: int | None) ->
         group = _GROUPS[pipe] = dist.new_group(
             ranks, backend="gloo", use_local_synchronization=True
         )
-    pending = _PENDING[pipe] = PendingCheckpoint(snap, root, keep, group)
+    pending = _PENDING[pipe] = PendingCheckpoint(snap, root, keep, group, owner=pipe)
     return pending

@@ -51,8 +51,8 @@ def _one_line(message: str) -> str:
     for line in lines:
         if line.startswith("rank ") and "killed by the launcher" not in line:
             return line
-    if any(line.startswith("rank ") for line in lines):
-        return next(line for line in lines if line.startswith("rank "))
+    if any(line.startswith("rank ") for line in lines):  # every rank killed: the report's head
+        return lines[0]
     return " ".join(lines)
 
 

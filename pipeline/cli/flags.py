@@ -20,7 +20,7 @@ import torch
 from partition.devices import Device, parse_devices
 from partition.memory import OPTIMIZER_STATES, MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
-from partition.options import CUTS, PlanOptions
+from partition.options import CUTS, MODES, PlanOptions
 from partition.plan import Plan
 from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from partition.solve import ALGORITHMS
@@ -128,6 +128,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="keep this submodule as one node (repeatable, globs allowed)",
     )
+    parser.add_argument(
+        "--modes",
+        choices=MODES,
+        default=_PLAN.modes,
+        help="which modes to trace and plan when the forward reads self.training: both (the "
+        "default: cuts valid in both), or the mode the model is in only (the other is refused)",
+    )
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -224,6 +231,7 @@ _PLAN_FLAGS = {  # a `PlanOptions` field: the flag that sets it
     "method": "trace",
     "leaf_modules": "leaf",
     "profile": "profile",
+    "modes": "modes",
 }
 _MEMORY_FLAGS = {"optimizer": "optimizer", "master_weights": "master_weights"}
 

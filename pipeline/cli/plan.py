@@ -23,7 +23,7 @@ from pipeline.cli.flags import (
     progress,
 )
 
-__all__ = ["plan_summary", "plan_table", "register"]
+__all__ = ["modes_line", "plan_summary", "plan_table", "register"]
 
 _EPILOG_PLAN = """examples:
   pipepart plan gpt --size small --devices 4
@@ -84,8 +84,21 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
         f"bottleneck stage {plan.bottleneck_stage} at {format_time(plan.bottleneck)}/micro-batch "
         f"({ratio:.3f}× perfect balance)"
         + ("" if plan.fits() else " · [red]does not fit memory[/red]")
+        + (f"\n{modes_line(plan)}" if plan.model.modes else "")
     )
     return table
+
+
+def modes_line(plan: Plan) -> str:
+    """Which of the model's modes ``plan`` traced and planned (see `ModelInfo.modes`)."""
+    modes = plan.model.modes
+    if len(modes) > 1:
+        return (
+            f"modes: {' and '.join(modes)} traced (the forward reads self.training); every cut "
+            f"carries over to {modes[1]} mode"
+        )
+    other = "eval" if modes[0] == "train" else "train"
+    return f"modes: {modes[0]} only (--modes {modes[0]}); the pipeline refuses {other} mode"
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pipeline.cli.flags import (
 )
 from pipeline.launch.options import RunOptions
 from pipeline.launch.results import RunResult
+from pipeline.runtime.finite import ON_NONFINITE
 from pipeline.runtime.optim import OPTIMIZER_CLASSES
 from pipeline.runtime.options import PipelineOptions
 
@@ -35,6 +36,10 @@ then the factory), and each rank reads only its stage's tensors; --weights init 
 per-module init rules instead, for a model too big for host memory. A factory giving no loss is
 trained on the output's own `loss` if it has one, else on the mean square of its outputs; a
 loss_fn(output) of the output alone needs no target.
+
+A step whose loss or gradients are not finite stops the run with an error naming the step and
+the first stage and tensor (--on-nonfinite skip drops such a step's update on every rank, warn
+trains on); a checkpoint whose weights are not finite is never saved.
 
 --check trains the factory's own model in this process the plain way, over the same
 micro-batches, and fails (exit code 1) when a loss, gradient, parameter or buffer differs by more
@@ -100,6 +105,7 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
             seed=args.seed,
             loss_reduction=args.loss,
             max_grad_norm=args.clip,
+            on_nonfinite=args.on_nonfinite,
             recompute=args.recompute,
             batchnorm=args.batchnorm,
             weights=args.weights,
@@ -334,6 +340,14 @@ def _add_training_arguments(run: argparse.ArgumentParser) -> None:
         help=f"how micro-batch losses combine (default {_RUN.pipeline.loss_reduction})",
     )
     run.add_argument("--clip", type=float, default=None, help="clip gradients to this global norm")
+    run.add_argument(
+        "--on-nonfinite",
+        default=_RUN.pipeline.on_nonfinite,
+        choices=ON_NONFINITE,
+        help="a step whose loss or gradients are not finite: stop with an error naming the step "
+        "(default), skip its update on every rank, or warn and train on; a checkpoint of "
+        "non-finite weights is never saved",
+    )
     run.add_argument(
         "--recompute", action="store_true", help="recompute activations in the backward"
     )

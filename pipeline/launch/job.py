@@ -8,18 +8,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from partition.errors import CheckpointError
 from partition.plan import Plan
 from pipeline.checkpoint.lock import FolderLock
 from pipeline.launch.options import Checkpoints
 from pipeline.runtime.optim import OptimizerFactory
 from pipeline.runtime.options import PipelineOptions
 from pipeline.runtime.pipeline import ModelFactory, Pipeline
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint.save_load import CheckpointInfo
 
 __all__ = ["Batch", "RankJob", "RankResult", "TimedAction", "run_rank"]
 
@@ -76,11 +80,13 @@ class RankResult:
 def run_rank(job: RankJob) -> RankResult:
     """Build this rank's part of the pipeline and train ``job.steps`` steps; a collective of the
     default process group. Rank 0 holds the checkpoint folder when the job says the lock is its
-    (under torchrun; see [Note: one job per folder] in `pipeline.checkpoint.lock`)."""
+    (under torchrun), else knows that its launcher holds it; see [Note: one job per folder] in
+    `pipeline.checkpoint.lock`."""
     with contextlib.ExitStack() as held:
         checkpoints = job.checkpoints
-        if checkpoints is not None and checkpoints.lock_here and dist.get_rank() == 0:
-            held.enter_context(FolderLock(checkpoints.root))
+        if checkpoints is not None and dist.get_rank() == 0:
+            lock = FolderLock(checkpoints.root, launcher_holds=not checkpoints.lock_here)
+            held.enter_context(lock)
         return _train(job)
 
 
@@ -96,7 +102,9 @@ def _train(job: RankJob) -> RankResult:
     losses: list[float | None] = []
     notes: list[str] = []
     if checkpoints is not None and checkpoints.resume:
-        start, losses, notes = _resume(pipe, checkpoints.root, job.optimizer.lr)
+        start, losses, notes = _resume(
+            pipe, checkpoints.root, job.optimizer.lr, job.pipeline.on_nonfinite
+        )
     result = RankResult(
         rank=pipe.rank,
         stages=list(pipe.my_stages),
@@ -117,6 +125,8 @@ def _train(job: RankJob) -> RankResult:
         result.timelines.append([(r, str(a), s, e) for r, a, s, e in pipe.timeline])
         if checkpoints is not None and checkpoints.every and (k + 1) % checkpoints.every == 0:
             _save(pipe, checkpoints, result.losses)
+    if pipe.nonfinite_steps:
+        result.notes.append(_nonfinite_note(pipe.nonfinite_steps, job.pipeline.on_nonfinite))
     if job.collect:
         named = pipe.named_parameters()
         result.params = {n: p.detach().cpu() for n, p in named.items()}
@@ -142,6 +152,17 @@ def _save(pipe: Pipeline, checkpoints: Checkpoints, losses: list[float | None]) 
     )
 
 
+def _nonfinite_note(steps: list[int], policy: str) -> str:
+    """The line that says which steps were not finite and what became of them (the same on
+    every rank: they agree on every step; see [Note: non-finite steps])."""
+    shown = ", ".join(map(str, steps[:10])) + (", ..." if len(steps) > 10 else "")
+    done = "their updates were dropped" if policy == "skip" else "the optimizer stepped anyway"
+    return (
+        f"{len(steps)} step(s) had a non-finite loss or gradients (steps {shown}): {done} "
+        f"(--on-nonfinite {policy})"
+    )
+
+
 def _apply_lr(pipe: Pipeline, lr: float) -> str | None:
     """The run's learning rate over the one the checkpoint restored: what the user passed now is
     what trains (``load_state_dict`` would keep the saved one, silently); returns the line that
@@ -162,7 +183,31 @@ def _apply_lr(pipe: Pipeline, lr: float) -> str | None:
     return note
 
 
-def _resume(pipe: Pipeline, root: str, lr: float) -> tuple[int, list[float | None], list[str]]:
+def _check_loaded(pipe: Pipeline, info: CheckpointInfo, policy: str) -> list[str]:
+    """Refuse (``on_nonfinite="stop"``) or note a resume from weights that are not finite, the
+    same on every rank (a collective)."""
+    gathered: list[Any] = [None] * pipe.world_size
+    dist.all_gather_object(gathered, info.nonfinite, group=pipe.group)
+    bad = [(r, names) for r, names in enumerate(gathered) if names]
+    if not bad:
+        return []
+    r, names = bad[0]
+    what = (
+        f"{info.path} (step {info.step}) holds weights that are not finite (rank {r}: "
+        f"{len(names)} tensor(s), the first {names[0]!r}): it was saved after the run diverged"
+    )
+    if policy == "stop":
+        raise CheckpointError(
+            f"{what}; resume from an older checkpoint (move {info.path.name} out of the folder), "
+            "or start afresh without --resume (--on-nonfinite skip or warn resumes from it anyway)"
+        )
+    log.warning("rank %d: resuming from %s", pipe.rank, what)
+    return [f"resumed from {what} (--on-nonfinite {policy})"]
+
+
+def _resume(
+    pipe: Pipeline, root: str, lr: float, policy: str
+) -> tuple[int, list[float | None], list[str]]:
     """The step to start from, the losses before it and what the user should be told: 0 and
     none when ``root`` holds no complete checkpoint yet (each one skipped is logged with why)."""
     from pipeline.checkpoint.save_load import latest_complete, load_checkpoint
@@ -174,8 +219,9 @@ def _resume(pipe: Pipeline, root: str, lr: float) -> tuple[int, list[float | Non
         log.warning("rank %d: no complete checkpoint in %s; starting at step 0", pipe.rank, root)
         return 0, [], []
     info = load_checkpoint(pipe, found)
+    notes = _check_loaded(pipe, info, policy)
     note = _apply_lr(pipe, lr)
     losses = list(info.extra.get("losses", [None] * info.step))
     mine = losses if pipe.is_last else [None] * len(losses)
     log.info("rank %d: resumed from %s at step %d", pipe.rank, found, info.step)
-    return info.step, mine, [note] if note else []
+    return info.step, mine, notes + ([note] if note else [])

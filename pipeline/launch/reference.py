@@ -11,8 +11,8 @@ step semantics: the same micro-batches one after another, each loss scaled by ``
 same optimizer; BatchNorm then sees the same micro-batches, as the pipeline's does.
 
 Differences are relative. A gradient: ``max|pipeline - reference|`` over its own largest
-magnitude, but at least a thousandth of the model's largest gradient (a gradient that cancels,
-like a bias before BatchNorm's, is rounding noise on both sides). A parameter or buffer: over the
+magnitude, or its layer's when that is larger (see [Note: a gradient's rounding floor]). A
+parameter or buffer: over the
 largest magnitude of any parameter (buffer) of the model — Adam turns rounding noise in
 near-zero gradients into updates the size of the learning rate, noise relative to the model, not
 to a zero-initialised bias. A step's loss: ``|loss - reference| / max(|reference|, 1e-6)``. The
@@ -20,6 +20,33 @@ check passes when the largest of them is at most the tolerance. A non-finite los
 parameter or buffer on either side fails the check and is reported as ``nan`` / ``inf``, never
 as a difference of 0. With ``--batchnorm batch`` the reference's running statistics are those of
 the whole batch, as the pipeline's.
+
+[Note: a gradient's rounding floor]
+A gradient is a sum over the batch's rows (and positions) of per-row contributions: a Linear's
+``dL/db = sum_t d_t`` and ``dL/dW = sum_t d_t x_t^T``, with ``d_t`` the gradient of its output.
+Two fp32 computations that add in another order (micro-batches, another process, another kernel)
+differ by rounding of about ``eps * sqrt(n)`` times the size of the *contributions*
+(``eps = 2**-24``), not of the result. Usually the result is as large as its contributions and a
+difference relative to the gradient's own largest magnitude is a few ``eps``. When the
+contributions cancel, it is not: a bias before BatchNorm (which subtracts the mean), or the key
+bias of attention — softmax is shift-invariant, so ``sum_t dL/dk_t = q * sum_t dL/ds_t = 0`` for
+every query — has a true gradient of exactly 0, computed as ~1e-9 of noise on both sides; over
+its own magnitude that is a difference of order 1, a false alarm.
+
+The contributions are not visible afterwards, but the layer's other gradients are made of the
+same ones: ``|dL/dW| ~ sqrt(n) * |d| * |x|`` grows with the batch as the bias's rounding
+``eps * sqrt(n) * |d|`` does, so the rounding relative to the layer's largest gradient is a few
+``eps / |x|`` whatever the batch: 1-4 eps on the key biases of a 2-layer attention model
+(`test_attention_key_biases_pass_the_check`, and on 2 ranks), with inputs ``x`` of order 1, as a
+normalisation leaves them. So a gradient's difference is judged over ``max(|reference|.max(), layer)``, ``layer``
+being the largest reference gradient of the module that owns the tensor (or of the nearest
+enclosing module owning another gradient, when it owns only this one). The floor picks the scale
+the rounding is proportional to; the tolerance (1e-5, ~84 eps) stays the allowance for it, so the
+floor carries no ``eps * sqrt(n)`` factor of its own. A real error is still one: a gradient off
+by 0.1 %, one element off, or a zero gradient given a value a thousandth of its layer's, is
+1e-3. A layer whose every gradient is zero is judged over ``eps`` times the model's largest
+gradient (any difference of meaningful size fails). Non-finite values fail before any scale.
+Inputs far below 1 make the floor strict, and far above, lenient.
 """
 
 from __future__ import annotations
@@ -46,6 +73,7 @@ DEFAULT_TOLERANCE = 1e-5
 """Relative, for fp32 (`--check-tol`); see [Note: an independent check]."""
 
 _FLOOR = 1e-6
+_EPS32 = float(torch.finfo(torch.float32).eps) / 2  # 2**-24, fp32's unit roundoff
 
 
 class StepSemantics(Protocol):
@@ -198,6 +226,39 @@ def _relative(got: Tensor, want: Tensor, floor: float = _FLOOR) -> float:
     return float((got - want).abs().max()) / scale
 
 
+def _largest(tensors: dict[str, Tensor]) -> dict[str, float]:
+    """Each tensor's largest finite magnitude (0 for an empty or wholly non-finite one)."""
+    out = {}
+    for n, t in tensors.items():
+        finite = t.detach()[torch.isfinite(t.detach())]
+        out[n] = float(finite.abs().max()) if finite.numel() else 0.0
+    return out
+
+
+def _layer_floors(grads: dict[str, Tensor]) -> dict[str, float]:
+    """Each gradient's floor: the largest gradient of the module owning it, or of the nearest
+    enclosing module owning another gradient; see [Note: a gradient's rounding floor]."""
+    sizes = _largest(grads)
+    scale: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for n, size in sizes.items():
+        for prefix in _owners(n):
+            scale[prefix] = max(scale.get(prefix, 0.0), size)
+            count[prefix] = count.get(prefix, 0) + 1
+    last_resort = _EPS32 * max(sizes.values(), default=0.0) or _FLOOR
+    floors = {}
+    for n in sizes:
+        layer = next((scale[p] for p in _owners(n) if count[p] > 1), 0.0)
+        floors[n] = layer or last_resort
+    return floors
+
+
+def _owners(name: str) -> list[str]:
+    """The modules owning ``name``, innermost first: ``a.b.w`` -> ``a.b``, ``a``, ``""``."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:k]) for k in range(len(parts), -1, -1)]
+
+
 def _worst(pairs: Iterable[tuple[str, float]]) -> tuple[float, str]:
     """The largest difference and its name; NaN (a non-finite value) beats everything."""
     worst, name = 0.0, ""
@@ -232,12 +293,9 @@ def compare(
     for what in ("grads", "params", "buffers"):
         want_all: dict[str, Tensor] = getattr(reference, what)
         # parameters and buffers relative to the model's largest; a gradient to its own largest,
-        # but at least a thousandth of the model's largest (rounding noise of a gradient that
-        # cancels, as a bias before BatchNorm's does, is not a difference)
-        largest = max(
-            [_FLOOR] + [float(t.detach().abs().max()) for t in want_all.values() if t.numel()]
-        )
-        floor = max(_FLOOR, 1e-3 * largest) if what == "grads" else largest
+        # or its layer's (see [Note: a gradient's rounding floor])
+        largest = max([_FLOOR, *_largest(want_all).values()])
+        floors = _layer_floors(want_all) if what == "grads" else {}
         pairs = []
         seen: set[str] = set()
         for r in results:
@@ -248,7 +306,7 @@ def compare(
                     if what == "grads":  # the pipeline computed a gradient the model did not
                         pairs.append((name, math.inf))
                     continue
-                pairs.append((name, _relative(t, want_all[name], floor)))
+                pairs.append((name, _relative(t, want_all[name], floors.get(name, largest))))
         if what == "grads":  # a gradient the model has but no rank reported
             pairs += [(n, math.inf) for n, g in want_all.items() if n not in seen and g.any()]
         out[what], worst_names[what] = _worst(pairs)

@@ -8,7 +8,8 @@ launcher, by the user (``pipepart plan``, or `plan_model` in their script), or â
 (`plan_once`). A rank given a plan never calls the solver: it traces the model on meta (cheap
 and identical on every rank) and cuts it where the plan says, in the plan's node order
 (`partition.planning.analysis.stages_for_plan`, which also checks the plan is for this model).
-Both modes are traced when the model reads ``self.training`` (`partition.modes`).
+Both modes are traced when the model reads ``self.training`` (`partition.modes`), or the one
+mode the plan traced (`ModelInfo.modes`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import partition.errors as errors
 from partition.errors import PeerError, PipepartError, PlanError
 from partition.models.registry import BuiltModel
-from partition.options import PlanOptions
+from partition.options import Modes, PlanOptions
 from partition.plan import Plan
 from partition.schedules.actions import Schedule, build_schedule
 from partition.schedules.check import validate
@@ -39,6 +40,7 @@ __all__ = [
     "check_plan",
     "layout",
     "plan_for",
+    "plan_modes",
     "plan_once",
     "planning_options",
 ]
@@ -76,7 +78,9 @@ def layout(
     }
     method: TraceMethod = "export" if plan.model.trace_method == "export" else "fx"
     leaves = leaf_specs(plan.model.leaf_modules)
-    traced, other = trace_modes(built.model, (), meta_inputs, method=method, leaf_modules=leaves)
+    traced, other = trace_modes(
+        built.model, (), meta_inputs, method=method, leaf_modules=leaves, modes=plan_modes(plan)
+    )
     return Layout(plan, modal_stages(traced, other, stages_for_plan(traced, plan)), schedule)
 
 
@@ -106,12 +110,26 @@ def check_plan(plan: Plan, options: PipelineOptions, world: int, model_class: st
             f"{options.schedule!r}; re-plan with --schedule {options.schedule}, or leave "
             "the schedule to the plan (schedule=None)"
         )
+    if options.modes not in (None, plan_modes(plan)) and plan.model.modes:
+        raise PlanError(
+            f"the plan traced {' and '.join(plan.model.modes)} mode, the options ask for "
+            f"modes={options.modes!r}; re-plan with --modes {options.modes}, or leave the "
+            "modes to the plan (modes=None)"
+        )
     if options.bounds is not None and tuple(options.bounds) != plan.bounds:
         raise PlanError(
             f"the plan cuts at {list(plan.bounds)}, the options at {list(options.bounds)}: "
             "give one of them"
         )
     plan.check_model_class(model_class)
+
+
+def plan_modes(plan: Plan) -> Modes:
+    """The modes a rank traces for ``plan``: the one it traced, or ``both`` (`ModelInfo.modes`)."""
+    modes = plan.model.modes
+    if len(modes) == 1 and modes[0] in ("train", "eval"):
+        return "train" if modes[0] == "train" else "eval"
+    return "both"
 
 
 def plan_once(
@@ -182,6 +200,7 @@ def planning_options(built: BuiltModel, options: PipelineOptions) -> PlanOptions
         microbatches=options.microbatches or base.microbatches,
         virtual=options.virtual or (base.virtual if options.schedule is None else 1),
         bounds=options.bounds if options.bounds is not None else base.bounds,
+        modes=options.modes or base.modes,
     )
 
 

@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 
 from partition.errors import PlanError
-from partition.options import PlanOptions
+from partition.options import MODES, Modes, PlanOptions
+from pipeline.runtime.finite import ON_NONFINITE, OnNonFinite
 
 __all__ = ["PipelineOptions", "WeightsMode"]
 
@@ -32,6 +33,10 @@ class PipelineOptions:
     """Stages per rank (``interleaved``); default the plan's, else 1."""
     bounds: tuple[int, ...] | None = None
     """Without a plan: the split, as node indices of the linear order (default: the partitioner's)."""
+    modes: Modes | None = None
+    """Which of the model's modes to trace: ``both`` (when its forward reads ``self.training``),
+    or ``train`` or ``eval`` (the mode it is in; the pipeline then refuses the other); default
+    the plan's, else ``both``. See `partition.options.PlanOptions.modes`."""
     planning: PlanOptions | None = None
     """Without a plan: how the first rank plans (trace route, leaf modules, memory model,
     algorithm...); the schedule, micro-batches, stages per rank and bounds above, where given,
@@ -62,6 +67,11 @@ class PipelineOptions:
     """Run forward under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``)."""
     max_grad_norm: float | None = None
     """Clip gradients to this global norm (across all stages) before the optimizer step."""
+    on_nonfinite: OnNonFinite = "stop"
+    """A step whose loss or gradients are not finite: ``stop`` (a `NonFiniteError` on every
+    rank, before the optimizer steps), ``skip`` (drop that step's update on every rank; needs
+    an optimizer) or ``warn`` (log it and step anyway); see [Note: non-finite steps] in
+    `pipeline.runtime.finite`. Costs one all-reduce of one number per step."""
     check_boundaries: bool = True
     """Check each sent tensor's shape and dtype against the plan (one comparison per tensor)."""
     device: str | None = None
@@ -77,9 +87,16 @@ class PipelineOptions:
             raise PlanError(f"microbatches must be at least 1, got {self.microbatches}")
         if self.virtual is not None and self.virtual < 1:
             raise PlanError(f"virtual must be at least 1, got {self.virtual}")
+        if self.modes is not None and self.modes not in MODES:
+            raise PlanError(f"unknown modes {self.modes!r}; choose one of {', '.join(MODES)}")
         if self.batchnorm not in ("microbatch", "batch"):
             raise PlanError(f"batchnorm must be 'microbatch' or 'batch', got {self.batchnorm!r}")
         if self.weights not in ("auto", "factory", "init"):
             raise PlanError(f"weights must be 'auto', 'factory' or 'init', got {self.weights!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise PlanError(
+                f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got "
+                f"{self.on_nonfinite!r}"
+            )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise PlanError(f"max_grad_norm must be positive, got {self.max_grad_norm}")

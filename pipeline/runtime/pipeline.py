@@ -23,7 +23,9 @@ ranks is broadcast from one owner so that every copy starts equal.
 micro-batches, scaled per [Note: loss scaling] in `pipeline.runtime.stage`), sums the gradients of
 parameters held by several ranks (tied weights, over a subgroup of their ranks), clips by the
 global norm (see [Note: the global norm] in `pipeline.runtime.clip`), then steps the optimizer and
-the LR scheduler if given. Without an optimizer the gradients are left in ``.grad``. The loss
+the LR scheduler if given. Before clipping, every rank learns whether the step's loss or any
+gradient is not finite, and stops, drops the update or warns (see [Note: non-finite steps] in
+`pipeline.runtime.finite`). Without an optimizer the gradients are left in ``.grad``. The loss
 comes back on the rank holding the last stage; other ranks get ``None``.
 
 Errors on a rank say where they happened: see [Note: failing loudly] in
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from partition.errors import BatchError, PlanError
+from partition.errors import BatchError, PlanError, StageError
 from partition.models.registry import BuiltModel, build_meta_model, target_free
 from partition.modes.modal import bind_other_mode, stage_module
 from partition.plan import Plan
@@ -53,6 +55,7 @@ from pipeline.runtime.clip import clip_grad_norm
 from pipeline.runtime.device import stage_device
 from pipeline.runtime.executor import RankExecutor
 from pipeline.runtime.failure import locate
+from pipeline.runtime.finite import decide, find_nonfinite
 from pipeline.runtime.layout import agree_on_layout, layout
 from pipeline.runtime.optim import OptimizerFn, SchedulerFn, build_optimizer
 from pipeline.runtime.options import PipelineOptions
@@ -128,6 +131,9 @@ class Pipeline:
         """``(rank, action, start, end)`` of the last step, ``time.monotonic()`` seconds."""
         self.last_grad_norm: float | None = None
         """The global gradient norm of the last step (when clipping)."""
+        self.nonfinite_steps: list[int] = []
+        """Steps whose loss or gradients were not finite, dropped (``on_nonfinite="skip"``) or
+        trained on (``"warn"``); see [Note: non-finite steps] in `pipeline.runtime.finite`."""
         self.log.info(
             "stages %s of %d, schedule %s, %d micro-batches, %d parameters",
             list(self.my_stages),
@@ -165,6 +171,11 @@ class Pipeline:
             )
         if lr_scheduler_factory is not None and optimizer_factory is None:
             raise PlanError("an LR scheduler needs an optimizer: pass optimizer_factory= too")
+        if self.options.on_nonfinite == "skip" and optimizer_factory is None:
+            raise PlanError(
+                "on_nonfinite='skip' drops the optimizer's update, so it needs optimizer_factory=; "
+                "with your own optimizer use 'warn' and check pipe.nonfinite_steps after a step"
+            )
         self.loss_fn: LossFn = found
         return built
 
@@ -205,6 +216,7 @@ class Pipeline:
         self._named = retie()
         self.tied.bind(self._named)
         self._norm_params = self.tied.norm_params(self._named)
+        self._names = {id(p): n for n, p in reversed(self._named.items())}  # a tensor's first name
 
     def _build_executors(self) -> None:
         """A `StageExecutor` per stage of this rank and the `RankExecutor` that runs them (a
@@ -310,6 +322,8 @@ class Pipeline:
             BatchError: before any message, if the batch does not split into the plan's
                 micro-batches.
             StageError: an action failed; also an instance of the original exception's type.
+            NonFiniteError: the loss or a gradient is not finite (``on_nonfinite="stop"``), on
+                every rank, before the optimizer steps.
         """
         mb_inputs, mb_targets = split_batch(
             inputs, target, self._batch, need_target=not target_free(self.loss_fn)
@@ -318,9 +332,11 @@ class Pipeline:
         _, self.timeline = self.rank_executor.run(
             self._actions, mb_inputs, mb_targets, train=True, step=self.steps_done
         )
-        self._finish("gradients", self._reduce_grads)
-        if self.optimizer is not None:
-            self._finish("optimizer", self._optimizer_step)
+        self._finish("gradients", self.tied.reduce_grads)
+        if self._finish("non-finite check", self._finite):
+            self._finish("gradients", self._clip)
+            if self.optimizer is not None:
+                self._finish("optimizer", self._optimizer_step)
         self.steps_done += 1
         if not self.is_last:
             return None
@@ -347,14 +363,25 @@ class Pipeline:
 
     # --- after the schedule -----------------------------------------------------------------
 
-    def _finish(self, what: str, fn: Callable[[], None]) -> None:
+    def _finish(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
-            fn()
+            return fn()
+        except StageError:
+            raise
         except Exception as e:
             raise locate(e, self.rank, self.steps_done, what=what) from e
 
-    def _reduce_grads(self) -> None:
-        self.tied.reduce_grads()
+    def _finite(self) -> bool:
+        """Whether the step may update (a collective); see [Note: non-finite steps]."""
+        found = find_nonfinite(self.executors, self._names, group=self.group, device=self.device)
+        if found is not None:
+            self.nonfinite_steps.append(self.steps_done)
+        if decide(found, self.options.on_nonfinite, rank=self.rank, step=self.steps_done):
+            return True
+        self.zero_grad()
+        return False
+
+    def _clip(self) -> None:
         if self.options.max_grad_norm is not None:
             self.last_grad_norm = clip_grad_norm(
                 self.parameters,

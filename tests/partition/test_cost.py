@@ -107,7 +107,8 @@ def test_param_bytes_count_each_parameter_once(
     name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]
 ) -> None:
     costs = cost_model(trace(model, inputs))
-    assert costs.param_bytes == _unique_param_bytes(model)
+    assert costs.param_bytes + sum(c.buffer_bytes for c in costs) == _unique_param_bytes(model)
+    assert costs.param_numel == sum(p.numel() for p in model.parameters())  # buffers apart
     owners = [q for c in costs for q in c.params]
     assert len(owners) == len(set(owners))
 

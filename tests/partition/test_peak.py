@@ -16,8 +16,9 @@ from partition.graph import LinearGraph
 
 
 def _tied_peaks(problem: Problem, B: float) -> tuple[float, dict[tuple[int, ...], float]]:
-    """The least total time in units over splits within ``B`` that fit, and the peak memory of
-    each split that has it and the least communication too (stage memory in plain Python)."""
+    """The least total time in units over splits within ``B`` that fit with the fewest idle
+    stages, and the peak memory of each split that has it and the least communication too (stage
+    memory in plain Python)."""
     g, k, n = problem.graph, problem.num_stages, len(problem.graph)
     costs = problem.costs
 
@@ -33,9 +34,9 @@ def _tied_peaks(problem: Problem, B: float) -> tuple[float, dict[tuple[int, ...]
         if max(ratios) > 1 or float(costs.split_times(b).max()) > B * (1 + 1e-12):
             continue
         comm = sum(float(g.cut_bytes[x]) for x in cuts)
-        rows.append((costs.split_units(b), comm, b, max(ratios)))
-    least = min((u, c) for u, c, _, _ in rows)
-    return least[0], {b: peak for u, c, b, peak in rows if (u, c) == least}
+        rows.append((costs.split_idle(b), costs.split_units(b), comm, b, max(ratios)))
+    least = min((e, u, c) for e, u, c, _, _ in rows)
+    return least[1], {b: peak for e, u, c, b, peak in rows if (e, u, c) == least}
 
 
 def test_the_bisected_peak_is_the_least_over_the_tied_splits() -> None:

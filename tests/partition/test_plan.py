@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from partition import analyze, plan_model, reprice
+from partition import analyze, plan_analysis, plan_model, reprice
 from partition.devices import parse_devices
 from partition.errors import InputError, PlanError
+from partition.memory import MemoryModel
 from partition.models.examples import gpt, skipnet
 from partition.plan import SUMMARY_FIELDS, Plan
 from partition.planning.analysis import stages_for_plan
@@ -61,6 +62,30 @@ def test_tied_weights_are_listed() -> None:
     model, inputs, _ = gpt("toy", batch=4, tie_weights=True)
     plan = plan_model(model, inputs, devices=parse_devices("cpu", 2), microbatches=2)
     assert plan.shared_params == {"wte.weight": [0, 1]}
+
+
+@pytest.mark.slow
+def test_a_plan_counts_parameters_as_the_model_does_and_prices_buffers_once() -> None:
+    """Issue 18 item 3: BatchNorm's buffers were counted as parameters (a plan of 131,212
+    "parameters" for a model of 126,822) and priced with gradients and optimizer state."""
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=10)
+    x = torch.empty(4, 3, 32, 32, device="meta")
+    sgd = MemoryModel(optimizer="sgd")  # weights + gradients: no optimizer state
+    analysis = analyze(model, (x,), microbatches=2)
+    plan = plan_analysis(analysis, parse_devices("cpu", 2), microbatches=2, memory=sgd)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert buffers > 0 and plan.model.num_parameters == params
+    assert plan.model.param_bytes == 4 * params == sum(s.param_bytes for s in plan.stages)
+    weights = sum(s.memory["weights"] for s in plan.stages)
+    assert weights == plan.model.param_bytes + buffers  # buffers take memory...
+    assert sum(s.memory["gradients"] for s in plan.stages) == plan.model.param_bytes  # ...once
+    assert all(s.memory["optimizer"] == 0 for s in plan.stages)
+    old = plan.to_dict()  # a plan file written before: buffers counted; it loads and applies
+    old["model"]["num_parameters"] += sum(b.numel() for b in model.buffers())
+    assert len(stages_for_plan(analysis.traced, Plan.from_dict(old))) == 2
 
 
 def test_plan_for_another_model_is_refused() -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -143,3 +147,62 @@ def test_factory_names() -> None:
 def test_a_built_model_unpacks_in_order() -> None:
     model = nn.Linear(1, 1)
     assert list(BuiltModel(model)) == [model, (), {}, None, None]
+
+
+class LossAndLogits(nn.Module):
+    """Returns ``(loss, logits)``, as many training models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.b(torch.relu(self.a(x)))  # (B, 3)
+        return logits.logsumexp(-1).mean(), logits
+
+
+def loss_and_logits() -> Any:
+    """A factory for ``tests.partition.test_registry:loss_and_logits``: no loss given."""
+    return LossAndLogits(), (torch.randn(8, 4),)
+
+
+def test_the_default_loss_on_a_tuple_led_by_a_scalar_says_what_it_trains() -> None:
+    """Issue 22: ``(loss, logits)`` trained on the mean square of both, silently."""
+    loss, logits = torch.tensor(2.0), torch.ones(2, 3)
+    with pytest.warns(UserWarning) as said:
+        got = default_loss((loss, logits))
+    assert float(got) == 4.0 + 1.0  # the semantics stay: the mean square of every output
+    (warning,) = said
+    text = str(warning.message)
+    assert "the model returns a tuple whose first element is a scalar (a loss?)" in text
+    assert "the mean square of every floating-point output" in text
+    assert "return (model, inputs, lambda out: out[0])" in text and "Pipeline(loss_fn=" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: not led by a scalar, or its own loss
+        default_loss((logits, loss))
+        default_loss(SimpleNamespace(loss=loss, logits=logits))
+
+
+RANKS = ("--ranks", "2", "--steps", "2")
+
+
+@pytest.mark.slow
+def test_run_warns_when_it_trains_a_loss_and_logits_model_on_the_default_loss() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "tests.partition.test_registry:loss_and_logits",
+            *RANKS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "whose first element is a scalar (a loss?), and no loss function was given" in done.stderr
+    )

@@ -18,7 +18,7 @@ import partition.algorithms.ties as ties_module
 from partition.algorithms import baselines
 from partition.algorithms.objective import evaluate
 from partition.algorithms.optimal import memory_fits
-from partition.algorithms.problem import Problem
+from partition.algorithms.problem import IDLE_SHARE, Problem
 from partition.devices import Device
 from partition.errors import InfeasibleError, PlanError
 from partition.graph import LinearGraph
@@ -35,10 +35,10 @@ FAST = settings(
 # --- references -----------------------------------------------------------------------------
 
 
-def brute_force(problem: Problem) -> tuple[float, float, Fraction, float] | None:
-    """(bottleneck, total time in units, comm bytes (exact), peak memory) of the best split,
-    enumerating every split: the lexicographic key of [Note: objective], bottleneck ties within
-    ``TIES``."""
+def brute_force(problem: Problem) -> tuple[float, float, Fraction, float, int] | None:
+    """(bottleneck, total time in units, comm bytes (exact), peak memory, idle stages) of the
+    best split, enumerating every split: the lexicographic key of [Note: objective] (bottleneck,
+    idle stages, units, comm, peak), bottleneck ties within ``TIES``."""
     n, k = len(problem.graph), problem.num_stages
     combos = list(itertools.combinations(range(1, n), k - 1))
     cuts = np.array(combos, dtype=np.int64).reshape(len(combos), k - 1)
@@ -51,17 +51,27 @@ def brute_force(problem: Problem) -> tuple[float, float, Fraction, float] | None
         return None
     bottleneck = times.max(axis=1)[fits]
     units = np.array([costs.split_units(b) for b in bounds[fits]])
+    # idle: the stage's compute at most tau, P_i >= P_j - tau, pair by pair
+    tau = IDLE_SHARE * float(costs.P[-1]) / k
+    idle = np.array(
+        [
+            sum(costs.P[i] >= costs.P[j] - tau for i, j in itertools.pairwise(b))
+            for b in bounds[fits]
+        ]
+    )
     # exact sums: 4 + 1.4e-27 is more communication than 4, though not in float (the solver's
     # labels keep the difference, as exact arithmetic does)
     comm = np.array([_exact_comm(problem, b) for b in bounds[fits]], object)
     peak = (mem / costs.cap).max(axis=1)[fits]
     best = bottleneck.min()
     tied = bottleneck <= best * (1 + TIES)
+    fewest_idle = idle[tied].min()
+    tied &= idle == fewest_idle
     least = units[tied].min()
     tied &= units == least
     fewest = comm[tied].min()
     tied &= comm == fewest
-    return float(best), float(least), fewest, float(peak[tied].min())
+    return float(best), float(least), fewest, float(peak[tied].min()), int(fewest_idle)
 
 
 def _exact_comm(problem: Problem, bounds: Sequence[int]) -> Fraction:
@@ -147,6 +157,7 @@ def _check_against_brute_force(problem: Problem) -> None:
     assert ev.fits
     assert all(b < c for b, c in itertools.pairwise(bounds)), "a stage is empty"
     assert ev.bottleneck == pytest.approx(want[0], rel=1e-9, abs=0)
+    assert ev.idle_stages == want[4], "not the fewest idle stages among the ties"
     assert problem.costs.split_units(bounds) == want[1], "not the least total time among the ties"
     assert _exact_comm(problem, bounds) == want[2], "not the least communication among the S-ties"
     assert ev.peak_memory == pytest.approx(want[3], rel=1e-9, abs=0)

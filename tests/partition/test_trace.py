@@ -96,6 +96,30 @@ def test_untraceable_model_names_module_line_and_the_way_out() -> None:
     assert "leaf_modules" in message and "concrete_args" in message and "export" in message
 
 
+def test_a_model_neither_route_traces_says_what_each_hit_and_no_circular_advice() -> None:
+    """Issue 18: when fx failed and export failed too, the message appended export's error to
+    fx's, whose advice was to trace through export. Now: what each route hit, and each route's
+    own ways out, never the route that just failed."""
+    with pytest.raises(TraceError) as info:
+        trace(_Outer(), (torch.randn(2, 4),), method="auto")
+    message = str(info.value)
+    head, fx_line, export_line, ways = message.splitlines()
+    assert head == "cannot trace _Outer by either route."
+    assert fx_line.startswith("fx (symbolic tracing): ") and "'encoder.1'" in fx_line
+    assert "if x.sum() > 0" in fx_line
+    assert export_line.startswith("torch.export: torch.export could not trace _Outer")
+    assert ways.startswith("Ways out: keep 'encoder.1' as one node (leaf_modules=['encoder.1']")
+    assert "concrete_args" in ways and "torch.cond" in ways
+    assert "--trace export" not in message and "--trace fx" not in message
+
+
+def test_one_route_alone_offers_the_other() -> None:
+    with pytest.raises(TraceError, match=r"Ways out: keep 'encoder.1'.*--trace export"):
+        trace(_Outer(), (torch.randn(2, 4),), method="fx")
+    with pytest.raises(TraceError, match=r"torch.cond.*--trace fx"):
+        trace(_Outer(), (torch.randn(2, 4),), method="export")
+
+
 def test_leaf_module_gets_past_the_branch() -> None:
     traced = trace(_Outer(), (torch.randn(2, 4),), method="fx", leaf_modules=["encoder.1"])
     targets = [n.target for n in traced.graph.nodes if n.op == "call_module"]

@@ -9,6 +9,7 @@ Every `run_ranks` call starts fresh processes, so a resume shares nothing with t
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -316,7 +317,8 @@ def _rehash(checkpoint: Path, name: str) -> None:
 
 
 def test_retention_keeps_the_newest(saves: dict[str, Any]) -> None:
-    assert sorted(p.name for p in saves["kept2"].iterdir()) == ["step-00000004", "step-00000005"]
+    kept = sorted(p.name for p in saves["kept2"].iterdir())
+    assert kept == [".lock", "step-00000004", "step-00000005"]  # .lock: the saving job's
 
 
 def test_a_crashed_or_damaged_save_is_skipped_and_named(
@@ -348,6 +350,7 @@ def test_a_crashed_or_damaged_save_is_skipped_and_named(
     assert prune_checkpoints(root, keep=3) == []  # fewer than 3 complete: nothing goes
     assert prune_checkpoints(root, keep=1) == [step[1]]
     assert sorted(p.name for p in root.iterdir()) == [
+        ".lock",
         ".tmp-step-00000006",
         *(f"step-{s:08d}" for s in range(2, 6)),
     ]
@@ -509,3 +512,39 @@ def test_a_failed_save_is_raised_on_every_rank(tmp_path: Path) -> None:
         assert "keep must be at least 1" in errors[2]
     assert latest_complete(good)[0] == Path(good) / "step-00000000"
     assert not (tmp_path / "file").is_dir()
+
+
+def _save_on_a_full_disk(root: str) -> tuple[str, list[str]]:
+    """Rank 1's disk is full (ENOSPC) while it writes its part: the save fails on every rank,
+    and then one that works."""
+    import pipeline.checkpoint.write as write_module
+
+    pipe = Run(total=0).pipeline()
+    real = write_module.write_json
+
+    def full(path: Path, data: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    write_module.write_json = full if dist.get_rank() == 1 else real  # type: ignore[assignment]
+    try:
+        pipe.save(root)
+        error = ""
+    except CheckpointError as e:
+        error = str(e)
+    dist.barrier()
+    left = sorted(p.name for p in Path(root).iterdir())
+    dist.barrier()  # every rank has looked before rank 0 starts the next save
+    write_module.write_json = real
+    pipe.save(root)
+    return error, left
+
+
+@pytest.mark.slow
+def test_a_save_that_fills_the_disk_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Issue 22: a save failing for ENOSPC left ``.tmp-step-N``, so the disk stayed full and the
+    next ``--resume`` failed at the same save."""
+    root = tmp_path / "ckpt"
+    for error, left in run_ranks(2, _save_on_a_full_disk, str(root), timeout=120):
+        assert "failed on rank 1: OSError: [Errno 28] No space left on device" in error
+        assert left == [".lock"]  # every rank's files gone with the .tmp- folder
+    assert latest_complete(root) == (root / "step-00000000", [])

@@ -10,8 +10,10 @@ and ``json``, not with `pipeline.checkpoint.save_load`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,8 +260,40 @@ def test_a_part_that_cannot_be_written_publishes_nothing(one_rank: None, tmp_pat
     with pytest.raises(CheckpointError, match="failed on rank 0: TypeError: Object of type object"):
         write(snap, tmp_path, None, None)
     assert not (tmp_path / "step-00000005").exists()
-    found, skipped = latest_complete(tmp_path)
-    assert found is None and [p.name for p, _ in skipped] == [".tmp-step-00000005"]
+    assert list(tmp_path.iterdir()) == []  # the .tmp- folder is removed too (issue 22)
+    assert latest_complete(tmp_path) == (None, [])
+
+
+def test_a_full_disk_leaves_no_temporary_folder_behind(
+    one_rank: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22: a save failing for ENOSPC left ``.tmp-step-N``, so the disk stayed full."""
+
+    def full(path: Path, data: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(write_module, "write_json", full)
+    with pytest.raises(CheckpointError, match=r"failed on rank 0: OSError: \[Errno 28\] No space"):
+        write(snapshot(_Pipe(), META, copy_tensors=False), tmp_path, None, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nonfinite_weights_are_never_published_and_keep_spares_the_finite_ones(
+    one_rank: None, tmp_path: Path
+) -> None:
+    pipe = _Pipe()
+    good = write(snapshot(pipe, META, copy_tensors=False), tmp_path, 1, None)
+    with torch.no_grad():
+        pipe.model.fc.bias[1] = float("nan")
+    pipe.steps_done = 6
+    with pytest.raises(CheckpointError) as refused:
+        write(snapshot(pipe, META, copy_tensors=False), tmp_path, 1, None)
+    assert (
+        f"preparing the checkpoint failed on rank 0: not saving {tmp_path / 'step-00000006'}: "
+        "1 weight tensor(s) are not finite, the first 'fc.bias'"
+    ) in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # kept, nothing else
+    assert latest_complete(tmp_path) == (good, [])
 
 
 # --- in the background --------------------------------------------------------------------------
@@ -273,9 +307,9 @@ def test_an_async_save_writes_the_state_of_when_it_started(
     go = threading.Event()
     real = write_module.write
 
-    def held(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
+    def held(snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object) -> Path:
         assert go.wait(30)
-        return real(snap, root, keep, group)
+        return real(snap, root, keep, group, owner)
 
     monkeypatch.setattr(write_module, "write", held)
     pipe = _Pipe()
@@ -296,7 +330,7 @@ def test_an_async_save_writes_the_state_of_when_it_started(
 
 
 def _failing(error: BaseException) -> Any:
-    def fail(snap: Snapshot, root: Path, keep: int | None, group: Any) -> Path:
+    def fail(snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object) -> Path:
         raise error
 
     return fail

@@ -152,3 +152,36 @@ def test_a_plan_in_an_unknown_order_is_refused() -> None:
     )
     with pytest.raises(PlanError, match="node order is 'graph' or 'late'"):
         layout(built, bad, PipelineOptions(), 2)
+
+
+class _TrainBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h * 2 if self.training else h)
+
+
+def _eval_factory() -> Any:
+    return _TrainBranch().eval(), (torch.randn(4, 4),), torch.nn.functional.mse_loss
+
+
+def test_a_plan_of_one_mode_is_laid_out_in_that_mode_and_refuses_the_other() -> None:
+    from partition.modes.modal import stage_module
+
+    built = build_meta_model(_eval_factory)
+    plan = plan_model(
+        built.model, built.args, devices=parse_devices("cpu", 2), microbatches=2, modes="eval"
+    )
+    assert Plan.from_dict(plan.to_dict()).model.modes == ("eval",) == plan.model.modes
+    stages = layout(built, plan, PipelineOptions(), 2).stages
+    assert stage_module(stages[0], False) is stages[0].module
+    with pytest.raises(PlanError, match=r"cannot run in train mode .*--modes both"):
+        stage_module(stages[0], True)
+    with pytest.raises(PlanError, match=r"the plan traced eval mode, .* --modes both"):
+        layout(built, plan, PipelineOptions(modes="both"), 2)
+    both = plan_model(built.model, built.args, devices=parse_devices("cpu", 2), microbatches=2)
+    assert both.model.modes == ("eval", "train")
+    assert stage_module(layout(built, both, PipelineOptions(), 2).stages[1], True) is not None

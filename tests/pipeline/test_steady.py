@@ -177,6 +177,7 @@ def test_thirty_steps_leave_nothing_behind(tmp_path: Path) -> None:
                 assert (rank == RANKS - 1) == all(loss is not None for loss in r["loss"]), where
         for name, _ in SCHEDULES:
             assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+                ".lock",  # the saving job's: see [Note: one job per folder]
                 "step-00000025",
                 "step-00000030",
             ]

@@ -133,7 +133,7 @@ def test_the_exit_code_is_the_commands(monkeypatch: pytest.MonkeyPatch) -> None:
         ("", "failed"),
         ("  \n\n ", "failed"),
         ("no plan file at p.json", "no plan file at p.json"),
-        ("\n  the first line  \nthe second\n", "the first line"),
+        ("\n  the first line.  \nThe second.\n", "the first line. The second."),
         (  # a multi-rank report: the rank that failed, not the ones the launcher killed after
             "2 ranks failed\nrank 1: killed by the launcher after rank 0 failed\n"
             "rank 0: [stage 0 · step 1 · 0F1] RuntimeError: boom\n",
@@ -144,6 +144,21 @@ def test_the_exit_code_is_the_commands(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_one_line_of_an_error(message: str, line: str) -> None:
     assert _one_line(message) == line
+
+
+def test_a_multi_line_error_keeps_its_ways_out(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: a model neither route traces says what each hit on its own line, then the ways
+    out; the one-line printer kept only the first line, dropping what to do."""
+    error = PipepartError("cannot trace M by either route.\nfx: a.\nexport: b.\nWays out: c.")
+    monkeypatch.setattr(pipeline.cli.plan, "_cmd_show", _raising(error))
+    assert main(["show", "plan.json"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "pipepart show: error: cannot trace M by either route. fx: a. export: b. Ways out: c.\n"
+    )
 
 
 def test_a_multi_line_error_prints_the_failed_ranks_line(

@@ -143,3 +143,30 @@ def test_simulate_table_has_a_row_per_rank(capsys: pytest.CaptureFixture[str], s
         ("1", "1", "1"),
     ]
     assert "bubble" in out and "Gantt" not in out
+
+
+def test_plan_says_which_modes_it_traced_and_takes_modes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A model whose forward reads ``self.training``: both modes by default, one with ``--modes``
+    (the factory puts the model in eval mode; see `tests.pipeline.test_layout`)."""
+    model = "tests.pipeline.test_layout:_eval_factory"
+    assert main(["plan", model, "--devices", "2", "--microbatches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "modes: eval and train traced (the forward reads self.training)" in out
+    data = _json(
+        capsys,
+        ["plan", model, "--devices", "2", "--microbatches", "2", "--modes", "eval", "--json"],
+    )
+    assert data["model"]["modes"] == ["eval"]
+    assert Plan.from_dict(data).model.modes == ("eval",)
+    assert main(["plan", model, "--devices", "2", "--microbatches", "2", "--modes", "eval"]) == 0
+    assert (
+        "modes: eval only (--modes eval); the pipeline refuses train mode"
+        in capsys.readouterr().out
+    )
+    assert main(["plan", model, "--devices", "2", "--modes", "train"]) == 2
+    assert (
+        "modes='train' traces train mode only, but the model is in eval mode"
+        in capsys.readouterr().err
+    )

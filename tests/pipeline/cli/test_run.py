@@ -67,6 +67,7 @@ def test_every_flag_reaches_its_field() -> None:
         *("--resume", "--restarts", "3"),
         *("--seed", "9", "--lr", "0.5", "--optimizer", "adam", "--loss", "sum"),
         *("--clip", "1.5", "--recompute", "--batchnorm", "batch"),
+        *("--on-nonfinite", "skip"),
     )
     options, plan = run_options(args)
     assert plan is None
@@ -94,6 +95,7 @@ def test_every_flag_reaches_its_field() -> None:
             seed=9,
             loss_reduction="sum",
             max_grad_norm=1.5,
+            on_nonfinite="skip",
             recompute=True,
             batchnorm="batch",
             weights="init",
