@@ -110,6 +110,7 @@ def test_auto_traces_a_buffer_assignment_through_export_which_keeps_it() -> None
     assert method == "export" and float(model.inner.count) == 2
 
 
+@pytest.mark.filterwarnings("ignore:The tensor attribute self.last was assigned")  # torch's
 def test_export_warns_of_an_attribute_it_drops_and_puts_it_back() -> None:
     model = Keeps()
     with pytest.warns(UserWarning, match=r"assigns the attribute 'last' of the model \(Keeps\)"):
