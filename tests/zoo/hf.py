@@ -198,6 +198,6 @@ def hf_mamba(size: str = "tiny", batch: int = 4) -> Built:
     )
     config = transformers.MambaConfig(**shape, use_cache=False)
     # Without the mamba_ssm kernels the scan is a Python loop over positions, unrolled by tracing:
-    # the real-size plan takes 128 positions (24 layers x 128 steps), not the 2048 of training.
-    ids, target = _tokens(size, batch, config.vocab_size, (16, 128))
+    # the real-size plan takes 16 positions (24 layers x 16 steps), not the 2048 of training.
+    ids, target = _tokens(size, batch, config.vocab_size, (16, 16))
     return transformers.MambaForCausalLM(config), {"input_ids": ids}, causal_lm_loss, target
