@@ -13,8 +13,10 @@ For the ``optimal`` algorithm, with ``B*`` the least bottleneck over the splits 
    tolerance to tune);
 3. the *ties* are the splits that fit with a bottleneck within ``1e-12`` relative of the one
    found (stage times compared with that slack, for rounding). Among them the split has the
-   least total time ``S = sum_s T_s`` — what a step adds to ``(m - 1) B`` for its fill and drain
-   — compared exactly in integer units of at most ``(k + 3) 2^-50`` of the longest possible
+   fewest *idle* stages (compute at most 1 % of an even share, `IDLE_SHARE`: an input, a shape
+   query; see [Note: idle stages] in `partition.idle`), exactly; among those, the least
+   total time ``S = sum_s T_s`` — what a step adds to ``(m - 1) B`` for its fill and drain —
+   compared exactly in integer units of at most ``(k + 3) 2^-50`` of the longest possible
    stage time (``6e-14`` of it on 64 stages; see
    [Note: objective] for why units and not a tolerance: splits whose ``S`` differ by more than
    ``4 k`` units never tie, and natural ties, zero-compute nodes moved between equal cuts or

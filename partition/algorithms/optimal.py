@@ -48,9 +48,13 @@ about 35 to reach float precision; probing the events themselves was tried and c
 the largest possible stage time is infeasible, no split fits memory (`InfeasibleError`).
 
 **Ties** (`partition.algorithms.ties`). With ``B = hi`` fixed, one more pass over the same
-reachable sets minimises (total time, communication, peak memory) lexicographically. Each cut
-gets the least *label* (total time in exact units, communication) of a prefix ending there: both
-are sums along a path, and the total time is separable like ``T_s`` — a start ``i`` extends to
+reachable sets minimises (idle stages, total time, communication, peak memory)
+lexicographically. Each cut gets the least *label* (idle stages, total time in exact units,
+communication) of a prefix ending there: all are sums along a path. A stage ``[i, j)`` is idle
+iff ``i >= idle_from(j)``, so each end's starts are two ranges — working before
+``idle_from(j)``, idle (count plus one) from it — each searched as below and the better kept;
+idle ranges are short and tested start by start, and only where an idle stage could tie. The
+total time is separable like ``T_s`` — a start ``i`` extends to
 an end ``j`` with the value ``units_i - R_s(i) + L_{s-1}(i)`` plus a term of ``j`` alone — so the
 least label into ``j`` is a minimum over its valid starts of one value per start. The starts'
 (value, communication) pairs are ranked once per stage (a sort), and the least rank is found as

@@ -20,6 +20,7 @@ from partition.algorithms.peak import TightStage, bisect_peak
 from partition.algorithms.reach import (
     RTOL,
     BoolArray,
+    FloatArray,
     Frame,
     Probe,
     Search,
@@ -107,10 +108,14 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
         R, lin, lout = c.time_units(s), c.link_units(s - 1), c.link_units(s)
         # Rank the labels extended by a stage's start: (idle, units - R_s + L_{s-1}, comm), exactly.
         alpha = (units[ridx] - R[a + ridx]) + lin[a + ridx]
-        o = np.lexsort((comm[ridx], alpha, idle[ridx]))
-        se, sa, sc = idle[ridx][o], alpha[o], comm[ridx][o]
+        e = idle[ridx]
+        mixed = bool(e.size) and bool(e.min() != e.max())  # else the idle counts rank nothing
+        o = np.lexsort((comm[ridx], alpha, e) if mixed else (comm[ridx], alpha))
+        se, sa, sc = e[o], alpha[o], comm[ridx][o]
         new = np.ones(o.size, dtype=np.bool_)
-        new[1:] = (se[1:] != se[:-1]) | (sa[1:] != sa[:-1]) | (sc[1:] != sc[:-1])
+        new[1:] = (sa[1:] != sa[:-1]) | (sc[1:] != sc[:-1])
+        if mixed:
+            new[1:] |= se[1:] != se[:-1]
         order = ridx[o]
         rank = np.full(size, -1, dtype=np.int64)
         rank[order] = np.cumsum(new) - 1
@@ -122,14 +127,8 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
         need = (work.best < 0) | (ue[np.maximum(work.best, 0)] > ue[0])
         rest = _idle_side(fr, a, ridx, rank, order, j, np.where(need, z, j - a))
         # The better side per end: (idle, units, comm) of a working stage against an idle one.
+        take0, take1 = _sides(work.best, rest.best, (ue, ua, uc))
         p0, p1 = np.maximum(work.best, 0), np.maximum(rest.best, 0)
-        e0, e1 = ue[p0], ue[p1] + 1.0
-        lt = (e0 < e1) | (
-            (e0 == e1) & ((ua[p0] < ua[p1]) | ((ua[p0] == ua[p1]) & (uc[p0] < uc[p1])))
-        )
-        eq = (e0 == e1) & (ua[p0] == ua[p1]) & (uc[p0] == uc[p1])
-        take0 = (work.best >= 0) & ((rest.best < 0) | lt | eq)
-        take1 = (rest.best >= 0) & ((work.best < 0) | ~lt)
         reached = take0 | take1
         pick = np.where(take0, p0, p1)
         span = int(j[-1]) - nxt_a + 1
@@ -243,6 +242,21 @@ def _tight(
     p0 = keys.searchsorted(base + sure[hq], "left")
     p1 = keys.searchsorted(base + end[hq], "right")
     return _Ties(best=best, bq=q[keep], bi=i[keep], hq=hq, p0=p0, p1=p1)
+
+
+def _sides(
+    b0: IntArray, b1: IntArray, label: tuple[FloatArray, FloatArray, FloatArray]
+) -> tuple[BoolArray, BoolArray]:
+    """Per end, whether its best working start (rank ``b0``) and its best idle one (``b1``) are
+    tight: the least of (idle, units, comm) of the two, the idle one's count plus one."""
+    if not (b1 >= 0).any():
+        return b0 >= 0, np.zeros(b0.size, dtype=np.bool_)
+    ue, ua, uc = label
+    p0, p1 = np.maximum(b0, 0), np.maximum(b1, 0)
+    e0, e1 = ue[p0], ue[p1] + 1.0
+    lt = (e0 < e1) | ((e0 == e1) & ((ua[p0] < ua[p1]) | ((ua[p0] == ua[p1]) & (uc[p0] < uc[p1]))))
+    eq = (e0 == e1) & (ua[p0] == ua[p1]) & (uc[p0] == uc[p1])
+    return (b0 >= 0) & ((b1 < 0) | lt | eq), (b1 >= 0) & ((b0 < 0) | ~lt)
 
 
 def _idle_side(

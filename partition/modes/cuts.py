@@ -114,13 +114,16 @@ def mode_cuts(traced: TracedModel, other: OtherMode, names: Sequence[str]) -> Mo
         if ruled[j]:
             continue
         wires_a, wires_b = _wires(live[0]), _wires(live[1])
-        perm, unpaired = match_wires(
-            wires_a, wires_b, partner, lambda u, j=j: position.get(u, n) < j
-        )
+        perm, unpaired = match_wires(wires_a, wires_b, partner, _left_of(position, j, n))
         valid[j] = not unpaired and len(perm) == len(wires_b)
     steps = np.bincount([min(max(v + 1, 0), n) for v in side_b.values()], minlength=n + 1)
     before = np.cumsum(steps)  # before[j]: other-mode nodes whose side is left of cut j
     return ModeCuts(tuple(valid), tuple(int(c) for c in before), len(side_b))
+
+
+def _left_of(position: dict[fx.Node, int], j: int, n: int) -> Callable[[fx.Node], bool]:
+    """Whether a traced-mode node is before cut ``j`` (the output node never is)."""
+    return lambda node: position.get(node, n) < j
 
 
 def _wires(crossing: dict[fx.Node, int]) -> list[Wire]:

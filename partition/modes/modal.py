@@ -34,17 +34,18 @@ from torch import nn
 
 from partition.errors import PipepartError, PlanError, TraceError
 from partition.microbatch import first_microbatch
+from partition.modes.compare import same_graph
 from partition.options import Modes, PlanOptions, with_knobs
 from partition.split import Stage
 from partition.trace.fx import trace
-from partition.trace.traced import TracedModel, module_path
+from partition.trace.traced import TracedModel
 
 __all__ = [
     "ModalStage",
     "OtherMode",
     "bind_other_mode",
+    "describe_modes",
     "mode_name",
-    "node_key",
     "stage_module",
     "trace_modes",
 ]
@@ -85,6 +86,19 @@ class OtherMode:
 
 def mode_name(mode: bool) -> str:
     return "train" if mode else "eval"
+
+
+def describe_modes(modes: Sequence[str]) -> str:
+    """A line saying which modes a plan traced and planned (its ``ModelInfo.modes``)."""
+    if len(modes) > 1:
+        return (
+            f"modes: {' and '.join(modes)} traced (the forward reads self.training); every cut "
+            f"carries over to {modes[1]} mode"
+        )
+    if not modes:
+        return "modes: one graph serves train and eval mode"
+    other = "eval" if modes[0] == "train" else "train"
+    return f"modes: {modes[0]} only (--modes {modes[0]}); the pipeline refuses {other} mode"
 
 
 def stage_module(stage: Stage, mode: bool) -> fx.GraphModule:
@@ -253,7 +267,7 @@ def trace_modes(
     finally:
         for module, flag in flags:
             module.training = flag
-    return traced, None if _same_graph(traced, other) else OtherMode(other, mode, readers)
+    return traced, None if same_graph(traced, other) else OtherMode(other, mode, readers)
 
 
 def _check_modes(modes: Modes, training: bool) -> None:
@@ -282,66 +296,6 @@ def _other_failed(error: Exception, mode: bool, readers: Sequence[str]) -> Excep
         return kind(message)
     except TypeError:
         return TraceError(message)
-
-
-def node_key(node: fx.Node, traced: TracedModel) -> tuple[str, ...]:
-    """What a node is, independent of its name and constants (how two graphs are aligned)."""
-    if node.name in traced.param_placeholders:
-        return ("tensor", traced.param_placeholders[node.name])
-    if node.op in ("placeholder", "call_module", "get_attr", "output"):
-        return (node.op, str(node.target))
-    target = getattr(node.target, "__qualname__", None) or str(node.target)
-    if not isinstance(node.target, str):
-        target = f"{getattr(node.target, '__module__', '')}.{target}"
-    return (node.op, target, module_path(node))
-
-
-def _same_graph(a: TracedModel, b: TracedModel) -> bool:
-    """Whether ``a`` and ``b`` compute the same thing: node by node the same op on the same
-    arguments (nodes are compared through the pairing, constants by value)."""
-    nodes_a, nodes_b = list(a.graph.nodes), list(b.graph.nodes)
-    if len(nodes_a) != len(nodes_b) or a.out_spec != b.out_spec:
-        return False
-    partner: dict[fx.Node, fx.Node] = {}
-    for x, y in zip(nodes_a, nodes_b, strict=True):
-        if node_key(x, a) != node_key(y, b):
-            return False
-        mapped = fx.node.map_arg(_canonical(x), lambda n: partner[n])
-        try:
-            if mapped != _canonical(y):
-                return False
-        except RuntimeError:  # a tensor constant compared by value: call it different
-            return False
-        partner[x] = y
-    return True
-
-
-_DROPOUTS = {
-    torch.ops.aten.dropout.default,
-    torch.ops.aten.feature_dropout.default,
-    torch.ops.aten.alpha_dropout.default,
-    torch.ops.aten.feature_alpha_dropout.default,
-    torch.ops.aten.native_dropout.default,
-    torch.nn.functional.dropout,
-    torch.nn.functional.dropout1d,
-    torch.nn.functional.dropout2d,
-    torch.nn.functional.dropout3d,
-    torch.nn.functional.alpha_dropout,
-    torch.nn.functional.feature_alpha_dropout,
-}
-
-
-def _canonical(node: fx.Node) -> tuple[Any, Any]:
-    """A node's arguments, with the mode flag of a dropout of probability 0 (a no-op in both
-    modes: HF models built with zero dropout read it in every layer) left out."""
-    args, kwargs = tuple(node.args), dict(node.kwargs)
-    if node.target in _DROPOUTS:
-        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-        if p == 0:
-            args = args[:2]
-            kwargs.pop("training", None)
-            kwargs.pop("train", None)
-    return args, kwargs
 
 
 # --- after materialisation ------------------------------------------------------------------

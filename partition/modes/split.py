@@ -18,7 +18,8 @@ from torch import nn
 
 from partition.errors import PlanError
 from partition.graph import LinearGraph
-from partition.modes.modal import ModalStage, OtherMode, mode_name, node_key
+from partition.modes.compare import node_key
+from partition.modes.modal import ModalStage, OtherMode, mode_name
 from partition.split import Stage, split
 from partition.trace.tensor_constants import constant_key
 from partition.trace.traced import TracedModel, module_path
@@ -98,9 +99,7 @@ def modal_stages(
                     f"stage {s}: internal error pairing the modes' boundaries; please report"
                 )
         if s > 0:
-            perm = _pair(
-                live_a[s], live_b[s], partner, lambda n, s=s: stage_a.get(n, s) < s, s, what
-            )
+            perm = _pair(live_a[s], live_b[s], partner, _earlier(stage_a, s), s, what)
             _reorder_inputs(stage_other.module, perm)
             _reorder_outputs(split_b[s - 1].module, perm)
     last, last_other = stages[-1].outputs, split_b[-1].outputs
@@ -114,7 +113,7 @@ def modal_stages(
     for stage_other in split_b:
         stage_other.module.recompile()
     held = {name for stage in stages for name in _tensor_names(stage.module)}
-    carried = []
+    carried: list[Stage] = []
     for stage, b in zip(stages, split_b, strict=True):
         extra = [n for n in _tensor_names(b.module) if n not in held]
         for name in extra:  # read in the other mode only: this stage holds it for that mode
@@ -123,6 +122,11 @@ def modal_stages(
         fields_of["params"] = (*stage.params, *extra)
         carried.append(ModalStage(**fields_of, traced_mode=mode, other=b.module))
     return carried
+
+
+def _earlier(stage_a: dict[fx.Node, int], s: int) -> Callable[[fx.Node], bool]:
+    """Whether a traced-mode node is in a stage before ``s`` (the output node never is)."""
+    return lambda node: stage_a.get(node, s) < s
 
 
 def _untraced(other_mode: OtherMode) -> str:

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from partition.idle import devices_note
 from partition.plan import Plan
 from partition.schedules.simulate import SimResult
 from partition.units import format_size, format_time
@@ -85,20 +86,16 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
         f"({ratio:.3f}× perfect balance)"
         + ("" if plan.fits() else " · [red]does not fit memory[/red]")
         + (f"\n{modes_line(plan)}" if plan.model.modes else "")
+        + (f"\n[yellow]{note}[/yellow]" if (note := devices_note(plan)) else "")
     )
     return table
 
 
 def modes_line(plan: Plan) -> str:
     """Which of the model's modes ``plan`` traced and planned (see `ModelInfo.modes`)."""
-    modes = plan.model.modes
-    if len(modes) > 1:
-        return (
-            f"modes: {' and '.join(modes)} traced (the forward reads self.training); every cut "
-            f"carries over to {modes[1]} mode"
-        )
-    other = "eval" if modes[0] == "train" else "train"
-    return f"modes: {modes[0]} only (--modes {modes[0]}); the pipeline refuses {other} mode"
+    from partition.modes.modal import describe_modes
+
+    return describe_modes(plan.model.modes)
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from partition.devices import parse_devices
@@ -13,18 +12,16 @@ from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
 from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES
-from partition.units import format_time
 from pipeline.cli.flags import (
     add_command,
     add_cuts_argument,
     add_model_arguments,
-    console,
     make_plan,
     plan_options,
     progress,
 )
+from pipeline.cli.outcome import check_status, finite_json, print_run
 from pipeline.launch.options import RunOptions
-from pipeline.launch.results import RunResult
 from pipeline.runtime.finite import ON_NONFINITE
 from pipeline.runtime.optim import OPTIMIZER_CLASSES
 from pipeline.runtime.options import PipelineOptions
@@ -45,8 +42,15 @@ trains on); a checkpoint whose weights are not finite is never saved.
 micro-batches, and fails (exit code 1) when a loss, gradient, parameter or buffer differs by more
 than --check-tol (relative) or is not finite.
 
+--pp P --dp D trains D replicas of a P-rank pipeline (--ranks P*D): each replica reads its own
+shard of the batch, and the gradients are averaged over the replicas once per optimizer step;
+--accumulate K adds K steps' gradients before each optimizer step. The batch (--batch) is the
+global one: K*D shards of --microbatches micro-batches each, and --check trains one process on
+all of it.
+
 examples:
   pipepart run gpt --ranks 2 --steps 3 --check
+  pipepart run gpt --ranks 4 --pp 2 --dp 2 --accumulate 2 --batch 16 --check
   pipepart run gpt --ranks 4 --schedule interleaved --virtual 2 --microbatches 8 --json
   pipepart run gpt --ranks 2 --plan plan.json --steps 10 --png run.png
   pipepart run gpt --ranks 2 --steps 100 --checkpoint-dir ckpt --checkpoint-every 10 --restarts 2
@@ -70,7 +74,17 @@ def _marker_plan(args: argparse.Namespace, schedule: str, microbatches: int) -> 
         memory=MemoryModel(),  # --optimizer is the run's; the markers fix the cuts anyway
         cuts="markers",
     )
-    return make_plan(args, options, parse_devices("cpu", args.ranks))
+    pp, dp = _pp_dp(args)
+    return make_plan(args, options, parse_devices("cpu", pp or max(1, args.ranks // (dp or 1))))
+
+
+def _pp_dp(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """``(pp, dp)`` of ``--pp`` and ``--dp``, ``dp`` from ``--ranks / --pp`` when not given
+    (`RunOptions` checks that ``ranks == pp * dp``, ``pp`` None meaning ``ranks / dp``)."""
+    pp, dp = args.pp, args.dp
+    if dp is None and pp and args.ranks % pp == 0 and args.ranks > pp:
+        dp = args.ranks // pp
+    return pp, dp
 
 
 def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None]:
@@ -86,8 +100,11 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
     if args.cuts == "markers":
         plan = _marker_plan(args, schedule, microbatches)
         schedule = microbatches = planning = None  # the plan's
+    pp, dp = _pp_dp(args)
     options = RunOptions(
         ranks=args.ranks,
+        pp=pp,
+        accumulate=args.accumulate,
         steps=args.steps,
         optimizer=args.optimizer,
         lr=args.lr,
@@ -110,6 +127,7 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
             batchnorm=args.batchnorm,
             weights=args.weights,
             checkpoint=args.checkpoint,
+            dp=dp,
         ),
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -141,72 +159,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             path=args.png,
         )
     if args.json:
-        print(json.dumps(_finite(result.to_json()), default=str))
-        return _check_status(result)
-    _print_run(args.model, result)
-    return _check_status(result)
-
-
-def _print_run(model: str, result: RunResult) -> None:
-    """The run as a table of steps, where the weights came from, and the check's verdict."""
-    from rich.table import Table
-
-    table = Table(title=f"{model} on {result.ranks} ranks")
-    table.add_column("step", justify="right")
-    table.add_column("time", justify="right")
-    table.add_column("loss", justify="right")
-    for row in result.steps:
-        table.add_row(
-            str(row.step),
-            format_time(row.time),
-            f"{row.loss:.6f}" if row.loss is not None else "–",
-        )
-    out = console()
-    out.print(table)
-    if result.resumed_from:
-        out.print(f"resumed from step {result.resumed_from} (the newest complete checkpoint)")
-    if result.restarts:
-        out.print(f"ranks restarted {result.restarts} time(s) after a failure")
-    for note in result.notes:
-        out.print(note)
-    sources = sorted({s for ranks in result.weights.values() for s in ranks})
-    if sources:
-        out.print(f"weights from: {', '.join(sources)} (see --weights)")
-    check = result.check
-    if check is not None:
-        shown = ", ".join(
-            f"{k} {_fmt_diff(getattr(check, k))}" for k in ("loss", "grads", "params", "buffers")
-        )
-        verdict = (
-            "[green]passed[/green]"
-            if check.passed
-            else f"[red]FAILED[/red]: {'; '.join(check.failures)}"
-        )
-        out.print(
-            f"largest relative difference from the factory's model trained on one process: "
-            f"{shown} (tolerance {check.tolerance:g}) — {verdict}"
-        )
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``
-    (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return _fmt_diff(value) if not value < 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _fmt_diff(d: float) -> str:
-    return "nan" if math.isnan(d) else ("inf" if math.isinf(d) else f"{d:.3g}")
-
-
-def _check_status(result: RunResult) -> int:
-    """1 when --check ran and failed; see [Note: an independent check] in `pipeline.launch.reference`."""
-    return 1 if result.check is not None and not result.check.passed else 0
+        print(json.dumps(finite_json(result.to_json()), default=str))
+        return check_status(result)
+    print_run(args.model, result)
+    return check_status(result)
 
 
 def register(sub: Any) -> None:
@@ -223,6 +179,7 @@ def register(sub: Any) -> None:
     run.add_argument(
         "--ranks", type=int, default=_RUN.ranks, help=f"processes to spawn (default {_RUN.ranks})"
     )
+    _add_mesh_arguments(run)
     _add_schedule_arguments(run)
     run.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
     _add_check_arguments(run)
@@ -236,6 +193,30 @@ def register(sub: Any) -> None:
     )
     run.add_argument(
         "--png", default=None, help="draw the last step's measured Gantt chart to this PNG"
+    )
+
+
+def _add_mesh_arguments(run: argparse.ArgumentParser) -> None:
+    """Replicas of the pipeline, and steps accumulated before each optimizer step."""
+    run.add_argument(
+        "--pp",
+        type=int,
+        default=None,
+        help="pipeline ranks per replica (default --ranks / --dp)",
+    )
+    run.add_argument(
+        "--dp",
+        type=int,
+        default=None,
+        help="data-parallel replicas of the pipeline, each on its own shard of the batch "
+        "(default --ranks / --pp, else 1); --ranks must be --pp x --dp",
+    )
+    run.add_argument(
+        "--accumulate",
+        type=int,
+        default=_RUN.accumulate,
+        help="steps whose gradients add up before each optimizer step (default "
+        f"{_RUN.accumulate}); the batch is split into --accumulate x --dp shards",
     )
 
 

@@ -18,6 +18,7 @@ from partition.errors import CheckpointError
 from partition.plan import Plan
 from pipeline.checkpoint.lock import FolderLock
 from pipeline.launch.options import Checkpoints
+from pipeline.parallel.data import global_loss, shard
 from pipeline.runtime.optim import OptimizerFactory
 from pipeline.runtime.options import PipelineOptions
 from pipeline.runtime.pipeline import ModelFactory, Pipeline
@@ -48,7 +49,10 @@ class RankJob:
     optimizer: OptimizerFactory
     steps: int
     batch: Batch
-    """Every step trains on this batch."""
+    """Every optimizer step trains on this (global) batch: with replicas or accumulation, each
+    replica's step on its shard (see [Note: a replica's shard] in `pipeline.parallel.data`)."""
+    accumulate: int = 1
+    """Steps whose gradients add up before each optimizer step."""
     collect: bool = False
     """Send back every parameter, gradient and buffer (for ``--check``)."""
     checkpoints: Checkpoints | None = None
@@ -60,9 +64,12 @@ class RankResult:
     its weights came from, and (when collected) its tensors by the model's names."""
 
     rank: int
+    """The global rank."""
     stages: list[int]
     microbatches: int
     losses: list[float | None]
+    """Each optimizer step's loss of the global batch (every replica's, every accumulated
+    step's), on the last stage's ranks."""
     times: list[float]
     """Seconds per step (NaN for steps done before a resume)."""
     timelines: list[list[TimedAction]]
@@ -70,6 +77,7 @@ class RankResult:
     weights: list[str]
     """Where the rank's tensors came from: ``factory``, ``checkpoint``, ``init``."""
     resumed_from: int = 0
+    replica: int = 0
     notes: list[str] = field(default_factory=list)
     """What the user should be told (a learning rate given now over the checkpoint's)."""
     params: dict[str, Tensor] = field(default_factory=dict)
@@ -106,7 +114,8 @@ def _train(job: RankJob) -> RankResult:
             pipe, checkpoints.root, job.optimizer.lr, job.pipeline.on_nonfinite
         )
     result = RankResult(
-        rank=pipe.rank,
+        rank=dist.get_rank(),
+        replica=pipe.replica,
         stages=list(pipe.my_stages),
         microbatches=pipe.num_microbatches,
         losses=losses,
@@ -116,13 +125,13 @@ def _train(job: RankJob) -> RankResult:
         resumed_from=start,
         notes=notes,
     )
-    inputs, target = job.batch
     for k in range(start, job.steps):
         began = time.monotonic()
-        loss = pipe.step(inputs, target)
+        loss = _optimizer_step(pipe, job.batch, job.accumulate)
         result.times.append(time.monotonic() - began)
         result.losses.append(None if loss is None else float(loss))
-        result.timelines.append([(r, str(a), s, e) for r, a, s, e in pipe.timeline])
+        rank = result.rank  # the global rank: replicas share pipeline ranks
+        result.timelines.append([(rank, str(a), s, e) for _, a, s, e in pipe.timeline])
         if checkpoints is not None and checkpoints.every and (k + 1) % checkpoints.every == 0:
             _save(pipe, checkpoints, result.losses)
     if pipe.nonfinite_steps:
@@ -131,8 +140,25 @@ def _train(job: RankJob) -> RankResult:
         named = pipe.named_parameters()
         result.params = {n: p.detach().cpu() for n, p in named.items()}
         result.grads = {n: p.grad.detach().cpu() for n, p in named.items() if p.grad is not None}
-        result.buffers = {n: b.detach().cpu() for n, b in pipe.named_buffers().items()}
+        if pipe.dp == 1:
+            result.buffers = {n: b.detach().cpu() for n, b in pipe.named_buffers().items()}
+        else:  # as DDP with broadcast_buffers=False
+            result.notes.append(
+                f"buffers not compared: each of the {pipe.dp} replicas keeps its own (BatchNorm "
+                "statistics of its own shards)"
+            )
     return result
+
+
+def _optimizer_step(pipe: Pipeline, batch: Batch, accumulate: int) -> Tensor | None:
+    """One optimizer step on ``batch``: ``accumulate`` steps of this replica on its shards, the
+    last reducing and stepping; the global batch's loss on the last stage's ranks."""
+    parts = accumulate * pipe.dp
+    losses = []
+    for k in range(accumulate):
+        inputs, target = shard(batch, k * pipe.dp + pipe.replica, parts) if parts > 1 else batch
+        losses.append(pipe.step(inputs, target, accumulate=k < accumulate - 1))
+    return global_loss(pipe, losses) if parts > 1 else losses[0]
 
 
 def _save(pipe: Pipeline, checkpoints: Checkpoints, losses: list[float | None]) -> None:

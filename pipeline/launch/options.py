@@ -36,7 +36,14 @@ class RunOptions:
     itself runs (schedule, micro-batches, weights, ...) is ``pipeline``, a `PipelineOptions`."""
 
     ranks: int = 2
-    """Local processes to spawn (under torchrun: the world size it started)."""
+    """Local processes to spawn (under torchrun: the world size it started): ``pp * dp``."""
+    pp: int | None = None
+    """Pipeline ranks of each replica (default ``ranks / dp``, with ``dp`` ``pipeline.dp``);
+    see [Note: the (dp, pp) mesh] in `pipeline.parallel.mesh`."""
+    accumulate: int = 1
+    """Steps whose gradients add up before each optimizer step (``Pipeline.step(...,
+    accumulate=True)`` for all but the last); the batch is split into ``accumulate * dp``
+    shards, see [Note: a replica's shard] in `pipeline.parallel.data`."""
     steps: int = 1
     """Optimizer steps, each over the same batch."""
     optimizer: str = "sgd"
@@ -71,7 +78,7 @@ class RunOptions:
     from the newest complete checkpoint (under torchrun, its ``--max-restarts`` does this)."""
 
     def __post_init__(self) -> None:
-        for name in ("ranks", "steps", "batch"):
+        for name in ("ranks", "steps", "batch", "accumulate"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -85,6 +92,7 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{name} must be at least 1, got {value}")
+        self._check_mesh()
         if self.restarts < 0:
             raise InputError(f"restarts must be at least 0, got {self.restarts}")
         needs_dir = [
@@ -102,6 +110,34 @@ class RunOptions:
                 f"{', '.join(needs_dir)} need checkpoint_dir (--checkpoint-dir DIR): that is "
                 "where checkpoints are saved and resumed from"
             )
+
+    def _check_mesh(self) -> None:
+        """``ranks`` is ``pp * dp``; checkpoints are one pipeline's."""
+        dp = self.pipeline.dp or 1
+        if self.pp is not None and self.pp < 1:
+            raise InputError(f"pp must be at least 1, got {self.pp}")
+        if self.pp is None and self.ranks % dp:
+            raise InputError(
+                f"--ranks {self.ranks} do not split into --dp {dp} replicas of equal pipelines; "
+                f"launch a multiple of {dp} ranks, or give --dp a divisor of {self.ranks}"
+            )
+        if self.ranks != self.pp_ranks * dp:
+            pp = self.pp_ranks
+            raise InputError(
+                f"--ranks {self.ranks} is not --pp {pp} pipeline ranks x --dp {dp} replicas; "
+                f"launch --ranks {self.pp_ranks * dp}, or choose --pp and --dp whose product "
+                f"is {self.ranks}"
+            )
+        if dp > 1 and self.checkpoint_dir is not None:
+            raise InputError(
+                f"checkpoints of {dp} replicas (--dp {dp}) are not supported yet; leave out "
+                "--checkpoint-dir, or train one pipeline (--dp 1)"
+            )
+
+    @property
+    def pp_ranks(self) -> int:
+        """Pipeline ranks per replica: ``pp``, else ``ranks / dp``."""
+        return self.pp if self.pp is not None else max(1, self.ranks // (self.pipeline.dp or 1))
 
     @property
     def checkpoints(self) -> Checkpoints | None:

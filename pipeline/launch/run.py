@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from partition.errors import InputError, StageError
+from partition.errors import BatchError, InputError, StageError
 from partition.microbatch import batch_size, check_divisible
 from partition.models.registry import BuiltModel, build_meta_model, target_free, unpack_model
 from partition.plan import Plan
@@ -33,6 +33,7 @@ from pipeline.launch.reference import CheckResult, compare, run_reference
 from pipeline.launch.results import RunResult, summarize
 from pipeline.launch.spawn import spawn_ranks
 from pipeline.launch.torchrun import run_under_torchrun, under_torchrun
+from pipeline.parallel.data import shard
 from pipeline.runtime.layout import plan_for
 from pipeline.runtime.optim import OptimizerFactory
 from pipeline.runtime.pipeline import ModelFactory
@@ -84,13 +85,13 @@ def run_pipeline(
     meta = build_meta_model(factory)
     eager = _eager(factory, run, meta) if not torchrun else None
     batch = _synthetic(eager or meta, pipe_options.seed + 1)
-    if plan is None and not torchrun:  # see [Note: one plan, made once]
-        plan = plan_for(meta, pipe_options, run.ranks)
-    m = pipe_options.microbatches or (plan.microbatches if plan is not None else None)
-    if m:  # fail here, at once, rather than on every rank after start-up
-        inputs = batch[0]
-        first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
-        check_divisible(batch_size(first), m)
+    parts = run.accumulate * (pipe_options.dp or 1)
+    _check_shards(batch, pipe_options.microbatches, run)  # at once, not on every rank later
+    if plan is None and (not torchrun or parts > 1):  # see [Note: one plan, made once]
+        # a step trains on one shard: the plan's micro-batches are a shard's
+        plan = plan_for(_shard_example(meta, parts), pipe_options, run.pp_ranks)
+    if plan is not None:
+        _check_shards(batch, plan.microbatches, run)
     with contextlib.ExitStack() as cleanup:
         if run.checkpoint_dir is not None and not torchrun:  # see [Note: one job per folder]
             cleanup.enter_context(FolderLock(run.checkpoint_dir))
@@ -106,6 +107,7 @@ def run_pipeline(
             optimizer=OptimizerFactory(run.optimizer, run.lr),
             steps=run.steps,
             batch=batch,
+            accumulate=run.accumulate,
             collect=run.check,
             checkpoints=run.checkpoints,
         )
@@ -235,17 +237,52 @@ def _spawn_with_restarts(job: RankJob, run: RunOptions) -> tuple[list[RankResult
     raise AssertionError("unreachable")
 
 
+def _shard_example(built: BuiltModel, parts: int) -> BuiltModel:
+    """The factory's example cut to one shard of ``parts`` (what one step of one replica
+    trains on); see [Note: a replica's shard] in `pipeline.parallel.data`."""
+    if parts == 1:
+        return built
+    return dataclasses.replace(
+        built,
+        args=shard(built.args, 0, parts) if built.args is not None else None,
+        kwargs=shard(built.kwargs, 0, parts),
+    )
+
+
+def _check_shards(batch: Batch, m: int | None, run: RunOptions) -> None:
+    """Raise `BatchError` unless the batch splits into ``accumulate * dp`` shards of ``m``
+    micro-batches each (of any number when ``m`` is None); see [Note: a replica's shard] in
+    `pipeline.parallel.data`."""
+    inputs = batch[0]
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+    rows, parts = batch_size(first), run.accumulate * (run.pipeline.dp or 1)
+    if parts == 1:
+        if m is not None:
+            check_divisible(rows, m)
+        return
+    m = m or 1
+    if rows == 0 or rows % (parts * m):
+        raise BatchError(
+            f"a batch of {rows} rows does not split into {parts} shards ({run.accumulate} "
+            f"accumulation steps x {run.pipeline.dp or 1} replicas) of {m} micro-batches each; "
+            f"use --batch {parts * m}, {2 * parts * m}…, or change --accumulate, --dp or "
+            "--microbatches"
+        )
+
+
 def _check(
     results: list[RankResult], eager: BuiltModel, job: RankJob, tolerance: float
 ) -> CheckResult:
-    """Train the factory's own model here the plain way; see [Note: an independent check]."""
+    """Train the factory's own model here the plain way, on the global batch (the shards of
+    every replica and accumulated step, in order); see [Note: an independent check]."""
     loss_fn = eager.loss_fn
     assert loss_fn is not None
+    parts = job.accumulate * (job.pipeline.dp or 1)
     reference = run_reference(
         eager.model,
         loss_fn,
         job.batch,
-        microbatches=results[0].microbatches,
+        microbatches=results[0].microbatches * parts,
         steps=job.steps,
         optimizer_factory=job.optimizer,
         semantics=job.pipeline,

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from partition.errors import BoundaryError, PeerError, PlanError
 from partition.wires import TensorSpec
+from pipeline.parallel.mesh import new_subgroup
 
 __all__ = [
     "BoundaryError",
@@ -69,13 +70,13 @@ def global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
 def subgroup(group: dist.ProcessGroup | None, ranks: Sequence[int]) -> dist.ProcessGroup:
     """A process group over ``ranks`` of ``group`` (``group`` itself when that is all of them).
 
-    A collective: every rank of ``group`` calls it, for the same ``ranks``, in the same order.
+    A collective: every rank of ``group`` calls it, for the same ``ranks``, in the same order
+    (and every replica's, for a replica's group: see [Note: subgroups of replicas] in
+    `pipeline.parallel.mesh`).
     """
     if len(set(ranks)) == dist.get_world_size(group):
         return group or dist.group.WORLD  # type: ignore[return-value]
-    new = dist.new_group([global_rank(group, r) for r in ranks])
-    assert new is not None
-    return new
+    return new_subgroup(group, ranks)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,8 @@ from torch import Tensor
 from partition.schedules.actions import Action, Kind, Schedule, peak_inflight
 from partition.schedules.simulate import TimelineEvent
 from partition.split import Stage
-from pipeline.runtime.comm import BufferPool, Link, Transport, global_rank, gradient_specs
+from pipeline.parallel.mesh import new_subgroup
+from pipeline.runtime.comm import BufferPool, Link, Transport, gradient_specs
 from pipeline.runtime.failure import locate
 from pipeline.runtime.stage import StageExecutor
 
@@ -77,9 +78,7 @@ class RankExecutor:
             pair = tuple(sorted({rank_of(cut), rank_of(cut + 1)}))
             if len(pair) == 2:
                 for direction in ("activation", "gradient"):
-                    group = dist.new_group([global_rank(self.group, r) for r in pair])
-                    assert group is not None
-                    groups[direction, cut] = group
+                    groups[direction, cut] = new_subgroup(self.group, pair)
         return groups
 
     def _links_setup(self) -> None:
@@ -118,6 +117,7 @@ class RankExecutor:
         *,
         train: bool,
         step: int = 0,
+        after: Mapping[int, Callable[[], None]] | None = None,
     ) -> tuple[dict[int, Any], list[TimelineEvent]]:
         """Run ``actions`` (this rank's, in order) on these micro-batches; returns the last
         stage's per-micro-batch results (evaluation) and each action's ``(rank, action, start,
@@ -126,6 +126,8 @@ class RankExecutor:
         Args:
             train: with autograd, the stages' forward and backward; else forward only.
             step: the step's number, in the place of an error.
+            after: action index -> what to call once that action is done (the start of a
+                gradient reduction: `pipeline.parallel.accumulate.GradientSync.hooks`).
 
         Raises:
             StageError: an action failed, with its place (see [Note: failing loudly] in
@@ -148,11 +150,14 @@ class RankExecutor:
         clock = time.monotonic
         handlers = self._handlers
         grad_mode = torch.enable_grad() if train else torch.no_grad()
+        after = after or {}
         with grad_mode:
-            for action in actions:
+            for index, action in enumerate(actions):
                 start = clock()
                 try:
                     handlers[action.kind](action.stage, action.microbatch)
+                    if index in after:
+                        after[index]()
                 except Exception as e:
                     raise locate(e, self.rank, step, action) from e
                 events.append((self.rank, action, start, clock()))

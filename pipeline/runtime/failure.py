@@ -15,11 +15,12 @@ the batch (`pipeline.runtime.batch`).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from partition.errors import StageError, stage_error
 from partition.schedules.actions import Action
 
-__all__ = ["locate", "place"]
+__all__ = ["RankLog", "locate", "place"]
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +48,14 @@ def locate(
     message = f"[{place(rank, step, action, what)}] {type(error).__name__}: {error}"
     log.error("%s", message)  # already says which rank
     return stage_error(error, message)
+
+
+class RankLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every message with ``[rank r]``."""
+
+    def __init__(self, logger: logging.Logger, rank: int) -> None:
+        super().__init__(logger, {})
+        self.rank = rank
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[rank {self.rank}] {msg}", kwargs

@@ -79,6 +79,11 @@ class PipelineOptions:
     link_groups: bool | None = None
     """One communicator per link (default: on NCCL only); see [Note: one communicator per link]
     in `pipeline.runtime.comm`."""
+    dp: int | None = None
+    """Data-parallel replicas of the pipeline: the world's ranks form a (dp, pp) mesh, replica
+    ``r``'s stage-rank ``s`` on rank ``r * pp + s``, each replica fed its own shard of the batch
+    and the gradients reduced over the replicas once per optimizer step; default the mesh's
+    (``Pipeline(mesh=...)``), else 1. See [Note: the (dp, pp) mesh] in `pipeline.parallel.mesh`."""
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
@@ -98,5 +103,7 @@ class PipelineOptions:
                 f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got "
                 f"{self.on_nonfinite!r}"
             )
+        if self.dp is not None and self.dp < 1:
+            raise PlanError(f"dp must be at least 1 (replicas of the pipeline), got {self.dp}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise PlanError(f"max_grad_norm must be positive, got {self.max_grad_norm}")

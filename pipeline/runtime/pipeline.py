@@ -19,14 +19,18 @@ module its own new tensor, so tied parameters are re-tied afterwards, and a para
 ranks is broadcast from one owner so that every copy starts equal.
 
 [Note: step semantics]
-`Pipeline.step` clears the gradients, runs the schedule (parameter gradients accumulate over the
-micro-batches, scaled per [Note: loss scaling] in `pipeline.runtime.stage`), sums the gradients of
-parameters held by several ranks (tied weights, over a subgroup of their ranks), clips by the
-global norm (see [Note: the global norm] in `pipeline.runtime.clip`), then steps the optimizer and
-the LR scheduler if given. Before clipping, every rank learns whether the step's loss or any
-gradient is not finite, and stops, drops the update or warns (see [Note: non-finite steps] in
-`pipeline.runtime.finite`). Without an optimizer the gradients are left in ``.grad``. The loss
-comes back on the rank holding the last stage; other ranks get ``None``.
+`Pipeline.step` clears the gradients (unless the step before accumulated), runs the schedule
+(parameter gradients accumulate over the micro-batches, scaled per [Note: loss scaling] in
+`pipeline.runtime.stage`), reduces them over the replicas when there are several (started as
+each stage's last backward ends; see `pipeline.parallel`), sums the gradients of parameters held
+by several ranks (tied weights, over a subgroup of their ranks), clips by the global norm (see
+[Note: the global norm] in `pipeline.runtime.clip`), then steps the optimizer and the LR
+scheduler if given (`pipeline.runtime.update`). Before clipping, every rank learns whether the
+step's loss or any gradient is not finite, and stops, drops the update or warns (see [Note:
+non-finite steps] in `pipeline.runtime.finite`). Without an optimizer the gradients are left in
+``.grad``. ``step(..., accumulate=True)`` only adds into ``.grad``; the next plain step reduces
+and steps once (see [Note: one reduction per optimizer step] in `pipeline.parallel.accumulate`).
+The loss comes back on the rank holding the last stage; other ranks get ``None``.
 
 Errors on a rank say where they happened: see [Note: failing loudly] in
 `pipeline.runtime.failure`.
@@ -41,26 +45,29 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
-from partition.errors import BatchError, PlanError, StageError
+from partition.errors import BatchError, PlanError
 from partition.models.registry import BuiltModel, build_meta_model, target_free
 from partition.modes.modal import bind_other_mode, stage_module
 from partition.plan import Plan
 from partition.schedules.actions import Kind, with_communication
 from partition.schedules.check import check_channel_order
 from partition.schedules.simulate import TimelineEvent
+from pipeline.parallel.accumulate import GradientSync
+from pipeline.parallel.mesh import replicas
+from pipeline.parallel.reduce import broadcast_from_first
 from pipeline.runtime.batch import BatchSplit, gather_outputs, reduce_losses, split_batch
 from pipeline.runtime.batchnorm import defer_batchnorm
-from pipeline.runtime.clip import clip_grad_norm
 from pipeline.runtime.device import stage_device
 from pipeline.runtime.executor import RankExecutor
-from pipeline.runtime.failure import locate
-from pipeline.runtime.finite import decide, find_nonfinite
+from pipeline.runtime.failure import RankLog
 from pipeline.runtime.layout import agree_on_layout, layout
 from pipeline.runtime.optim import OptimizerFn, SchedulerFn, build_optimizer
 from pipeline.runtime.options import PipelineOptions
 from pipeline.runtime.stage import LossFn, StageExecutor
 from pipeline.runtime.tied import TiedWeights
+from pipeline.runtime.update import update
 from pipeline.runtime.weights import allocate, describe_sources, fill, init_order
 
 if TYPE_CHECKING:
@@ -72,17 +79,6 @@ log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[], Any]
 """Returns an ``nn.Module``, or ``(model, example_inputs, loss_fn)`` like `partition.models.examples`."""
-
-
-class _RankLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every message with ``[rank r]``."""
-
-    def __init__(self, logger: logging.Logger, rank: int) -> None:
-        super().__init__(logger, {})
-        self.rank = rank
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[rank {self.rank}] {msg}", kwargs
 
 
 class Pipeline:
@@ -98,8 +94,10 @@ class Pipeline:
         optimizer_factory: OptimizerFn | None = None,
         lr_scheduler_factory: SchedulerFn | None = None,
         group: dist.ProcessGroup | None = None,
+        mesh: DeviceMesh | None = None,
     ) -> None:
-        """Build this rank's stages; call on every rank of ``group`` (default: the world).
+        """Build this rank's stages; call on every rank of ``group`` (default: the world), or
+        of ``mesh``.
 
         Args:
             model_fn: builds the model; called under ``torch.device("meta")``.
@@ -108,21 +106,37 @@ class Pipeline:
             loss_fn: ``loss_fn(output, target)`` on the last stage (default: the factory's).
             optimizer_factory: ``optimizer_factory(params)`` for this rank's parameters.
             lr_scheduler_factory: ``lr_scheduler_factory(optimizer)``, stepped after each step.
+            group: the pipeline's ranks (default: the world).
+            mesh: a ``(dp, pp)`` ``DeviceMesh`` of replicas of the pipeline (instead of
+                ``group``; or ``options.dp`` builds one over the world); see [Note: the (dp, pp)
+                mesh] in `pipeline.parallel.mesh`.
 
         Raises:
             PlanError: the plan is for another world size or another model, the schedule cannot
                 run these micro-batches, or the options disagree with the plan.
         """
         self.options = options or PipelineOptions()
-        self.group = group
+        self.replicas = replicas(mesh, group, self.options.dp)
+        """Where this rank is on the mesh, and the groups: see `pipeline.parallel.mesh`."""
+        self.group = self.replicas.pp_group
         self.plan = plan
         # What can fail is checked identically on every rank before the ranks compare layouts.
         built = self._check_inputs(model_fn, loss_fn, optimizer_factory, lr_scheduler_factory)
-        self.device = stage_device(self.options.device, group)
+        self.device = stage_device(self.options.device, self.group)
         self._lay_out(built)
-        agree_on_layout(self.stages, self.schedule, group)  # every rank holds the same layout
+        # every rank of every replica holds the same layout
+        agree_on_layout(self.stages, self.schedule, self.replicas.whole)
         self._materialize(built.model, model_fn)
         self._build_executors()
+        self.sync = GradientSync(
+            self._actions,
+            self.executors,
+            replicas=self.replicas,
+            reduction=self.options.loss_reduction,
+        )
+        if self.replicas.dp > 1:
+            tensors = [*self.parameters, *self.named_buffers().values()]
+            broadcast_from_first(tensors, self.replicas.dp_group)
         self.optimizer, self.lr_scheduler = build_optimizer(
             self.parameters, optimizer_factory, lr_scheduler_factory
         )
@@ -154,14 +168,9 @@ class Pipeline:
     ) -> BuiltModel:
         """This rank in its group, the model on meta (see [Note: building on meta]) and the
         loss function; raises `PlanError` for what cannot run."""
-        if not dist.is_initialized():
-            raise PlanError(
-                "torch.distributed is not initialised: call init_process_group first, "
-                "or use pipeline.launch.run"
-            )
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        self.log = _RankLog(log, self.rank)
+        self.log = RankLog(log, self.rank)
         built = build_meta_model(model_fn)
         self.model_class = type(built.model).__name__  # for checkpoints
         found = loss_fn or built.loss_fn
@@ -209,14 +218,22 @@ class Pipeline:
         allocated, retie = allocate(
             [self.stages[s].module for s in self.my_stages], model, self.device
         )
-        fill(allocated, model_fn=model_fn, meta_model=model, options=self.options, group=self.group)
+        fill(  # every replica's ranks: the factory's model built once per machine
+            allocated,
+            model_fn=model_fn,
+            meta_model=model,
+            options=self.options,
+            group=self.replicas.whole,
+        )
         self.weight_sources = dict(allocated.sources)
         """Tensor name -> where its value came from: ``factory``, ``checkpoint`` or ``init``."""
         self.log.info("weights of stages %s: %s", list(self.my_stages), describe_sources(allocated))
         self._named = retie()
         self.tied.bind(self._named)
-        self._norm_params = self.tied.norm_params(self._named)
-        self._names = {id(p): n for n, p in reversed(self._named.items())}  # a tensor's first name
+        self.norm_params = self.tied.norm_params(self._named)
+        """This rank's share of the global norm (`TiedWeights.norm_params`)."""
+        self.param_names = {id(p): n for n, p in reversed(self._named.items())}
+        """A parameter's first name, by ``id``."""
 
     def _build_executors(self) -> None:
         """A `StageExecutor` per stage of this rank and the `RankExecutor` that runs them (a
@@ -299,24 +316,42 @@ class Pipeline:
             e.module.train(mode)
         return self
 
+    @property
+    def dp(self) -> int:
+        """How many replicas of the pipeline train together (1 without a mesh)."""
+        return self.replicas.dp
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica, ``0 .. dp - 1``: which shard of the data it reads."""
+        return self.replicas.replica
+
     def zero_grad(self) -> None:
-        """Drop this rank's gradients (`step` does it first)."""
+        """Drop this rank's gradients, accumulated ones included (`step` does it first, unless
+        the step before accumulated)."""
+        self.sync.accumulated = 0
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         for p in self.parameters:
             p.grad = None
 
-    def step(self, inputs: Any = None, target: Any = None) -> Tensor | None:
+    def step(
+        self, inputs: Any = None, target: Any = None, *, accumulate: bool = False
+    ) -> Tensor | None:
         """One training step over a full batch; see [Note: step semantics].
 
         Args:
             inputs: the model's inputs for the whole batch (a tensor or a tuple), needed on the
                 rank of stage 0; passing it on every rank is fine (and checks it everywhere).
+                With replicas, this replica's shard (`pipeline.parallel.data.shard`).
             target: the loss function's target for the whole batch, needed on the last rank.
+            accumulate: add into the gradients only: no reduction over replicas, no optimizer
+                step; the next plain step does both, once, for every step since the last.
 
         Returns:
             On the last stage's rank, the batch loss (detached): the mean of the micro-batch
-            losses, or their sum with ``loss_reduction="sum"``. ``None`` elsewhere.
+            losses, or their sum with ``loss_reduction="sum"``; with replicas, this replica's
+            (`pipeline.parallel.data.global_loss` combines them). ``None`` elsewhere.
 
         Raises:
             BatchError: before any message, if the batch does not split into the plan's
@@ -328,15 +363,17 @@ class Pipeline:
         mb_inputs, mb_targets = split_batch(
             inputs, target, self._batch, need_target=not target_free(self.loss_fn)
         )
-        self.zero_grad()
+        if self.sync.accumulated == 0:
+            self.zero_grad()
         _, self.timeline = self.rank_executor.run(
-            self._actions, mb_inputs, mb_targets, train=True, step=self.steps_done
+            self._actions,
+            mb_inputs,
+            mb_targets,
+            train=True,
+            step=self.steps_done,
+            after=self.sync.hooks(accumulate),
         )
-        self._finish("gradients", self.tied.reduce_grads)
-        if self._finish("non-finite check", self._finite):
-            self._finish("gradients", self._clip)
-            if self.optimizer is not None:
-                self._finish("optimizer", self._optimizer_step)
+        update(self, accumulate=accumulate)
         self.steps_done += 1
         if not self.is_last:
             return None
@@ -360,39 +397,3 @@ class Pipeline:
         if target is not None:
             return reduce_losses(parts, self.options.loss_reduction)
         return gather_outputs(parts)
-
-    # --- after the schedule -----------------------------------------------------------------
-
-    def _finish(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except StageError:
-            raise
-        except Exception as e:
-            raise locate(e, self.rank, self.steps_done, what=what) from e
-
-    def _finite(self) -> bool:
-        """Whether the step may update (a collective); see [Note: non-finite steps]."""
-        found = find_nonfinite(self.executors, self._names, group=self.group, device=self.device)
-        if found is not None:
-            self.nonfinite_steps.append(self.steps_done)
-        if decide(found, self.options.on_nonfinite, rank=self.rank, step=self.steps_done):
-            return True
-        self.zero_grad()
-        return False
-
-    def _clip(self) -> None:
-        if self.options.max_grad_norm is not None:
-            self.last_grad_norm = clip_grad_norm(
-                self.parameters,
-                self.options.max_grad_norm,
-                counted=self._norm_params,
-                group=self.group,
-                device=self.device,
-            )
-
-    def _optimizer_step(self) -> None:
-        assert self.optimizer is not None
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()

@@ -47,7 +47,8 @@ def test_every_term_of_a_split_worked_by_hand() -> None:
     assert e.balance_ratio == pytest.approx((6.0 + link) / 4)
     assert e.fits and e.within_shares
     assert e.device_memory == (133.0, 130.0) and e.device_caps == (1000.0, 1000.0)
-    assert e.key == (e.bottleneck, e.total_time, e.comm_bytes, e.peak_memory)
+    assert e.idle_stages == 0  # every stage computes
+    assert e.key == (e.bottleneck, 0, e.total_time, e.comm_bytes, e.peak_memory)
 
 
 def test_a_share_can_overflow_while_the_device_fits() -> None:

@@ -350,6 +350,28 @@ def test_a_bottleneck_tie_goes_to_the_least_total_time() -> None:
     _check_against_brute_force(replace(problem, devices=(fast,) * 2 + (slow,) * 3))
 
 
+def test_a_bottleneck_tie_goes_to_the_fewest_idle_stages() -> None:
+    # Issue 18 item 9, GPT-2 small over 8 A100s in miniature: the LM head sets the bottleneck,
+    # the inputs, their shape queries and an arange come first with next to no compute between
+    # the narrowest cuts. The least total time alone took those cuts, 4 of 8 stages idle; the
+    # idle count comes first now, and every stage gets work at the same bottleneck.
+    compute = [0.0, 0.0, 0.0, 0.01] + [10.0] * 12 + [50.0]
+    cuts = [1.0, 1.0, 1.0, 2.0] + [8.0] * 12
+    graph = LinearGraph.from_arrays(compute, [1.0] * 17, [1.0] * 17, cuts)
+    device = Device(name="d", memory=10**6, flops=1.0, bandwidth=10.0, latency=0.1)
+    problem = Problem(graph=graph, devices=(device,) * 8, schedule="1f1b", microbatches=8)
+    best = evaluate(problem, solve_problem(problem))
+    assert best.idle_stages == 0 and best.bottleneck == best.stage_times[-1]
+    costs, n = problem.costs, len(graph)
+    tied = []  # every split of that bottleneck, with its idle count and total time
+    for cut in itertools.combinations(range(1, n), 7):
+        bounds = (0, *cut, n)
+        if costs.split_times(bounds).max() <= best.bottleneck * (1 + TIES):
+            tied.append((costs.split_units(bounds), costs.split_idle(bounds)))
+    assert min(tied)[1] == 4  # the least total time alone leaves 4 of the 8 idle
+    _check_against_brute_force(problem)
+
+
 @settings(max_examples=80, deadline=None, derandomize=True)
 @given(problems(max_nodes=30, max_stages=6))
 def test_optimal_is_never_worse_than_a_baseline_that_fits(problem: Problem) -> None:

@@ -15,7 +15,15 @@ from partition.plan import Plan
 from pipeline.cli.command import main
 from pipeline.cli.plan import plan_summary, plan_table
 
-HEADLINE = {"bottleneck", "bottleneck_stage", "step_time", "bubble", "fits"}
+HEADLINE = {
+    "bottleneck",
+    "bottleneck_stage",
+    "step_time",
+    "bubble",
+    "fits",
+    "idle_stages",
+    "devices_note",
+}
 SIMULATE_KEYS = {
     "schedule",
     "microbatches",
@@ -80,6 +88,18 @@ def test_plan_table_has_a_row_per_stage_and_the_prediction(saved: Path) -> None:
     assert "predicted step" in text and "bottleneck stage" in text
     assert "✗" not in text and "does not fit memory" not in text
     assert "my title" in _text(plan_table(plan, title="my title"))
+
+
+def test_a_plan_whose_devices_cannot_help_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18 item 9: the toy GPT over 4 cpu devices leaves 3 stages idle (every inner stage
+    pays two links, more than the whole model's compute); the table and --json say so."""
+    summary = _json(capsys, ["plan", "gpt", "--devices", "4", "--json"])
+    assert summary["idle_stages"] == [0, 1, 2]
+    assert summary["devices_note"].startswith("3 of 4 stages are idle")
+    assert "runs faster on 1 device" in summary["devices_note"]
+    assert main(["plan", "gpt", "--devices", "4"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 of 4 stages are idle" in text and "plan with --devices 1" in text
 
 
 def test_a_plan_that_does_not_fit_is_marked(

@@ -1,0 +1,82 @@
+"""What a training step does after its schedule, in order: the gradients reduced over replicas
+and summed over tied copies, the non-finite verdict, clipping, the optimizer; see [Note: step
+semantics] in `pipeline.runtime.pipeline`.
+
+Which group each spans, with replicas (see [Note: the (dp, pp) mesh] in `pipeline.parallel.mesh`):
+the reduction runs over the dp group (the same stages in every replica) first, so that a tied
+weight's copies then sum, over the ranks of one replica's pipeline, gradients that already hold
+every replica's share; after that every replica holds the same gradients, so the global norm is
+the pipeline's (over the pp group: counting each replica would count every gradient ``dp``
+times); the non-finite verdict spans the whole mesh, so that every replica drops or takes the
+same update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from partition.errors import StageError
+from pipeline.runtime.clip import clip_grad_norm
+from pipeline.runtime.failure import locate
+from pipeline.runtime.finite import decide, find_nonfinite
+
+if TYPE_CHECKING:
+    from pipeline.runtime.pipeline import Pipeline
+
+__all__ = ["update"]
+
+
+def update(pipe: Pipeline, *, accumulate: bool) -> None:
+    """Finish ``pipe``'s step after its schedule (a collective): only count it when it
+    ``accumulate``\\ s, else reduce, check, clip and step. Errors are placed ``[rank r · step k ·
+    what]`` (see [Note: failing loudly] in `pipeline.runtime.failure`)."""
+    _placed(pipe, "gradients", lambda: pipe.sync.finish(accumulate))
+    if accumulate:
+        return
+    _placed(pipe, "gradients", pipe.tied.reduce_grads)
+    if _placed(pipe, "non-finite check", lambda: _finite(pipe)):
+        _placed(pipe, "gradients", lambda: _clip(pipe))
+        if pipe.optimizer is not None:
+            _placed(pipe, "optimizer", lambda: _optimizer_step(pipe))
+
+
+def _placed(pipe: Pipeline, what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except StageError:
+        raise
+    except Exception as e:
+        raise locate(e, pipe.rank, pipe.steps_done, what=what) from e
+
+
+def _finite(pipe: Pipeline) -> bool:
+    """Whether the step may update (a collective over every replica); see [Note: non-finite
+    steps] in `pipeline.runtime.finite`."""
+    found = find_nonfinite(
+        pipe.executors, pipe.param_names, group=pipe.replicas.whole, device=pipe.device
+    )
+    if found is not None:
+        pipe.nonfinite_steps.append(pipe.steps_done)
+    if decide(found, pipe.options.on_nonfinite, rank=pipe.rank, step=pipe.steps_done):
+        return True
+    pipe.zero_grad()
+    return False
+
+
+def _clip(pipe: Pipeline) -> None:
+    if pipe.options.max_grad_norm is not None:
+        pipe.last_grad_norm = clip_grad_norm(
+            pipe.parameters,
+            pipe.options.max_grad_norm,
+            counted=pipe.norm_params,
+            group=pipe.group,
+            device=pipe.device,
+        )
+
+
+def _optimizer_step(pipe: Pipeline) -> None:
+    assert pipe.optimizer is not None
+    pipe.optimizer.step()
+    if pipe.lr_scheduler is not None:
+        pipe.lr_scheduler.step()
