@@ -32,11 +32,12 @@ All byte counts are per micro-batch of the planned size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from partition.errors import PlanError
 
-__all__ = ["OPTIMIZER_STATES", "MemoryModel"]
+__all__ = ["OPTIMIZER_STATES", "REDUCTIONS", "MemoryModel", "replicated_memory"]
 
 OPTIMIZER_STATES: dict[str, int] = {"none": 0, "sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 """Optimizer name -> state tensors it keeps per parameter (``none``: inference, no gradients).
@@ -71,3 +72,45 @@ class MemoryModel:
         if self.master_weights:
             kappa += fp32_ratio
         return kappa
+
+
+REDUCTIONS = ("ddp", "fsdp")
+"""How replicas of a pipeline reduce their gradients (``--dp-reduce``); see [Note: memory with
+replicas]."""
+
+
+def replicated_memory(
+    parts: Mapping[str, float], param_bytes: float, dp: int, reduction: str
+) -> float:
+    """Bytes per device of a stage with ``dp`` replicas, from its plan's memory ``parts``
+    (``weights``, ``gradients``, ``optimizer``, ``activations``, ``buffers``, as in
+    ``StagePlan.memory``) and the bytes of its parameters; see [Note: memory with replicas].
+
+    [Note: memory with replicas]
+    Every replica holds the whole stage (weights, activations, receive buffers) on its own
+    device; what the reduction adds or divides:
+
+    - ``ddp`` (pipepart's bucketed all-reduce, `pipeline.parallel.reduce`): the plan's memory,
+      plus one flat copy of the gradients, in which they are all-reduced (every bucket is in
+      flight at once, so that the reduction overlaps the backward).
+    - ``fsdp`` (FSDP2 ``fully_shard`` over dp with ``reshard_after_forward=False``, as torchtitan
+      runs it under a pipeline: no all-gather per micro-batch): the gradients and the optimizer
+      state are sharded, ``1/dp`` each; but the unsharded parameters stay gathered from a
+      stage's first forward to its last backward, beside their shard, and the unsharded
+      gradients accumulate over the micro-batches until the reduce-scatter at the stage's last
+      backward. At that peak a device holds ``W (1 + 1/dp)`` of parameters, ``G (1 + 1/dp)`` of
+      gradients and ``O / dp`` of optimizer state: sharding pays for the optimizer state, so it
+      saves memory where that state dominates (Adam, fp32 master weights) and ``dp`` is large.
+    """
+    if reduction not in REDUCTIONS:
+        raise PlanError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if dp < 1:
+        raise PlanError(f"dp must be at least 1, got {dp}")
+    total = sum(v for k, v in parts.items() if k != "total")
+    gradients, optimizer = parts.get("gradients", 0.0), parts.get("optimizer", 0.0)
+    if dp == 1 or gradients == 0.0:  # one pipeline, or nothing to reduce (inference)
+        return total
+    if reduction == "ddp":
+        return total + gradients
+    shard = 1.0 / dp
+    return total + (param_bytes + gradients) * shard - optimizer * (1.0 - shard)

@@ -68,12 +68,14 @@ def test_training_script_runs_under_torchrun(tmp_path: Path) -> None:
             "torch.distributed.run",
             "--standalone",  # a free port, not the default 29500 another torchrun may hold
             "--nproc-per-node",
-            "2",
+            "4",  # 2 replicas of a 2-rank pipeline
             str(path),
             "--pp",
             "2",
             "--steps",
             "11",
+            "--accumulate",
+            "2",
         ],
         capture_output=True,
         text=True,

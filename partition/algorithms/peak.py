@@ -1,7 +1,8 @@
 """The least peak memory over the tight stages, by bisection of a cap scale.
 
 The last tie-break (`partition.algorithms.ties`) minimises the peak memory over the splits whose
-every stage is *tight* (has the least (total time, communication) label). When there are too
+every stage is *tight* (has the least (idle stages, total time, communication) label; an end's
+tight starts have one rank before its first idle start and another from it). When there are too
 many tight starts to enumerate, this module bisects a scale ``mu`` of the caps instead: each
 step asks whether cut ``n`` is reachable through tight stages within ``mu`` times their caps,
 and an unreachable step returns its *event*, the least scale at which more could be reached.
@@ -11,7 +12,7 @@ See the **Ties** part of [Note: bottleneck search] in `partition.algorithms.opti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +52,14 @@ class TightStage:
     """The rank of the tight starts of each end that make an idle stage; -1 where none."""
     idle_from: IntArray
     """Per end, the first start (a cut) that makes the stage idle (`Costs.idle_from`)."""
+    keys: IntArray = field(init=False)
+    """``rank * size + position`` of every ranked start, sorted: the starts of one rank in a
+    range of positions are a span of it (see `_Step.tight_in`)."""
+
+    def __post_init__(self) -> None:
+        ranked = np.flatnonzero(self.rank >= 0)
+        self.keys = self.rank[ranked].astype(np.int64) * self.rank.size + ranked
+        self.keys.sort()
 
 
 def bisect_peak(search: Search, stages: list[TightStage], split: Bounds, B: float) -> Bounds:
@@ -123,6 +132,9 @@ def _reach_tight(
                 best=st.best[e0:e1],
                 best_idle=st.best_idle[e0:e1],
                 z=st.idle_from[e0:e1] - a,
+                keys=st.keys,
+                width=st.rank.size,
+                offset=first,
                 mu=mu,
             )
             got, ev = step.hits()
@@ -161,11 +173,38 @@ class _Step:
     z: IntArray
     """Per end: its first idle start (position from ``a``): tight starts before it have rank
     ``best``, from it ``best_idle``."""
+    keys: IntArray
+    """The stage's `TightStage.keys` (positions from the stage's first start)."""
+    width: int
+    """The stage's number of starts: the ``size`` of ``keys``."""
+    offset: int
+    """Where position 0 here is in ``keys``' positions."""
     mu: float
 
     def wanted(self, q: IntArray, i: IntArray) -> Int32Array:
         """The rank a start ``i`` needs to be tight for end ``q`` (pairs of arrays)."""
         return np.where(i < self.z[q], self.best[q], self.best_idle[q])
+
+    def tight_in(self, sides: list[tuple[Int32Array, IntArray, IntArray]]) -> BoolArray:
+        """Per end, whether a usable start of rank ``want`` lies in ``[lo, hi]`` (-1: none), for
+        each side's ``(want, lo, hi)``: the starts of one rank in a range are a span of the
+        sorted keys, and a running count of the usable ones along the keys says whether the
+        span holds one."""
+        keys, size, stage = self.keys, self.rank.size, np.int64(self.width)
+        pos = keys % stage - self.offset
+        inside = (pos >= 0) & (pos < size)
+        flag = np.zeros(keys.size + 1, dtype=np.int64)
+        flag[1:][inside] = self.usable[pos[inside]]
+        count = np.cumsum(flag)
+        hit = np.zeros(self.j.size, dtype=np.bool_)
+        for want, lo, hi in sides:
+            ask = (want >= 0) & (lo <= hi)
+            if ask.any():
+                base = want.astype(np.int64) * stage + self.offset
+                first = keys.searchsorted(base + lo, "left")
+                last = keys.searchsorted(base + hi, "right")
+                hit |= ask & (count[last] > count[first])
+        return hit
 
     def hits(self) -> tuple[BoolArray, float]:
         """Which ends ``j`` a usable start of their best rank reaches within ``mu`` times the
@@ -180,16 +219,7 @@ class _Step:
         tlo, tsure = fr.pw.searchsorted(fr.t - fr.tm), fr.pw.searchsorted(fr.t + fr.sure_t)
         lo = np.maximum(tlo, fr.qw.searchsorted(fr.u - fr.mm))
         sure = np.maximum(tsure, fr.qw.searchsorted(fr.u + fr.sure_u))
-        wants = np.unique(np.concatenate([best[best >= 0], idle[idle >= 0]]))
-        if wants.size > 2:  # one sort for all ranks, rather than a scan per rank
-            last = _LastOfRank(usable, rank)
-            hit = (last(best, work) >= sure) | (last(idle, end) >= np.maximum(sure, z))
-        else:
-            hit = np.zeros(self.j.size, dtype=np.bool_)
-        for want in wants if wants.size <= 2 else ():
-            scan = np.maximum.accumulate(np.where(usable & (rank == want), pos, -1))
-            hit |= (best == want) & (np.where(work >= 0, scan[np.maximum(work, 0)], -1) >= sure)
-            hit |= (idle == want) & (scan[end] >= np.maximum(sure, z))
+        hit = self.tight_in([(best, sure, work), (idle, np.maximum(sure, z), end)])
         q, i, _ = pairs(lo, np.minimum(sure - 1, r))
         ok = usable[i] & (rank[i] == self.wanted(q, i))
         ok &= (fr.key[i] >= fr.t[q]) & (fr.mkey[i] >= fr.u[q])
@@ -233,25 +263,6 @@ class _Step:
                 u = fr.u[missed[sel]] + cap * self.mu  # a stage's bytes are u + cap mu - mkey
                 event = min(event, float(((u + heaviest) / cap).min()))
         return event
-
-
-class _LastOfRank:
-    """The last usable start of a given rank at or before a given position, for many queries:
-    one sort of the usable starts by (rank, position), then a binary search per query."""
-
-    def __init__(self, usable: BoolArray, rank: Int32Array) -> None:
-        self.size = np.int64(rank.size)
-        pos = np.flatnonzero(usable)
-        self.keys = np.sort(rank[pos].astype(np.int64) * self.size + pos)
-
-    def __call__(self, want: Int32Array, upto: IntArray) -> IntArray:
-        """Per query, the last usable start of rank ``want`` at or before ``upto`` (-1: none)."""
-        if self.keys.size == 0:
-            return np.full(want.size, -1, dtype=np.int64)
-        at = self.keys.searchsorted(want.astype(np.int64) * self.size + upto, "right") - 1
-        key = self.keys[np.maximum(at, 0)]
-        found = (at >= 0) & (want >= 0) & (upto >= 0) & (key // self.size == want)
-        return np.where(found, key % self.size, -1)
 
 
 def _walk_tight(

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from partition.idle import devices_note
+from partition.memory import REDUCTIONS, replicated_memory
 from partition.plan import Plan
 from partition.schedules.simulate import SimResult
 from partition.units import format_size, format_time
@@ -24,13 +25,21 @@ from pipeline.cli.flags import (
     progress,
 )
 
-__all__ = ["modes_line", "plan_summary", "plan_table", "register"]
+__all__ = [
+    "modes_line",
+    "plan_summary",
+    "plan_table",
+    "register",
+    "replicas_memory",
+    "replicas_table",
+]
 
 _EPILOG_PLAN = """examples:
   pipepart plan gpt --size small --devices 4
   pipepart plan gpt --size 7b --batch 8 --seq 4096 --devices 8 --device-spec h100 --microbatches 16
   pipepart plan gpt --size 1b --device-spec "h100;h100;a100-40;a100-40" --out plan.json
   pipepart plan mypkg.models:build --devices 2 --device-spec "mem=16GiB,tflops=100,bw=25GB/s" --json
+  pipepart plan gpt --size 1b --devices 4 --device-spec a100-40 --dp 8    # memory per device, DDP vs FSDP
 """
 
 _EPILOG_SIMULATE = """examples:
@@ -91,6 +100,43 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     return table
 
 
+def replicas_memory(plan: Plan, dp: int) -> dict[str, Any]:
+    """Per device, a stage's memory with ``dp`` replicas under each reduction (``--json``);
+    see [Note: memory with replicas] in `partition.memory`."""
+    per: dict[str, Any] = {"dp": dp, "capacity": [s.capacity for s in plan.stages]}
+    for reduction in REDUCTIONS:
+        per[reduction] = [
+            replicated_memory(s.memory, s.param_bytes, dp, reduction) for s in plan.stages
+        ]
+    return per
+
+
+def replicas_table(plan: Plan, dp: int) -> Any:
+    """``plan --dp``: each stage's memory per device with ``dp`` replicas, DDP beside FSDP."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"memory per device with {dp} replicas of the pipeline ({plan.num_ranks * dp} devices)"
+    )
+    for column in ("stage", "device", "one pipeline", *REDUCTIONS, "capacity"):
+        table.add_column(column, justify="right")
+    per = replicas_memory(plan, dp)
+    for k, stage in enumerate(plan.stages):
+        cells = [format_size(per[r][k]) for r in REDUCTIONS]
+        table.add_row(
+            str(stage.index),
+            stage.device.name,
+            format_size(stage.memory["total"]),
+            *(
+                c if per[r][k] <= stage.capacity else f"[red]{c} ✗[/red]"
+                for c, r in zip(cells, REDUCTIONS, strict=True)
+            ),
+            format_size(stage.capacity),
+        )
+    table.caption = "see [Note: memory with replicas] in partition.memory"
+    return table
+
+
 def modes_line(plan: Plan) -> str:
     """Which of the model's modes ``plan`` traced and planned (see `ModelInfo.modes`)."""
     from partition.modes.modal import describe_modes
@@ -110,10 +156,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         plan.save(args.out)
     if args.json:
-        print(json.dumps(plan_summary(plan)))
+        summary = plan_summary(plan)
+        if args.dp > 1:
+            summary["replicas"] = replicas_memory(plan, args.dp)
+        print(json.dumps(summary))
     else:
         out = console()
         out.print(plan_table(plan))
+        if args.dp > 1:
+            out.print(replicas_table(plan, args.dp))
         if args.out:
             out.print(f"plan written to {args.out}")
     return 0
@@ -234,6 +285,13 @@ def register(sub: Any) -> None:
     add_algorithm_argument(plan)
     add_cuts_argument(plan)
     plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
+    plan.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data-parallel replicas of the pipeline: also print each stage's memory per device "
+        "under DDP and FSDP (default 1: one pipeline)",
+    )
 
     show = add_command(
         sub,

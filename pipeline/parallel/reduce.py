@@ -61,14 +61,15 @@ class _Bucket:
         total = sum(sizes)
         flat = torch.empty(total + len(sizes), dtype=first.dtype, device=first.device)
         offset = 0
-        for k, (p, n) in enumerate(zip(self.params, sizes, strict=True)):
+        for p, n in zip(self.params, sizes, strict=True):
             part = flat[offset : offset + n]
             if p.grad is None:
                 part.zero_()
             else:
                 part.copy_(p.grad.detach().reshape(-1))
-            flat[total + k] = 0.0 if p.grad is None else 1.0
             offset += n
+        present = [0.0 if p.grad is None else 1.0 for p in self.params]
+        flat[total:].copy_(torch.tensor(present, dtype=flat.dtype))  # one copy to the device
         if scale != 1.0:
             flat[:total].mul_(scale)
         work = dist.all_reduce(flat, group=group, async_op=True)
@@ -82,11 +83,12 @@ class _Bucket:
         flat = self.flat
         assert flat is not None
         total = flat.numel() - len(self.params)
+        present = flat[total:].tolist()  # one transfer from the device
         offset = 0
         with torch.no_grad():
             for k, p in enumerate(self.params):
                 n = p.numel()
-                if float(flat[total + k]) > 0:  # some replica has this gradient
+                if present[k] > 0:  # some replica has this gradient
                     summed = flat[offset : offset + n].view_as(p)
                     if p.grad is None:
                         p.grad = summed.clone()

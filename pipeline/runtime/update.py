@@ -14,20 +14,65 @@ same update.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
 
 from partition.errors import StageError
+from pipeline.parallel.accumulate import GradientSync
+from pipeline.parallel.mesh import Replicas
 from pipeline.runtime.clip import clip_grad_norm
 from pipeline.runtime.failure import locate
 from pipeline.runtime.finite import decide, find_nonfinite
+from pipeline.runtime.options import PipelineOptions
+from pipeline.runtime.stage import StageExecutor
+from pipeline.runtime.tied import TiedWeights
 
-if TYPE_CHECKING:
-    from pipeline.runtime.pipeline import Pipeline
-
-__all__ = ["update"]
+__all__ = ["Stepped", "update"]
 
 
-def update(pipe: Pipeline, *, accumulate: bool) -> None:
+class Stepped(Protocol):
+    """What `update` reads of a pipeline (a `pipeline.runtime.pipeline.Pipeline` is one), and
+    ``last_grad_norm`` and ``nonfinite_steps``, which it writes."""
+
+    last_grad_norm: float | None
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def steps_done(self) -> int: ...
+    @property
+    def options(self) -> PipelineOptions: ...
+    @property
+    def group(self) -> dist.ProcessGroup | None: ...
+    @property
+    def replicas(self) -> Replicas: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def executors(self) -> dict[int, StageExecutor]: ...
+    @property
+    def parameters(self) -> list[nn.Parameter]: ...
+    @property
+    def norm_params(self) -> list[nn.Parameter]: ...
+    @property
+    def param_names(self) -> dict[int, str]: ...
+    @property
+    def nonfinite_steps(self) -> list[int]: ...
+    @property
+    def sync(self) -> GradientSync: ...
+    @property
+    def tied(self) -> TiedWeights: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None: ...
+    @property
+    def lr_scheduler(self) -> Any: ...
+    def zero_grad(self) -> None: ...
+
+
+def update(pipe: Stepped, *, accumulate: bool) -> None:
     """Finish ``pipe``'s step after its schedule (a collective): only count it when it
     ``accumulate``\\ s, else reduce, check, clip and step. Errors are placed ``[rank r · step k ·
     what]`` (see [Note: failing loudly] in `pipeline.runtime.failure`)."""
@@ -41,7 +86,7 @@ def update(pipe: Pipeline, *, accumulate: bool) -> None:
             _placed(pipe, "optimizer", lambda: _optimizer_step(pipe))
 
 
-def _placed(pipe: Pipeline, what: str, fn: Callable[[], Any]) -> Any:
+def _placed(pipe: Stepped, what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except StageError:
@@ -50,7 +95,7 @@ def _placed(pipe: Pipeline, what: str, fn: Callable[[], Any]) -> Any:
         raise locate(e, pipe.rank, pipe.steps_done, what=what) from e
 
 
-def _finite(pipe: Pipeline) -> bool:
+def _finite(pipe: Stepped) -> bool:
     """Whether the step may update (a collective over every replica); see [Note: non-finite
     steps] in `pipeline.runtime.finite`."""
     found = find_nonfinite(
@@ -64,7 +109,7 @@ def _finite(pipe: Pipeline) -> bool:
     return False
 
 
-def _clip(pipe: Pipeline) -> None:
+def _clip(pipe: Stepped) -> None:
     if pipe.options.max_grad_norm is not None:
         pipe.last_grad_norm = clip_grad_norm(
             pipe.parameters,
@@ -75,7 +120,7 @@ def _clip(pipe: Pipeline) -> None:
         )
 
 
-def _optimizer_step(pipe: Pipeline) -> None:
+def _optimizer_step(pipe: Stepped) -> None:
     assert pipe.optimizer is not None
     pipe.optimizer.step()
     if pipe.lr_scheduler is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from partition.errors import PlanError
-from partition.memory import MemoryModel
+from partition.memory import MemoryModel, replicated_memory
 from partition.schedules.inflight import inflight_microbatches
 
 
@@ -39,3 +39,18 @@ def test_bad_names() -> None:
         MemoryModel(optimizer="lion")  # type: ignore[arg-type]
     with pytest.raises(PlanError, match="unknown schedule"):
         inflight_microbatches("dualpipe", 0, 2, 2)
+
+
+def test_replicas_add_a_gradient_copy_under_ddp_and_shard_the_optimizer_under_fsdp() -> None:
+    """[Note: memory with replicas]: fp32 Adam, W bytes of weights, A of activations."""
+    w, a = 100.0, 30.0
+    parts = {"weights": w, "gradients": w, "optimizer": 2 * w, "activations": a, "buffers": 0.0}
+    assert replicated_memory({**parts, "total": 4 * w + a}, w, 1, "fsdp") == 4 * w + a
+    assert replicated_memory(parts, w, 2, "ddp") == 5 * w + a  # the flat copy reduced
+    # gathered weights and unsharded gradients at the peak, beside their shards: 4W + A at dp=2
+    assert replicated_memory(parts, w, 2, "fsdp") == 4 * w + a
+    assert replicated_memory(parts, w, 8, "fsdp") == 2.5 * w + a  # 2W + 2W/8 + 2W/8
+    inference = {**parts, "gradients": 0.0, "optimizer": 0.0}
+    assert replicated_memory(inference, w, 8, "ddp") == w + a  # nothing to reduce
+    with pytest.raises(PlanError, match="unknown reduction 'zero'"):
+        replicated_memory(parts, w, 2, "zero")

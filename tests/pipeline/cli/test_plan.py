@@ -190,3 +190,18 @@ def test_plan_says_which_modes_it_traced_and_takes_modes(
         "modes='train' traces train mode only, but the model is in eval mode"
         in capsys.readouterr().err
     )
+
+
+def test_plan_dp_prints_memory_per_device_under_ddp_and_fsdp(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 19: ``plan --dp D`` says what each device holds with D replicas, both ways."""
+    out = _json(capsys, ["plan", "gpt", "--devices", "2", "--dp", "4", "--json"])
+    replicas = out["replicas"]
+    assert replicas["dp"] == 4 and len(replicas["ddp"]) == len(replicas["fsdp"]) == 2
+    totals = [s["memory"]["total"] for s in out["stages"]]
+    assert all(d > t for d, t in zip(replicas["ddp"], totals, strict=True))  # + the reduced copy
+    assert main(["plan", "gpt", "--devices", "2", "--dp", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "memory per device with 4 replicas of the pipeline (8 devices)" in text
+    assert "fsdp" in text and "ddp" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -160,6 +161,18 @@ def test_args_are_read_never_changed_and_the_options_are_frozen() -> None:
             "checkpoint_every must be at least 1, got 0",
         ),
         (["--cuts", "markers", "--plan", "p.json"], "--cuts markers makes the plan itself"),
+        # issue 19: the ranks are the mesh's, pp x dp
+        (
+            ["--ranks", "5", "--pp", "2"],
+            "--ranks 5 is not --pp 2 pipeline ranks x --dp 1 replicas; launch --ranks 2",
+        ),
+        (
+            ["--ranks", "4", "--pp", "2", "--dp", "3"],
+            "--ranks 4 is not --pp 2 pipeline ranks x --dp 3",
+        ),
+        (["--ranks", "4", "--dp", "3"], "--ranks 4 do not split into --dp 3 replicas"),
+        (["--accumulate", "0"], "accumulate must be at least 1, got 0"),
+        (["--ranks", "4", "--dp", "2", "--checkpoint-dir", "c"], "checkpoints of 2 replicas"),
     ],
 )
 def test_a_bad_flag_fails_in_one_line_before_any_process_starts(
@@ -190,3 +203,33 @@ def test_run_pipeline_gets_the_options_and_the_plan(monkeypatch: pytest.MonkeyPa
     assert got == [
         ("gpt", run_options(_args("gpt", "--ranks", "3", "--plan", "p.json"))[0], "p.json")
     ]
+
+
+def test_the_mesh_flags_reach_their_fields() -> None:
+    """Issue 19: ``--pp`` and ``--dp`` lay the ranks out, either one from the other."""
+    options, _ = run_options(_args("gpt", "--ranks", "4", "--pp", "2", "--accumulate", "3"))
+    assert (options.pp, options.pipeline.dp, options.accumulate) == (2, 2, 3)
+    options, _ = run_options(_args("gpt", "--ranks", "6", "--dp", "3"))
+    assert (options.pp, options.pp_ranks, options.pipeline.dp) == (None, 2, 3)
+    options, _ = run_options(_args("gpt", "--ranks", "4"))
+    assert (options.pp_ranks, options.pipeline.dp, options.accumulate) == (4, None, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_replicas_with_accumulation_pass_the_check_on_the_global_batch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``pipepart run --pp 2 --dp 2 --accumulate 2 --check``: 4 processes, each step's loss that
+    of the whole batch (both replicas, both accumulated steps), and every gradient and parameter
+    those of one process trained on it."""
+    flags = ["--size", "toy", "--ranks", "4", "--pp", "2", "--dp", "2", "--accumulate", "2"]
+    flags += ["--batch", "8", "--microbatches", "2", "--steps", "2", "--check", "--json"]
+    assert main(["run", "gpt", *flags]) == 0
+    out = json.loads(capsys.readouterr().out)
+    check = out["check"]
+    assert check["passed"] and check["failures"] == []
+    assert check["losses"] == pytest.approx(check["reference_losses"], rel=1e-5)
+    assert sorted(out["stages"]) == ["0", "1", "2", "3"]  # every global rank reports
+    assert out["stages"]["0"] == out["stages"]["2"] == [0]  # replica 1 holds stage 0 on rank 2
+    assert any("each of the 2 replicas keeps its own" in note for note in out["notes"])

@@ -1,7 +1,8 @@
 """Replicas × pipeline against one process on the global batch (issue 19): loss, every gradient
 and the parameters after two optimizer steps, for GPipe, 1F1B, ZB-H1 and interleaved 1F1B, mean
 and sum losses, with and without accumulation over steps, tied weights and clipping, on 4 gloo
-ranks as pp=2 × dp=2 (and pp=1 × dp=4, pp=4 × dp=1). One spawn runs every case in turn.
+ranks as pp=2 × dp=2 (and pp=1 × dp=4, pp=4 × dp=1). One spawn runs every case in turn, and
+first a step whose loss is not finite on one replica only: every replica drops the update.
 
 A gradient reduced twice over the replicas is twice the reference, one never reduced is one
 replica's shard's: both fail here, as does a gradient scaled for the wrong number of steps.
@@ -9,6 +10,7 @@ replica's shard's: both fail here, as does a gradient scaled for the wrong numbe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -125,7 +127,7 @@ CASES = [
 
 
 def _train(cases: list[Case]) -> list[dict[str, Any]]:
-    results = []
+    results = [_nonfinite_on_one_replica()]
     for case in cases:
         mesh = None
         if case.user_mesh:
@@ -145,9 +147,27 @@ def _train(cases: list[Case]) -> list[dict[str, Any]]:
             if step == 0:
                 grads = {n: p.grad.clone() for n, p in pipe.named_parameters().items()}
         params = {n: p.detach().clone() for n, p in pipe.named_parameters().items()}
-        results.append({"losses": losses, "grads": grads, "params": params, "dp": pipe.dp})
+        place = (dist.get_rank(), pipe.replica, pipe.rank)
+        results.append(
+            {"losses": losses, "grads": grads, "params": params, "dp": pipe.dp, "place": place}
+        )
         dist.barrier()
     return results
+
+
+def _nonfinite_on_one_replica() -> dict[str, Any]:
+    """Replica 1's shard has an infinite target at step 0: every replica drops that update."""
+    case = Case("skipnet", "1f1b")
+    options = dataclasses.replace(case.options(), on_nonfinite="skip")
+    pipe = Pipeline(case.factory(), options=options, optimizer_factory=case.optimizer())
+    before = {n: p.detach().clone() for n, p in pipe.named_parameters().items()}
+    x, y = shard(case.batches()[0], pipe.replica, pipe.dp)
+    if pipe.replica == 1:
+        y = y.clone()
+        y[0, 0] = float("inf")
+    pipe.step(x, y)
+    unchanged = all(torch.equal(p, before[n]) for n, p in pipe.named_parameters().items())
+    return {"skipped": list(pipe.nonfinite_steps), "unchanged": unchanged}
 
 
 # --- in the test process -----------------------------------------------------------------------
@@ -179,6 +199,8 @@ def _reference(case: Case) -> dict[str, Any]:
 def _compare(case: Case, ranks: list[dict[str, Any]]) -> None:
     ref = _reference(case)
     assert {r["dp"] for r in ranks} == {case.dp}
+    # replica r's stage-rank s on global rank r * pp + s
+    assert [r["place"] for r in ranks] == [(g, g // case.pp, g % case.pp) for g in range(4)]
     last = [r for r in ranks if r["losses"][0] is not None]
     assert len(last) == case.dp, f"{case}: one loss per replica"
     for r in last:
@@ -193,7 +215,9 @@ def _compare(case: Case, ranks: list[dict[str, Any]]) -> None:
                 diff = (value - want).abs().max().item()
                 scale = max(1.0, want.abs().max().item())
                 assert diff <= TOL * scale, f"{case}: {what[:-1]} {name} differs by {diff:.3g}"
-        assert set(seen) == set(ref[what]), f"{case}: {what} missing for {set(ref[what]) - set(seen)}"
+        assert set(seen) == set(ref[what]), (
+            f"{case}: {what} missing for {set(ref[what]) - set(seen)}"
+        )
         assert min(seen.values()) >= case.dp, f"{case}: every replica holds every stage"
 
 
@@ -201,5 +225,6 @@ def _compare(case: Case, ranks: list[dict[str, Any]]) -> None:
 @pytest.mark.timeout(300)
 def test_replicas_match_one_process_on_the_global_batch() -> None:
     results = run_ranks(4, _train, CASES, timeout=280)
-    for i, case in enumerate(CASES):
+    assert [r[0] for r in results] == [{"skipped": [0], "unchanged": True}] * 4
+    for i, case in enumerate(CASES, start=1):
         _compare(case, [r[i] for r in results])

@@ -8,6 +8,7 @@ inbox and outbox between stages, the results, the timeline, and errors that say 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from typing import Any
 
@@ -123,3 +124,24 @@ def test_a_failing_action_says_where_and_keeps_its_type() -> None:
     assert isinstance(err.value, StageError)
     assert str(err.value).startswith("[rank 0 · stage 1 · step 5 · 1F2] ZeroDivisionError:")
     assert isinstance(err.value.__cause__, ZeroDivisionError)
+
+
+def test_what_runs_after_an_action_runs_right_after_it_and_sees_its_gradients() -> None:
+    """Issue 19: a gradient reduction starts as soon as its stage's last W ends, mid-schedule
+    (the ``after`` hooks `pipeline.parallel.accumulate.GradientSync.hooks` gives)."""
+    model = _model()
+    rank_executor = _executor(_stages(model, 2), ZERO_BUBBLE)
+    actions = with_communication(ZERO_BUBBLE).actions[0]
+    last_w = {a.stage: i for i, a in enumerate(actions) if a.kind is Kind.W}
+    seen: list[tuple[int, bool]] = []  # (action index, its stage's gradients all there)
+
+    def hook(index: int) -> None:
+        stage = rank_executor.executors[actions[index].stage]
+        seen.append((index, all(p.grad is not None for p in stage.parameters)))
+
+    after = {i: functools.partial(hook, i) for i in last_w.values()}
+    mb_inputs, mb_targets, _, _ = _batch()
+    rank_executor.run(actions, mb_inputs, mb_targets, train=True, after=after)
+    assert [i for i, _ in seen] == sorted(last_w.values())
+    assert seen[0][0] < len(actions) - 1  # stage 1's last W is not the schedule's last action
+    assert all(ready for _, ready in seen)
