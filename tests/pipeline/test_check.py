@@ -289,3 +289,39 @@ def test_attention_key_biases_pass_the_check() -> None:
     wrong = {**other.grads, "blocks.0.k.bias": bias + 1e-3 * float(weight.abs().max())}
     failed = compare([_rank(losses=other.losses, params=other.params, grads=wrong)], ref)
     assert not failed.passed and failed.worst["grads"] == "blocks.0.k.bias"
+
+
+class _Threads(nn.Module):
+    """Records the CPU threads each forward runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 2)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        return self.proj(x)
+
+
+def test_the_reference_runs_on_one_thread_as_each_rank_does() -> None:
+    """CPU kernels divide their work by thread count, so the reference computes as the local
+    ranks do (torchvision EfficientNet-B0 differed by 3.8e-4 with the reference on 2 threads);
+    the caller's threads come back afterwards. See [Note: an independent check]."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _Threads()
+        run_reference(
+            model,
+            F.mse_loss,
+            ((torch.randn(4, 4),), torch.randn(4, 2)),
+            microbatches=2,
+            steps=1,
+            optimizer_factory=OptimizerFactory("sgd", 0.1),
+            semantics=PipelineOptions(),
+        )
+        assert model.seen == [1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
