@@ -60,7 +60,8 @@ class Device:
         overridden, or explicit fields.
 
         ``"h100"``, ``"a100-40,mem=30GiB"``, ``"@calib.json,mem=8GiB"``,
-        ``"mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu"``.
+        ``"mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu"``, ``"cpu,fwd=3us,bwd=9us,action=15us"``
+        (the fixed costs: `dispatch_forward`, `dispatch_backward`, `action_overhead`).
         """
         fields = [f.strip() for f in spec.split(",") if f.strip()]
         if not fields:
@@ -94,12 +95,15 @@ class Device:
                 values["bandwidth"] = parse_rate(value)
             elif key in ("lat", "latency"):
                 values["latency"] = parse_seconds(value)
+            elif key in _FIXED_KEYS:
+                values[_FIXED_KEYS[key]] = parse_seconds(value)
             elif key == "name":
                 values["name"] = value.strip()
             else:
                 raise PlanError(
                     f"unknown device spec key {key!r} in {spec!r}; keys: mem, tflops, flops, bw, "
-                    "lat, name"
+                    "lat, fwd (seconds per operation's forward), bwd (per operation's backward), "
+                    "action (per forward-and-backward action), name"
                 )
         if base is not None:
             return replace(base, **values)  # type: ignore[arg-type]
@@ -136,6 +140,8 @@ class Device:
 
 
 _FIXED = ("dispatch_forward", "dispatch_backward", "action_overhead")
+_FIXED_KEYS = {"fwd": "dispatch_forward", "bwd": "dispatch_backward", "action": "action_overhead"}
+_FIXED_KEYS.update({name: name for name in _FIXED})
 SPEC_FORMAT = "pipepart-device-spec"
 
 

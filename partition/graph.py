@@ -54,6 +54,11 @@ class LinearGraph:
     buffer_bytes: FloatArray = field(default_factory=lambda: np.zeros(0))
     """Bytes of the buffers each node owns: memory without gradients or optimizer state
     (empty: none anywhere)."""
+    dispatched: FloatArray = field(default_factory=lambda: np.zeros(0))
+    """How many operations each node dispatches, each paying a device's fixed costs
+    (`Device.dispatch_forward` and ``dispatch_backward``): 1 for a ``call_function``,
+    ``call_module`` or ``call_method`` node, 0 for an input or a ``get_attr`` (they run no
+    operation); a stage-level graph holds each stage's count (empty: 1 per node)."""
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -61,7 +66,10 @@ class LinearGraph:
             raise PlanError("the graph has no nodes to partition")
         if self.buffer_bytes.size == 0:
             object.__setattr__(self, "buffer_bytes", np.zeros(n))
-        for name in ("compute", "forward", "param_bytes", "saved_bytes", "buffer_bytes"):
+        if self.dispatched.size == 0:
+            object.__setattr__(self, "dispatched", np.ones(n))
+        arrays = ("compute", "forward", "param_bytes", "saved_bytes", "buffer_bytes", "dispatched")
+        for name in arrays:
             array = getattr(self, name)
             if array.shape != (n,):
                 raise PlanError(f"{name} has shape {array.shape}, expected ({n},)")
@@ -91,6 +99,7 @@ class LinearGraph:
             saved_bytes=zeros,
             cut_bytes=np.zeros(len(names) + 1),
             extra=dict(extra or {}),
+            dispatched=zeros,
         )
 
     @classmethod
@@ -104,10 +113,12 @@ class LinearGraph:
         forward: npt.ArrayLike | None = None,
         names: tuple[str, ...] | None = None,
         buffer_bytes: npt.ArrayLike = (),
+        dispatched: npt.ArrayLike = (),
     ) -> LinearGraph:
         """A graph from plain arrays (tests, benchmarks, synthetic models).
 
-        ``cut_bytes`` may have ``n - 1`` entries (interior cuts) or ``n + 1``.
+        ``cut_bytes`` may have ``n - 1`` entries (interior cuts) or ``n + 1``; ``dispatched``
+        defaults to one operation per node.
         """
         c = np.asarray(compute, dtype=np.float64)
         n = c.shape[0]
@@ -125,12 +136,15 @@ class LinearGraph:
             saved_bytes=np.asarray(saved_bytes, dtype=np.float64),
             cut_bytes=cuts,
             buffer_bytes=np.asarray(buffer_bytes, dtype=np.float64),
+            dispatched=np.asarray(dispatched, dtype=np.float64),
         )
 
 
 # --- from a cost graph ----------------------------------------------------------------------
 
 ORDERS: tuple[str, ...] = ("auto", "graph", "late")
+_DISPATCHING = ("call_function", "call_module", "call_method")
+"""The node kinds that run an operation (`LinearGraph.dispatched`)."""
 
 
 def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
@@ -178,6 +192,7 @@ def linearize(costs: CostGraph, order: str = "auto") -> LinearGraph:
         param_element_size=total_param_bytes / numel if numel else 4.0,
         extra={"order": best_name},
         buffer_bytes=np.array([c.buffer_bytes for c in node_costs], dtype=np.float64),
+        dispatched=np.array([float(n.op in _DISPATCHING) for n in best_nodes], dtype=np.float64),
     )
 
 

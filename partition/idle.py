@@ -24,6 +24,7 @@ removes links from ``S``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -102,7 +103,7 @@ def devices_note(plan: _Plan) -> str | None:
         fewer = fast[0]
         count = len(fewer.stage_times)
         speed = "as fast" if fewer.bottleneck >= plan.bottleneck * (1 - 1e-9) else "faster"
-        alike = len({(d.memory, d.flops, d.bandwidth, d.latency) for d in plan.devices}) == 1
+        alike = len({replace(d, name="") for d in plan.devices}) == 1
         return (
             f"{head}: this model runs {speed} on {count} device{'s' if count > 1 else ''} "
             f"({format_time(fewer.bottleneck)} per micro-batch against "
@@ -146,6 +147,7 @@ def _priced(plan: _Plan, devices: list[Device], bounds: list[int]) -> Evaluation
         cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
         param_element_size=_element_size(plan),
         buffer_bytes=np.maximum(np.array(weights, dtype=np.float64), 0.0),
+        dispatched=np.array([s.dispatched for s in stages], dtype=np.float64),
     )
     problem = Problem(
         graph=graph,

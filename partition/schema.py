@@ -7,7 +7,8 @@ in it is ever imported, evaluated or unpickled.
 
 Fields marked optional are either derived (written for readers, recomputed on load:
 ``objective.bottleneck_stage``, ``objective.balance_ratio``, ``devices``, ``stages[i].time``) or
-have a default (``virtual``: 1, ``shared_params``: none).
+have a default (``virtual``: 1, ``shared_params``: none, ``stages[i].dispatched``: the stage's
+node count).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ _STAGE = {
     "send_bytes": _NUMBER,
     "inputs": [_TENSOR],
     "outputs": [_TENSOR],
+    "dispatched": _Opt(_NUMBER),
 }
 _PLAN = {
     "schema_version": int,

@@ -45,6 +45,9 @@ class StagePlan:
     """Bytes per micro-batch crossing the cut after this stage (0 for the last)."""
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    dispatched: float = 0.0
+    """Operations its nodes dispatch per forward (`LinearGraph.dispatched` summed), each paying
+    the device's fixed costs; a plan file without it counts every node."""
 
     @property
     def time(self) -> float:
@@ -75,6 +78,7 @@ class StagePlan:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "send_bytes": self.send_bytes,
+            "dispatched": self.dispatched,
         }
 
     @classmethod
@@ -100,4 +104,7 @@ class StagePlan:
             send_bytes=float(data["send_bytes"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            dispatched=float(
+                data.get("dispatched", data["nodes"]["stop"] - data["nodes"]["start"])
+            ),
         )

@@ -3,15 +3,20 @@
 [Note: objective]
 A *split* of ``n`` nodes into ``k`` stages is a tuple of bounds ``0 = b_0 < b_1 < ... < b_k = n``;
 stage ``s`` holds nodes ``[b_s, b_{s+1})`` and runs on ``stage_device(s)``. With prefix sums ``P``
-of ``compute``, ``W`` of ``param_bytes``, ``V`` of ``buffer_bytes``, ``A`` of ``saved_bytes``
-and ``c = cut_bytes``::
+of ``compute``, ``N`` of ``dispatched``, ``W`` of ``param_bytes``, ``V`` of ``buffer_bytes``,
+``A`` of ``saved_bytes`` and ``c = cut_bytes``::
 
-    T_s(i, j) = (P_j - P_i) / flops_s  +  comm(c_i, device of stage s-1)  +  comm(c_j, device of s)
+    T_s(i, j) = (P_j - P_i) / flops_s  +  (N_j - N_i) d_s  +  o_s
+                +  comm(c_i, device of stage s-1)  +  comm(c_j, device of s)
+    d_s = dispatch_forward + dispatch_backward,   o_s = action_overhead   (of stage s's device)
     comm(c, d) = 0 if c == 0 else 2 * (d.latency + c / d.bandwidth)
     M_s(i, j) = kappa (W_j - W_i) + (V_j - V_i) + inflight_s (A_j - A_i) + c_i + c_j  <=  cap_s
 
 Times are seconds per micro-batch; the activation crosses a link forward and its gradient comes
-back over the same link, hence the 2. The first stage has no link in and the last none out (cut 0
+back over the same link, hence the 2. ``d_s`` and ``o_s`` are the device's fixed costs (0 unless
+calibrated): every operation a node dispatches pays ``d_s`` whatever its size, and each forward
+with its backward ``o_s`` on top; `Costs.compute_time` includes both, and ``X_s = P / flops_s +
+N d_s`` (`Costs.prefix_time`) makes ``T_s`` a difference of prefixes again, plus constants. The first stage has no link in and the last none out (cut 0
 comes from the data loader, cut ``n`` goes to the loss), but ``c_0`` and ``c_n`` still count as
 buffers if the graph gives them (`LinearGraph` makes them 0). ``kappa`` is
 `MemoryModel.bytes_per_param_byte` and ``inflight_s`` is `Problem.inflight`; see
@@ -53,11 +58,12 @@ transitive, so "least ``S``, then least communication" would not even be well de
 therefore compared in integer *units* of ``u`` seconds (`Costs.unit`), each term rounded once::
 
     units(split) = sum_s  R_s(b_{s+1}) - R_s(b_s) + L_{s-1}(b_s) + L_s(b_{s+1})
-    R_s(j) = rint(P_j / flops_s / u)          L_s(j) = rint(comm(c_j, device of s) / u)
+    R_s(j) = rint(X_s(j) / u)          L_s(j) = rint(comm(c_j, device of s) / u)
 
 — the same separation as ``T_s``, so a dynamic programme adds the same integers as a brute force,
-exactly. ``u`` is the power of two ``2^(e + m - 52)`` with ``2^e > max_s P_n / flops_s`` plus
-the slowest link (so a stage is at most ``2^(53 - m)`` units) and ``2^m > k + 3``, so that every
+exactly. The overheads ``o_s`` are left out: every split pays each once, so they shift every
+``S`` alike. ``u`` is the power of two ``2^(e + m - 52)`` with ``2^e > max_s (X_s(n) + o_s)``
+plus the slowest link (so a stage is at most ``2^(53 - m)`` units) and ``2^m > k + 3``, so that every
 partial sum of a dynamic programme stays below ``2^53``. Two splits are *S-tied* iff their units are equal: always when they differ
 only in where zero-compute nodes between equal cuts go or, on identical devices, in where compute
 goes (the ``R`` terms telescope); never when their ``S`` differ by more than ``4 k u`` (each
@@ -102,6 +108,7 @@ class Evaluation:
     stage_times: tuple[float, ...]
     """``T_s``: compute + communication seconds per micro-batch."""
     stage_compute_times: tuple[float, ...]
+    """Compute and fixed costs (all but the links), seconds per micro-batch."""
     stage_comm_times: tuple[float, ...]
     stage_memory: tuple[float, ...]
     """``M_s`` in bytes; the sum of `stage_memory_parts`."""

@@ -2,7 +2,8 @@
 
 [Note: bottleneck search]
 The objective is in [Note: objective] (`partition.algorithms.objective`). Write, for stage ``s``
-and a bottleneck ``B``, ``pw_i = P_i / f_s`` and::
+and a bottleneck ``B``, ``pw_i = P_i / f_s`` (``X_s`` of [Note: objective] when the device has
+fixed costs, whose action overhead then joins every ``t_j``) and::
 
     key_i  = pw_i - comm_in(c_i)          t_j = pw_j + comm_out(c_j) - B
     mkey_i = Q_i - c_i                    u_j = Q_j + c_j - cap_s   (Q = kappa W + V + inflight_s A)
@@ -285,12 +286,7 @@ def _too_large(problem: Problem) -> tuple[int, int] | None:
 
 
 def _homogeneous(devices: tuple[Device, ...]) -> bool:
-    first = devices[0]
-    return all(
-        (d.memory, d.flops, d.bandwidth, d.latency)
-        == (first.memory, first.flops, first.bandwidth, first.latency)
-        for d in devices
-    )
+    return len({replace(d, name="") for d in devices}) == 1
 
 
 def _count(n: int, noun: str) -> str:

@@ -142,6 +142,8 @@ class Costs:
         """Prefix sums of what the weights hold: ``kappa`` per parameter byte, buffers once."""
         self.A: FloatArray = np.concatenate([zero, np.cumsum(g.saved_bytes, dtype=np.float64)])
         self.c: FloatArray = np.asarray(g.cut_bytes, dtype=np.float64)
+        self.N: FloatArray = np.concatenate([zero, np.cumsum(g.dispatched, dtype=np.float64)])
+        """Prefix sums of the operations each node dispatches (`LinearGraph.dispatched`)."""
         self.idle_from: IntArray = self.P.searchsorted(
             self.P - IDLE_SHARE * float(self.P[-1]) / self.k, "left"
         )
@@ -150,6 +152,14 @@ class Costs:
         self.flops: FloatArray = np.array([d.flops for d in devices], dtype=np.float64)
         self.latency: FloatArray = np.array([d.latency for d in devices], dtype=np.float64)
         self.bandwidth: FloatArray = np.array([d.bandwidth for d in devices], dtype=np.float64)
+        self.dispatch: FloatArray = np.array(
+            [d.dispatch_forward + d.dispatch_backward for d in devices], dtype=np.float64
+        )
+        """Per stage, the fixed seconds of one operation's forward and backward."""
+        self.overhead: FloatArray = np.array([d.action_overhead for d in devices], dtype=np.float64)
+        """Per stage, the fixed seconds of a forward and a backward action beyond their nodes."""
+        self.fixed = bool(self.dispatch.any() or self.overhead.any())
+        """Whether any stage has fixed costs (else every time is compute and links alone)."""
         self.cap: FloatArray = np.array(problem.caps, dtype=np.float64)
         self.inflight: FloatArray = np.array(problem.inflight, dtype=np.float64)
         self._q: dict[float, FloatArray] = {}
@@ -180,19 +190,27 @@ class Costs:
 
     def _unit(self) -> float:
         links = [float(self.link_at(s).max()) for s in range(self.k - 1)] if self.n else []
-        top = float(self.P[-1] / self.flops.min()) + max(links, default=0.0)
+        # The largest stage time: all nodes on one stage (P_n / f_s is largest for the least f_s).
+        slowest = self.P[-1] / self.flops + self.N[-1] * self.dispatch + self.overhead
+        top = float(slowest.max()) + max(links, default=0.0)
         if not top > 0.0 or not math.isfinite(top):
             return 1.0
         e = math.frexp(top)[1]  # top < 2^e
         m = (self.k + 3).bit_length()  # 2^m > k + 3
         return math.ldexp(1.0, e + m - 52)
 
+    def prefix_time(self, stage: int) -> FloatArray:
+        """``X_s = P / flops_s + N * dispatch_s``: a stage's time of nodes ``[i, j)`` less its
+        action overhead and links is ``X_s[j] - X_s[i]`` (up to rounding)."""
+        return self.P / self.flops[stage] + self.N * self.dispatch[stage]
+
     def time_units(self, stage: int) -> FloatArray:
-        """``R_s``: ``P / flops_s`` in units, rounded, at every cut (cached per speed)."""
-        key = ("P", float(self.flops[stage]), 0.0)
+        """``R_s``: `prefix_time` in units, rounded, at every cut (cached per speed and dispatch
+        cost). The action overheads are left out: every split pays each stage's once."""
+        key = ("P", float(self.flops[stage]), float(self.dispatch[stage]))
         out = self._units.get(key)
         if out is None:
-            out = np.rint(self.P / self.flops[stage] / self.unit)
+            out = np.rint(self.prefix_time(stage) / self.unit)
             self._units[key] = out
         return out
 
@@ -231,7 +249,9 @@ class Costs:
         return q
 
     def compute_time(self, stage: int, i: Index, j: Index) -> FloatArray:
-        return (self.P[j] - self.P[i]) / self.flops[stage]
+        """Compute and fixed costs of nodes ``[i, j)`` on ``stage`` (all but the links)."""
+        compute = (self.P[j] - self.P[i]) / self.flops[stage]
+        return compute + (self.N[j] - self.N[i]) * self.dispatch[stage] + self.overhead[stage]
 
     def comm_time(self, stage: int, i: Index, j: Index) -> FloatArray:
         return self.link(stage - 1, self.c[i]) + self.link(stage, self.c[j])
@@ -258,6 +278,7 @@ class Costs:
         b = np.asarray(bounds, dtype=np.int64)
         i, j = b[:-1], b[1:]
         compute = (self.P[j] - self.P[i]) / self.flops
+        compute = compute + (self.N[j] - self.N[i]) * self.dispatch + self.overhead
         lat, bw = self.latency[:-1], self.bandwidth[:-1]  # the links between stages
         cin, cout = self.c[i[1:]], self.c[j[:-1]]
         t_in = np.where(cin != 0, 2.0 * (lat + cin / bw), 0.0)

@@ -110,6 +110,11 @@ class Search:
         k = self.k
         self.P, self.c = c.P, c.c
         self.f = [float(x) for x in c.flops]
+        self.N = c.N
+        self.d = [float(x) for x in c.dispatch]
+        self.o = [float(x) for x in c.overhead]
+        self.X = [c.prefix_time(s) if self.d[s] or self.o[s] else None for s in range(k)]
+        """Per stage with fixed costs, `Costs.prefix_time`; None where ``P / f_s`` alone does."""
         self.cap = [float(x) for x in c.cap]
         self.Q = [c.q(float(c.inflight[s])) for s in range(k)]
         self.cin = [c.link_at(s - 1) for s in range(k)]
@@ -132,16 +137,25 @@ class Search:
         if s == k - 1:
             jlo = max(jlo, n)
         event = scale_event = _INF
-        jt = int(P.searchsorted(P[b] + bs * f, "right")) - 1
+        X, d, o = self.X[s], self.d[s], self.o[s]
+        if X is None:
+            jt = int(P.searchsorted(P[b] + bs * f, "right")) - 1
+        else:
+            jt = int(X.searchsorted(X[b] + (bs - o), "right")) - 1
         if jt < jhi:
             jhi = jt
-            event = float(P[jt + 1] - P[b]) / f
+            event = float(P[jt + 1] - P[b]) / f + float(self.N[jt + 1] - self.N[b]) * d + o
         Q, cap = self.Q[s], self.cap[s]
         jm = int(Q.searchsorted(Q[b] + cap * scale * (1 + 1e-12), "right")) - 1
         if jm < jhi:
             jhi = jm
             scale_event = float(Q[jm + 1] - Q[b]) / cap
         if s < k - 1:
+            # [Note: compute-only rest] The rest, nodes [j, n), runs on the later stages, each
+            # within bs: its compute alone must fit, P_n - P_j <= bs * frest. A stage's time is its
+            # compute time plus fixed costs and links, all >= 0, so this holds of every split the
+            # fixed costs admit too: a necessary condition, weaker only (it prunes less), and the
+            # event it gives, the least bs that admits one more j, is still where it changes.
             jr = int(P.searchsorted(P[n] - bs * self.frest[s], "left"))
             if jr > jlo:
                 jlo = jr
@@ -161,6 +175,11 @@ class Search:
         f, cap = self.f[s], self.cap[s] * scale
         pa, qa = P[a], Q[a]
         pw = (P[a : b + 1] - pa) / f
+        pj = (P[j] - pa) / f
+        if self.X[s] is not None:  # the fixed costs: the overhead joins every end's time
+            N, na = self.N, self.N[a]
+            pw = pw + (N[a : b + 1] - na) * self.d[s]
+            pj = (pj + (N[j] - na) * self.d[s]) + self.o[s]
         cin = self.cin[s][a : b + 1]
         qw = Q[a : b + 1] - qa
         ci = c[a : b + 1]
@@ -171,7 +190,7 @@ class Search:
             key=pw - cin,
             qw=qw,
             mkey=qw - ci,
-            t=((P[j] - pa) / f + self.cout[s][j]) - bs,
+            t=(pj + self.cout[s][j]) - bs,
             u=((Q[j] - qa) + c[j]) - cap,
             sure_t=float(cin.max()) + tm,
             sure_u=float(ci.max()) + mm,
@@ -307,7 +326,8 @@ class Search:
         """An upper bound of every stage time: beyond it, time constrains nothing."""
         c = self.costs
         link = max(float(x.max()) for x in self.cout)
-        return float(c.P[-1]) / min(self.f) + 2.0 * link
+        fixed = max(float(c.N[-1]) * d + o for d, o in zip(self.d, self.o, strict=True))
+        return float(c.P[-1]) / min(self.f) + fixed + 2.0 * link
 
     def lower_bound(self) -> float:
         """A lower bound of every split's bottleneck, the largest of four.
@@ -317,25 +337,27 @@ class Search:
         of the first stage and of the last stage on their own (whatever the other stages do,
         O(n) each); and the largest node on the fastest device with the least link. The last
         two find the bottleneck when one huge node sets it (an LM head on the last stage), so
-        the search's first probe is often feasible at once.
+        the search's first probe is often feasible at once. Of the fixed costs, the first counts
+        each stage's action overhead, the next two all of theirs, the last the least overhead.
         """
-        n, k, P, f = self.n, self.k, self.P, self.f
+        n, k, P, f, N, d, o = self.n, self.k, self.P, self.f, self.N, self.d, self.o
         total = float(P[-1])
         for s in range(k):
             inner = slice(1, n)
             least = float(self.cin[s][inner].min()) if s > 0 and n > 1 else 0.0
             least += float(self.cout[s][inner].min()) if s < self.k - 1 and n > 1 else 0.0
-            total += f[s] * least
+            total += f[s] * (least + o[s])
         bounds = [total / sum(f)]
         if k == 1 or n < k:
             return max(bounds)
         ends = np.arange(1, n - k + 2)  # the first stage ends in [1, n - k + 1]
-        bounds.append(float((P[ends] / f[0] + self.cout[0][ends]).min()))
+        first = (P[ends] / f[0] + (N[ends] * d[0] + o[0])) + self.cout[0][ends]
+        bounds.append(float(first.min()))
         starts = np.arange(k - 1, n)  # the last stage starts in [k - 1, n - 1]
-        last = (P[n] - P[starts]) / f[k - 1] + self.cin[k - 1][starts]
-        bounds.append(float(last.min()))
+        last = (P[n] - P[starts]) / f[k - 1] + ((N[n] - N[starts]) * d[k - 1] + o[k - 1])
+        bounds.append(float((last + self.cin[k - 1][starts]).min()))
         links = min(float(self.cout[s][1:n].min()) for s in range(k - 1))
-        bounds.append(float(np.diff(P).max()) / max(f) + links)
+        bounds.append(float(np.diff(P).max()) / max(f) + min(o) + links)
         return max(bounds)
 
     def proportional(self) -> Bounds:

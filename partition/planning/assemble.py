@@ -58,6 +58,7 @@ def build_plan(
                 send_bytes=float(graph.cut_bytes[hi]),
                 inputs=stage.inputs,
                 outputs=stage.outputs if not stage.is_last else (),
+                dispatched=float(graph.dispatched[lo:hi].sum()),
             )
         )
     step_time, bubble = predict_step(

@@ -24,9 +24,12 @@ def simulate_plan(
 ) -> SimResult:
     """The simulator run on ``plan``'s stages (its schedule and micro-batches unless overridden).
 
-    Stage times are the plan's per-micro-batch predictions: forward FLOPs over device speed for F,
-    the rest of the stage's compute for B (split in half for zero-bubble I and W), and latency +
-    bytes / bandwidth for each cut, sends overlapping compute.
+    Stage times are the plan's per-micro-batch predictions: forward FLOPs over device speed plus
+    the forward's fixed costs for F, the rest of the stage's compute time for B (split in half for
+    zero-bubble I and W), and latency + bytes / bandwidth for each cut, sends overlapping compute.
+    The forward's fixed costs are ``dispatch_forward`` per operation and half the action
+    overhead: calibration measures the overhead of a forward and its backward together, and a
+    1F1B or GPipe step depends on F + B alone once the pipeline is full.
     """
     return _simulate(
         schedule or plan.schedule, plan.virtual, microbatches or plan.microbatches, plan.stages
@@ -52,7 +55,11 @@ def _simulate(
         )
     num_ranks = len(stages) // virtual
     built = build_schedule(schedule, num_ranks, microbatches, virtual)
-    fwd = [s.forward_flops / s.device.flops for s in stages]
+    fwd = [
+        s.forward_flops / s.device.flops
+        + (s.dispatched * s.device.dispatch_forward + 0.5 * s.device.action_overhead)
+        for s in stages
+    ]
     bwd = [max(s.compute_time - f, 0.0) for s, f in zip(stages, fwd, strict=True)]
     comm = [
         s.device.latency + s.send_bytes / s.device.bandwidth if s.send_bytes else 0.0
@@ -90,6 +97,7 @@ def reprice(plan: Plan, devices: Sequence[Device]) -> Plan:
         saved_bytes=np.array([s.saved_bytes for s in stages], dtype=np.float64),
         cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
         param_element_size=element,
+        dispatched=np.array([s.dispatched for s in stages], dtype=np.float64),
     )
     problem = Problem(
         graph=graph,

@@ -131,14 +131,15 @@ def save_checkpoint(
         The published directory (on every rank, once it is published).
 
     Raises:
-        CheckpointError: bad arguments (before any collective); a rank's weights are not finite
-            (a checkpoint of them is never published: [Note: non-finite steps] in
-            `pipeline.runtime.finite`); another job holds ``root`` (rank 0 holds it for the
+        CheckpointError: bad arguments or replicas (``dp > 1``), before any collective; a
+            rank's weights are not finite (a checkpoint of them is never published: [Note:
+            non-finite steps] in `pipeline.runtime.finite`); another job holds ``root`` (rank 0 holds it for the
             pipeline's lifetime from the first save: [Note: one job per folder] in
             `pipeline.checkpoint.lock`); or a rank failed to write its part. Raised on every
             rank, naming it; nothing is then published and the ``.tmp-`` folder is removed.
     """
     meta = _meta(data_position, extra, keep)
+    _one_replica(pipe)
     wait_pending(pipe)
     return write(snapshot(pipe, meta, copy_tensors=False), Path(root), keep, pipe.group, pipe)
 
@@ -157,8 +158,20 @@ def save_checkpoint_async(
     pipeline's checkpoint group (a collective of its ranks too). Call ``.wait()`` before the
     process group is destroyed; a failure is raised there, or by the next save or load."""
     meta = _meta(data_position, extra, keep)
+    _one_replica(pipe)
     wait_pending(pipe)
     return start(pipe, snapshot(pipe, meta, copy_tensors=True), Path(root), keep)
+
+
+def _one_replica(pipe: Checkpointable) -> None:
+    """Raise `CheckpointError` (on every rank, before any collective) for a pipeline with
+    replicas: every replica would write the same files."""
+    dp = getattr(pipe, "dp", 1)
+    if dp > 1:
+        raise CheckpointError(
+            f"saving a pipeline with {dp} replicas (dp={dp}) is not supported yet: every replica "
+            "would write the same stage files; train one pipeline (dp=1) to checkpoint"
+        )
 
 
 # --- load --------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def _train(job: RankJob) -> RankResult:
     )
     # Each rank's random stream (dropout) from the seed, so that a run repeats, under torchrun
     # as on local ranks; a resume then restores the stream the checkpoint saved.
-    torch.manual_seed(job.pipeline.seed * 1_000_003 + pipe.rank + 1)
+    torch.manual_seed(job.pipeline.seed * 1_000_003 + dist.get_rank() + 1)  # replicas differ
     checkpoints = job.checkpoints
     start = 0
     losses: list[float | None] = []

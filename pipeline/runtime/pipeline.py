@@ -113,7 +113,8 @@ class Pipeline:
 
         Raises:
             PlanError: the plan is for another world size or another model, the schedule cannot
-                run these micro-batches, or the options disagree with the plan.
+                run these micro-batches, the options disagree with the plan, or the replicas
+                with the world (`pipeline.parallel.mesh.replicas`).
         """
         self.options = options or PipelineOptions()
         self.replicas = replicas(mesh, group, self.options.dp)
@@ -124,8 +125,7 @@ class Pipeline:
         built = self._check_inputs(model_fn, loss_fn, optimizer_factory, lr_scheduler_factory)
         self.device = stage_device(self.options.device, self.group)
         self._lay_out(built)
-        # every rank of every replica holds the same layout
-        agree_on_layout(self.stages, self.schedule, self.replicas.whole)
+        agree_on_layout(self.stages, self.schedule, self.replicas.whole)  # in every replica
         self._materialize(built.model, model_fn)
         self._build_executors()
         self.sync = GradientSync(

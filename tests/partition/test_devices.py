@@ -28,6 +28,15 @@ def test_spec_strings() -> None:
     assert Device.parse("a100-40,mem=30GiB").memory == 30 * 2**30
 
 
+def test_fixed_costs_have_keys_and_presets_leave_them_unmeasured() -> None:
+    d = Device.parse("cpu,fwd=3us,bwd=9us,action=15us")
+    assert (d.dispatch_forward, d.dispatch_backward, d.action_overhead) == (3e-6, 9e-6, 15e-6)
+    assert Device.parse("cpu,dispatch_backward=1ms").dispatch_backward == 1e-3
+    assert all(p.dispatch_forward == p.action_overhead == 0.0 for p in PRESETS.values())
+    with pytest.raises(PlanError, match=r"fwd \(seconds per operation's forward\)"):
+        Device.parse("cpu,dispatch=3us")
+
+
 def test_device_lists() -> None:
     four = parse_devices("h100", 4)
     assert [d.name for d in four] == ["h100:0", "h100:1", "h100:2", "h100:3"]

@@ -182,3 +182,16 @@ def test_an_uncosted_graph_is_only_an_order() -> None:
     assert len(g) == 3 and g.names == ("a", "b", "c") and g.extra == {"order": "graph"}
     assert not (g.compute.any() or g.param_bytes.any() or g.cut_bytes.any())
     assert g.cut_bytes.shape == (4,)
+
+
+def test_only_nodes_that_run_an_operation_pay_fixed_costs() -> None:
+    model, inputs, _ = skipnet(batch=4)
+    traced = trace(model, inputs, method="fx")
+    graph = linearize(cost_model(traced))
+    ops = {n.name: n.op for n in traced.graph.nodes}
+    runs = [
+        float(ops[name] in ("call_function", "call_module", "call_method")) for name in graph.names
+    ]
+    assert graph.dispatched.tolist() == runs and 0 < sum(runs) < len(runs)  # inputs run nothing
+    assert LinearGraph.from_arrays([1.0, 2.0], [0, 0], [0, 0], [0]).dispatched.tolist() == [1, 1]
+    assert LinearGraph.uncosted(("a", "b")).dispatched.tolist() == [0, 0]

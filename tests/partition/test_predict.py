@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
+import torch.fx
 
 from partition import plan_model
 from partition.devices import Device, parse_devices
@@ -99,3 +101,48 @@ def test_repricing_on_faster_devices_divides_compute_times() -> None:
     assert [s.capacity for s in bigger.stages] == [2 * s.capacity for s in plan.stages]
     with pytest.raises(PlanError, match="the plan has 3 ranks but 2 devices were given"):
         reprice(plan, cpu[:2])
+
+
+CALIBRATED = {"dispatch_forward": 3e-6, "dispatch_backward": 9e-6, "action_overhead": 15e-6}
+
+
+def test_fixed_costs_add_to_every_action_by_hand() -> None:
+    # One stage of skipnet on one cpu: 1F1B runs m forwards and m backwards back to back, so
+    # the step is m times the stage time, and calibrating adds m (ops x (3 + 9) us + 15 us).
+    model, inputs, _ = skipnet(batch=8)
+    plain = plan_model(model, inputs, devices=parse_devices("cpu", 1), microbatches=4)
+    stage = plain.stages[0]
+    ops = _ops(model)
+    assert stage.dispatched == ops > 0
+    calibrated = reprice(plain, [replace(plain.stages[0].device, **CALIBRATED)])
+    extra = ops * 12e-6 + 15e-6
+    assert calibrated.stages[0].compute_time == pytest.approx(stage.compute_time + extra)
+    assert calibrated.step_time == pytest.approx(plain.step_time + 4 * extra, rel=1e-12)
+    again = plan_model(model, inputs, devices=[replace(stage.device, **CALIBRATED)], microbatches=4)
+    assert again.step_time == pytest.approx(calibrated.step_time, rel=1e-12)
+
+
+def _ops(model: torch.nn.Module) -> int:
+    """The nodes of ``model``'s FX graph that run an operation, counted apart from pipepart."""
+    nodes = torch.fx.symbolic_trace(model).graph.nodes
+    return sum(n.op in ("call_function", "call_module", "call_method") for n in nodes)
+
+
+def test_the_forward_takes_its_ops_and_half_the_action_overhead() -> None:
+    # p = 2, m = 4, every stage 5 ops: F = 1 + 5 fwd + action / 2, B = 2 + 5 bwd + action / 2
+    device = replace(UNIT, dispatch_forward=0.25, dispatch_backward=0.5, action_overhead=1.0)
+    stages = [
+        replace(_stage(s, total=3.0 + 5 * 0.75 + 1.0), device=device, dispatched=5.0)
+        for s in range(2)
+    ]
+    step, _ = predict_step("1f1b", 1, 4, stages)
+    assert step == pytest.approx((4 + 2 - 1) * (3.0 + 5 * 0.75 + 1.0))
+    gpipe, _ = predict_step("gpipe", 1, 1, stages)  # F0, F1, B1, B0
+    assert gpipe == pytest.approx(2 * (1 + 5 * 0.25 + 0.5) + 2 * (2 + 5 * 0.5 + 0.5))
+
+
+def test_a_plan_file_without_op_counts_counts_every_node() -> None:
+    data = _plan().stages[1].to_dict()
+    del data["dispatched"]
+    old = StagePlan.from_dict(data)
+    assert old.dispatched == old.stop - old.start

@@ -23,6 +23,7 @@ OPTIONAL = {
     "objective.bottleneck_stage",
     "objective.balance_ratio",
     "stages[0].time",
+    "stages[0].dispatched",  # plans written before fixed costs: the stage's node count
 }
 FREE = {"memory", "shared_params"}  # objects with free keys
 

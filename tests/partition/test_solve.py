@@ -45,6 +45,8 @@ def brute_force(problem: Problem) -> tuple[float, float, Fraction, float, int] |
     bounds = np.hstack([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), n)])
     costs = problem.costs
     times = np.stack([costs.time(s, bounds[:, s], bounds[:, s + 1]) for s in range(k)], axis=1)
+    reference = _stage_times(problem, bounds)  # prefix sums cancel: within the largest's noise
+    np.testing.assert_allclose(times, reference, rtol=1e-12, atol=1e-12 * reference.max())
     mem = np.stack([costs.memory(s, bounds[:, s], bounds[:, s + 1]) for s in range(k)], axis=1)
     fits = np.all(mem <= costs.cap, axis=1)
     if not fits.any():
@@ -72,6 +74,24 @@ def brute_force(problem: Problem) -> tuple[float, float, Fraction, float, int] |
     fewest = comm[tied].min()
     tied &= comm == fewest
     return float(best), float(least), fewest, float(peak[tied].min()), int(fewest_idle)
+
+
+def _stage_times(problem: Problem, bounds: np.ndarray) -> np.ndarray:
+    """Every stage time of every split (rows of ``bounds``), node by node from the graph and the
+    devices: [Note: objective]'s formula written out apart from `Costs`."""
+    g, k = problem.graph, problem.num_stages
+    out = np.zeros((len(bounds), k))
+    for row, b in enumerate(bounds):
+        for s in range(k):
+            d, i, j = problem.stage_device(s), int(b[s]), int(b[s + 1])
+            t = sum(g.compute[i:j]) / d.flops + d.action_overhead
+            t += sum(g.dispatched[i:j]) * (d.dispatch_forward + d.dispatch_backward)
+            for cut, link in ((i, s - 1), (j, s)):
+                if 0 <= link < k - 1 and g.cut_bytes[cut]:
+                    dev = problem.stage_device(link)
+                    t += 2 * (dev.latency + g.cut_bytes[cut] / dev.bandwidth)
+            out[row, s] = t
+    return out
 
 
 def _exact_comm(problem: Problem, bounds: Sequence[int]) -> Fraction:
@@ -119,9 +139,16 @@ def problems(draw: st.DrawFn, max_nodes: int = 10, max_stages: int = 4) -> Probl
         out = [draw(value) * scale for _ in range(size)]
         return [0.0 if draw(st.floats(0, 1)) < zeros else x for x in out]
 
+    fixed = draw(st.booleans())  # fixed costs: per operation and per action, 0 on presets
+    dispatched = [draw(st.sampled_from([0.0, 1.0, 1.0, 2.0])) for _ in range(n)] if fixed else ()
     graph = LinearGraph.from_arrays(
-        values(n, 1.0, 0.1), values(n, 10.0, 0.2), values(n, 5.0, 0.2), values(n - 1, 4.0, 0.2)
+        values(n, 1.0, 0.1),
+        values(n, 10.0, 0.2),
+        values(n, 5.0, 0.2),
+        values(n - 1, 4.0, 0.2),
+        dispatched=dispatched,
     )
+    cost = st.sampled_from([0.0, 0.125, 0.3, 1.0]) if fixed else st.just(0.0)
     devices = tuple(
         Device(
             name=f"d{d}",
@@ -129,6 +156,9 @@ def problems(draw: st.DrawFn, max_nodes: int = 10, max_stages: int = 4) -> Probl
             flops=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])),
             bandwidth=draw(st.sampled_from([1.0, 10.0, 100.0])),
             latency=draw(st.sampled_from([0.0, 0.1, 1.0])),
+            dispatch_forward=draw(cost),
+            dispatch_backward=draw(cost),
+            action_overhead=draw(cost),
         )
         for d in range(count)
     )

@@ -172,6 +172,10 @@ ROWS: dict[str, tuple[type[Exception], tuple[str, ...]]] = {
         FactoryError,
         ("the model factory", "missing_weights raised FileNotFoundError: weights.bin"),
     ),
+    "replicas (`dp=`) that do not divide the world": (
+        PlanError,
+        ("2 ranks do not split into dp=3 replicas", "choose dp among 1, 2"),
+    ),
     "a missing checkpoint": (CheckpointError, ("no checkpoint at",)),
     "a checkpoint without its manifest": (CheckpointError, ("manifest",)),
 }
@@ -226,6 +230,9 @@ def _try_every_row(plans: dict[str, Plan], root: str) -> dict[str, Any]:
         Pipeline, boxnet, options=opts(microbatches=2, bounds=(0, 3, 7))
     )
     out["a model factory that raises"] = _outcome(Pipeline, missing_weights)
+    out["replicas (`dp=`) that do not divide the world"] = _outcome(
+        Pipeline, toy, options=opts(microbatches=M, dp=3)
+    )
     out["a missing checkpoint"] = _outcome(pipe.load, f"{root}/nowhere")
     unfinished = Path(root, "step-00000001")  # a folder that looks like a save, never finished
     if rank == 0:

@@ -189,6 +189,21 @@ def test_run_bad_batch_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "batch 7 is not divisible by 4 micro-batches" in err and "\n" not in err
 
 
+def test_ranks_that_are_not_pp_times_dp_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19: ``--ranks`` must be ``--pp`` x ``--dp``; refused before any process starts,
+    naming the numbers and the ranks to launch; and so is a global batch that does not split
+    into ``--accumulate`` x ``--dp`` shards of the micro-batches."""
+    assert main(["run", "gpt", "--ranks", "5", "--pp", "2", "--dp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ranks 5 is not --pp 2 pipeline ranks x --dp 2 replicas; launch --ranks 4" in err
+    assert "\n" not in err
+    flags = ["--ranks", "4", "--dp", "2", "--accumulate", "2", "--batch", "12"]
+    assert main(["run", "gpt", *flags, "--microbatches", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a batch of 12 rows does not split into 4 shards (2 accumulation steps x 2 " in err
+    assert "use --batch 8, 16" in err and "\n" not in err
+
+
 # --- every flag through the command line, by its effect ------------------------------------------
 
 

@@ -205,3 +205,14 @@ def test_plan_dp_prints_memory_per_device_under_ddp_and_fsdp(
     text = capsys.readouterr().out
     assert "memory per device with 4 replicas of the pipeline (8 devices)" in text
     assert "fsdp" in text and "ddp" in text
+
+
+def test_a_spec_with_fixed_costs_predicts_a_toy_gpt_step_in_milliseconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # issue 20: without fixed costs the toy GPT's 2-stage step was predicted at ~0.3 ms, 125x
+    # faster than measured; about 60 ops per stage at 12 us each make every action ~1 ms.
+    argv = ["plan", "gpt", "--size", "toy", "--devices", "2", "--json"]
+    plain = _json(capsys, [*argv, "--device-spec", "cpu"])
+    fixed = _json(capsys, [*argv, "--device-spec", "cpu,fwd=3us,bwd=9us,action=15us"])
+    assert plain["step_time"] < 1e-3 < fixed["step_time"] < 1e-2
