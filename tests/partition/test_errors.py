@@ -27,6 +27,7 @@ STANDARD = {
     "BatchError": ValueError,
     "BoundaryError": PlanError,
     "PeerError": ConnectionError,
+    "NonFiniteError": FloatingPointError,
 }
 
 

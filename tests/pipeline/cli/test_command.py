@@ -11,7 +11,7 @@ import pipeline.cli.plan
 from partition.errors import PipepartError
 from pipeline.cli.command import _one_line, _parser, main
 
-SUBCOMMANDS = ("plan", "show", "simulate", "run", "export", "bench")
+SUBCOMMANDS = ("plan", "show", "simulate", "run", "export", "bench", "calibrate")
 
 FAILING = {  # a sub-command's argv that fails, and what its one-line error says
     "plan": (["plan", "json:loads"], "the model factory json:loads raised TypeError"),
@@ -20,6 +20,7 @@ FAILING = {  # a sub-command's argv that fails, and what its one-line error says
     "run": (["run", "json:loads", "--ranks", "2"], "the model factory json:loads raised"),
     "export": (["export", "ckpt", "model.bin"], "model.bin is not a .safetensors file"),
     "bench": (["bench", "no-such-benchmark"], "no benchmark 'no-such-benchmark'"),
+    "calibrate": (["calibrate", "--threads", "0"], "--threads must be at least 1, got 0"),
 }
 
 
