@@ -25,6 +25,7 @@ from torch import Tensor
 from partition.errors import BatchError, InputError, StageError
 from partition.microbatch import batch_size, check_divisible
 from partition.models.registry import BuiltModel, build_meta_model, target_free, unpack_model
+from partition.modes.modal import describe_modes
 from partition.plan import Plan
 from pipeline.checkpoint.lock import FolderLock
 from pipeline.launch.job import Batch, RankJob, RankResult, run_rank
@@ -82,7 +83,7 @@ def run_pipeline(
         plan = Plan.load(plan)
     factory = _factory(model, run.size, run.batch, run.seq)
     torchrun = under_torchrun()
-    meta = build_meta_model(factory)
+    meta = build_meta_model(factory, cpu_fallback=pipe_options.weights != "init")
     eager = _eager(factory, run, meta) if not torchrun else None
     batch = _synthetic(eager or meta, pipe_options.seed + 1)
     parts = run.accumulate * (pipe_options.dp or 1)
@@ -121,6 +122,8 @@ def run_pipeline(
             if restarted:
                 log.warning("ranks restarted %d time(s)", restarted)
     result = summarize(results, run.steps, restarted)
+    if plan is not None:  # which modes were traced and planned, as `pipepart plan` says
+        result.notes.insert(0, describe_modes(plan.model.modes))
     if run.check:
         if eager is None:  # under torchrun: rank 0 builds the reference now
             eager = unpack_model(build_eager(factory, pipe_options.seed))

@@ -171,7 +171,7 @@ class Pipeline:
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.log = RankLog(log, self.rank)
-        built = build_meta_model(model_fn)
+        built = build_meta_model(model_fn, cpu_fallback=self.options.weights != "init")
         self.model_class = type(built.model).__name__  # for checkpoints
         found = loss_fn or built.loss_fn
         if found is None:

@@ -233,3 +233,4 @@ def test_replicas_with_accumulation_pass_the_check_on_the_global_batch(
     assert sorted(out["stages"]) == ["0", "1", "2", "3"]  # every global rank reports
     assert out["stages"]["0"] == out["stages"]["2"] == [0]  # replica 1 holds stage 0 on rank 2
     assert any("each of the 2 replicas keeps its own" in note for note in out["notes"])
+    assert out["notes"][0] == "modes: one graph serves train and eval mode"  # as plan says
