@@ -35,6 +35,7 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "fits",
     "idle_stages",
     "devices_note",
+    "bubble_note",
 )
 """Top-level fields of ``pipepart plan --json`` that a plan derives (`Plan.summary`): a plan
 file may carry them, and they must agree with it."""
@@ -173,6 +174,7 @@ class Plan:
         """The headline numbers ``pipepart plan --json`` prints beside the plan's own fields;
         `from_dict` reads them back, checked against the plan (see `SUMMARY_FIELDS`)."""
         from partition.idle import devices_note, idle_stages
+        from partition.planning.bubble import bubble_note
 
         return {
             "bottleneck": self.bottleneck,
@@ -182,6 +184,7 @@ class Plan:
             "fits": self.fits(),
             "idle_stages": idle_stages(self),  # see [Note: idle stages] in partition.idle
             "devices_note": devices_note(self),
+            "bubble_note": bubble_note(self),  # see [Note: a plan that says when it is poor]
         }
 
     def to_dict(self) -> dict[str, Any]:

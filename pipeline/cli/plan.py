@@ -9,6 +9,8 @@ from typing import Any
 from partition.idle import devices_note
 from partition.memory import REDUCTIONS, replicated_memory
 from partition.plan import Plan
+from partition.planning.bubble import bubble_note
+from partition.schedules.names import schedule_label
 from partition.schedules.simulate import SimResult
 from partition.units import format_size, format_time
 from pipeline.cli.flags import (
@@ -61,7 +63,7 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     bottleneck = plan.bottleneck or 1.0
     table = Table(
         title=title
-        or f"{plan.model.class_name} · {plan.schedule} · {plan.microbatches} micro-batches · {plan.algorithm}"
+        or f"{plan.model.class_name} · {schedule_label(plan.schedule)} · {plan.microbatches} micro-batches · {plan.algorithm}"
     )
     for column, justify in [
         ("stage", "right"),
@@ -96,6 +98,7 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
         + ("" if plan.fits() else " · [red]does not fit memory[/red]")
         + (f"\n{modes_line(plan)}" if plan.model.modes else "")
         + (f"\n[yellow]{note}[/yellow]" if (note := devices_note(plan)) else "")
+        + (f"\n[yellow]{poor}[/yellow]" if (poor := bubble_note(plan)) else "")
     )
     return table
 
@@ -207,13 +210,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         plot_gantt(
             result.timeline,
             num_ranks=plan.num_ranks,
-            title=f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches · step {format_time(result.step_time)}",
+            title=f"{plan.model.class_name} · {schedule_label(schedule)} · {microbatches} micro-batches · step {format_time(result.step_time)}",
             path=args.png,
         )
     if args.json:
         print(json.dumps(_simulation_summary(plan, result, schedule, microbatches, args.png)))
     else:
-        title = f"{plan.model.class_name} · {schedule} · {microbatches} micro-batches (simulated)"
+        title = f"{plan.model.class_name} · {schedule_label(schedule)} · {microbatches} micro-batches (simulated)"
         console().print(_simulation_table(plan, result, args.png, title))
     return 0
 
