@@ -34,6 +34,7 @@ from partition.algorithms.problem import IDLE_SHARE, Problem
 from partition.devices import Device
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
+from partition.schedules.names import is_custom
 from partition.stage_plan import StagePlan
 from partition.units import format_time
 
@@ -94,7 +95,7 @@ def devices_note(plan: _Plan) -> str | None:
         head = f"all {k} stages have work"
     if used == 0:
         return f"{head}: the model has almost no compute to split"
-    if plan.virtual > 1 or k == 1:
+    if plan.virtual > 1 or k == 1 or is_custom(plan.schedule):  # a file fixes the rank count
         return head if idle else None
     # The whole model on one device, or else the working stages' devices with the same nodes.
     tried = [_alone(plan), _merged(plan, idle) if idle else None]

@@ -15,7 +15,8 @@ from partition.errors import PlanError
 from partition.graph import ORDERS
 from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
-from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule
+from partition.schedules.custom import custom_virtual
+from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule, is_custom
 from partition.trace.fx import TraceMethod
 
 __all__ = ["CUTS", "MODES", "Cuts", "Modes", "PlanOptions", "with_knobs"]
@@ -35,11 +36,13 @@ class PlanOptions:
 
     schedule: str = DEFAULT_SCHEDULE
     """``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device) or ``zb-h1``
-    (aliases accepted, stored canonical); decides how many micro-batches each stage holds."""
+    (aliases accepted, stored canonical), or ``@FILE``, a schedule you write (stored as its
+    text; see [Note: a schedule a user writes]); decides how many micro-batches each stage holds."""
     microbatches: int = DEFAULT_MICROBATCHES
     """Micro-batches per step; the example inputs are one full batch of them."""
     virtual: int = 1
-    """Stages per device (``interleaved`` only, and then at least 2)."""
+    """Stages per device (``interleaved`` only, and then at least 2; a written schedule's is
+    its stage count over its lines)."""
     memory: MemoryModel = field(default_factory=MemoryModel)
     """What training keeps per parameter (optimizer state, master weights)."""
     algorithm: str = "optimal"
@@ -83,7 +86,15 @@ class PlanOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(f"{name} must be a positive integer, got {value!r}")
-        if (self.schedule == "interleaved") != (self.virtual > 1):
+        if is_custom(self.schedule):  # stages per device: the file's
+            virtual = custom_virtual(self.schedule)
+            if self.virtual not in (1, virtual):
+                raise PlanError(
+                    f"the schedule file has {virtual} stage(s) per rank, --virtual asks for "
+                    f"{self.virtual}; leave --virtual out (the file decides it)"
+                )
+            object.__setattr__(self, "virtual", virtual)
+        elif (self.schedule == "interleaved") != (self.virtual > 1):
             raise PlanError(
                 f"schedule {self.schedule!r} with {self.virtual} stage(s) per device: the "
                 "interleaved schedule needs virtual >= 2, and virtual >= 2 needs it"

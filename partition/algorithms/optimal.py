@@ -104,6 +104,7 @@ from partition.algorithms.reach import RTOL, Search
 from partition.algorithms.ties import tie_break
 from partition.devices import Device
 from partition.errors import InfeasibleError
+from partition.schedules.names import is_custom
 from partition.units import format_size
 
 __all__ = ["memory_fits", "min_devices", "optimal_split"]
@@ -211,6 +212,8 @@ def min_devices(problem: Problem) -> int | None:
     result always fits and one fewer does not; it is the fewest unless a fitting range narrower
     than a quarter lies beyond the first 64 counts.
     """
+    if is_custom(problem.schedule):  # a written schedule runs on its own rank count only
+        return len(problem.devices) if memory_fits(problem) else None
     n, v = len(problem.graph), problem.virtual
     g = problem.graph
     floor = problem.microbatches if problem.schedule == "gpipe" else 1

@@ -22,7 +22,7 @@ from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
 from partition.schedules.inflight import schedule_inflight
-from partition.schedules.names import canonical_schedule
+from partition.schedules.names import canonical_schedule, is_custom
 
 __all__ = ["DEFAULT_MEMORY", "IDLE_SHARE", "Costs", "Problem"]
 
@@ -76,7 +76,7 @@ class Problem:
             raise PlanError(
                 f"virtual stages per device must be a positive integer, got {self.virtual!r}"
             )
-        if self.virtual > 1 and self.schedule != "interleaved":
+        if self.virtual > 1 and self.schedule != "interleaved" and not is_custom(self.schedule):
             raise PlanError(
                 f"virtual={self.virtual} needs the interleaved schedule, not {self.schedule!r}; "
                 "use schedule='interleaved' or virtual=1"

@@ -12,8 +12,8 @@ from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.plan import Plan, StagePlan
-from partition.schedules.actions import build_schedule
-from partition.schedules.names import canonical_schedule
+from partition.schedules.custom import schedule_for
+from partition.schedules.names import canonical_schedule, is_custom
 from partition.schedules.simulate import SimResult, simulate
 
 __all__ = ["predict_step", "reprice", "simulate_plan"]
@@ -48,13 +48,13 @@ def _simulate(
     schedule: str, virtual: int, microbatches: int, stages: Sequence[StagePlan]
 ) -> SimResult:
     schedule = canonical_schedule(schedule)
-    if (schedule == "interleaved") != (virtual > 1):
+    if not is_custom(schedule) and (schedule == "interleaved") != (virtual > 1):
         raise PlanError(
             f"the plan has {virtual} stage(s) per device, which schedule {schedule!r} cannot run; "
             "re-plan with --schedule interleaved --virtual V (V >= 2) for an interleaved pipeline"
         )
     num_ranks = len(stages) // virtual
-    built = build_schedule(schedule, num_ranks, microbatches, virtual)
+    built = schedule_for(schedule, num_ranks, microbatches, virtual)
     fwd = [
         s.forward_flops / s.device.flops
         + (s.dispatched * s.device.dispatch_forward + 0.5 * s.device.action_overhead)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from partition.errors import PlanError
-from partition.schedules.names import SCHEDULE_NAMES, canonical_schedule
+from partition.schedules.names import SCHEDULE_NAMES, canonical_schedule, is_custom
 
 __all__ = [
     "SCHEDULES",
@@ -317,12 +317,18 @@ def zero_bubble_h1(num_ranks: int, m: int) -> Schedule:
 
 
 def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual: int = 1) -> Schedule:
-    """Build a schedule by name: one of :data:`SCHEDULES` (also ``pipedream-flush``, ``zbh1``).
+    """Build a schedule by name: one of :data:`SCHEDULES` (also ``pipedream-flush``, ``zbh1``);
+    `partition.schedules.custom.schedule_for` builds these and the ones a user writes.
 
     Raises:
         PlanError: unknown name, bad sizes, or ``virtual > 1`` for a one-stage-per-rank schedule.
     """
     key = canonical_schedule(name)
+    if is_custom(key):  # see [Note: a schedule a user writes]
+        raise PlanError(
+            "a schedule you write is built by partition.schedules.custom.schedule_for, which "
+            "validates it; build_schedule builds the named ones"
+        )
     if key == "interleaved":
         return interleaved_1f1b(num_ranks, num_microbatches, virtual)
     if virtual != 1:

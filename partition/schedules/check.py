@@ -79,6 +79,13 @@ def _check_structure(schedule: Schedule) -> bool:
     for s in range(S):
         for i in range(m):
             for code, what in (("F", "forward"), ("B", "backward")):
+                if code == "B" and ("B", s, i) not in seen:  # a leak: point at its forward
+                    raise _fail(
+                        schedule,
+                        *seen[("F", s, i)],
+                        f"this forward has no backward, its activations would leak; add "
+                        f"{s}B{i} (or {s}I{i} and {s}W{i}) after it on rank {rank_of(s)}",
+                    )
                 if (code, s, i) not in seen:
                     raise PlanError(
                         f"stage {s} micro-batch {i} has no {what}; add {s}{code}{i} on rank {rank_of(s)}"

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 
 from partition.errors import PlanError
-from partition.schedules.actions import build_schedule, peak_inflight
-from partition.schedules.names import canonical_schedule
+from partition.schedules.actions import peak_inflight
+from partition.schedules.custom import schedule_for
+from partition.schedules.names import canonical_schedule, is_custom
 
 __all__ = ["closed_form_inflight", "inflight_microbatches", "schedule_inflight"]
 
@@ -29,8 +30,10 @@ def schedule_inflight(
     """The peak micro-batches each of the ``ranks * virtual`` stages holds under ``schedule``:
     `peak_inflight` of its actions, or the closed form for a count it cannot run."""
     try:
-        built = build_schedule(schedule, ranks, microbatches, virtual)
+        built = schedule_for(schedule, ranks, microbatches, virtual)
     except PlanError:
+        if is_custom(canonical_schedule(schedule)):  # no closed form: its own counts or nothing
+            raise
         return closed_form_inflight(schedule, ranks, microbatches, virtual)
     return tuple(peak_inflight(built))
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from partition.devices import Device, parse_devices
+from partition.errors import PlanError
 from partition.memory import OPTIMIZER_STATES, MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.options import CUTS, MODES, PlanOptions
 from partition.plan import Plan
-from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES
+from partition.schedules.names import DEFAULT_SCHEDULE, SCHEDULE_NAMES, canonical_schedule
 from partition.solve import ALGORITHMS
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "meta_model",
     "plan_options",
     "progress",
+    "schedule_argument",
 ]
 
 DEFAULT_DEVICE_SPEC = "cpu"
@@ -155,8 +157,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -
     parser.add_argument(
         "--schedule",
         default=DEFAULT_SCHEDULE if defaults else None,
-        choices=SCHEDULE_NAMES,
-        help=f"pipeline schedule (default {DEFAULT_SCHEDULE})",
+        type=schedule_argument,
+        metavar="{" + ",".join(SCHEDULE_NAMES) + ",@FILE}",
+        help=f"pipeline schedule (default {DEFAULT_SCHEDULE}), or @FILE: one you write",
     )
     parser.add_argument(
         "--microbatches",
@@ -273,3 +276,12 @@ def make_plan(
         report(f"building {args.model} on meta")
     model, inputs, kwargs = meta_model(args)
     return plan_model(model, inputs, kwargs, devices=on, options=options, progress=report)
+
+
+def schedule_argument(value: str) -> str:
+    """``--schedule``: a name, or ``@FILE`` read now (its text, canonical), so that a bad name
+    or file fails before anything is traced; see [Note: a schedule a user writes]."""
+    try:
+        return canonical_schedule(value)
+    except PlanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e

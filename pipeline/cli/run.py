@@ -19,6 +19,7 @@ from pipeline.cli.flags import (
     make_plan,
     plan_options,
     progress,
+    schedule_argument,
 )
 from pipeline.cli.outcome import check_status, finite_json, print_run
 from pipeline.launch.options import RunOptions
@@ -229,8 +230,10 @@ def _add_schedule_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--schedule",
         default=None,
-        choices=SCHEDULE_NAMES,
-        help=f"schedule when no plan is given (default {DEFAULT_SCHEDULE})",
+        type=schedule_argument,
+        metavar="{" + ",".join(SCHEDULE_NAMES) + ",@FILE}",
+        help=f"schedule when no plan is given (default {DEFAULT_SCHEDULE}), or @FILE: one you "
+        "write, a line of actions per rank (see the README)",
     )
     run.add_argument(
         "--microbatches",

@@ -27,9 +27,10 @@ from partition.errors import PeerError, PipepartError, PlanError
 from partition.models.registry import BuiltModel
 from partition.options import Modes, PlanOptions
 from partition.plan import Plan
-from partition.schedules.actions import Schedule, build_schedule
+from partition.schedules.actions import Schedule
 from partition.schedules.check import validate
-from partition.schedules.names import canonical_schedule
+from partition.schedules.custom import schedule_for
+from partition.schedules.names import canonical_schedule, schedule_label
 from partition.split import Stage
 from partition.trace.fx import TraceMethod, leaf_specs
 from pipeline.runtime.options import PipelineOptions
@@ -71,7 +72,7 @@ def layout(
     if plan is None:
         plan = plan_once(built, options, group)
     check_plan(plan, options, world, type(built.model).__name__)
-    schedule = build_schedule(plan.schedule, world, plan.microbatches, plan.virtual)
+    schedule = schedule_for(plan.schedule, world, plan.microbatches, plan.virtual)
     validate(schedule)
     meta_inputs = {  # by name: the plan's inputs are the traced graph's placeholders
         s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.model.inputs
@@ -106,8 +107,9 @@ def check_plan(plan: Plan, options: PipelineOptions, world: int, model_class: st
         plan.schedule
     ):
         raise PlanError(  # its memory budget and prediction are that schedule's
-            f"the plan was made for the {plan.schedule!r} schedule, the options ask for "
-            f"{options.schedule!r}; re-plan with --schedule {options.schedule}, or leave "
+            f"the plan was made for the {schedule_label(plan.schedule)!r} schedule, the options "
+            f"ask for {schedule_label(canonical_schedule(options.schedule))!r}; re-plan with "
+            f"--schedule {options.schedule}, or leave "
             "the schedule to the plan (schedule=None)"
         )
     if options.modes not in (None, plan_modes(plan)) and plan.model.modes:
@@ -140,7 +142,7 @@ def plan_once(
     message. What every rank can check alone is checked first, before the broadcast."""
     world = dist.get_world_size(group)
     planned = planning_options(built, options)
-    build_schedule(planned.schedule, world, planned.microbatches, planned.virtual)  # on every rank
+    schedule_for(planned.schedule, world, planned.microbatches, planned.virtual)  # on every rank
     message: list[Any] = [None]
     failure: BaseException | None = None
     if dist.get_rank(group) == 0:

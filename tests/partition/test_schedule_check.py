@@ -61,7 +61,8 @@ def test_deadlock_is_rejected_naming_every_waiting_rank() -> None:
     ("text", "match"),
     [
         ("0F0 0B0\n1F0 1B0 1F0", r"rank 1 · step 2 · 1F0\] duplicate of rank 1 step 0"),
-        ("0F0 0B0\n1F0", "stage 1 micro-batch 0 has no backward; add 1B0 on rank 1"),
+        ("0F0 0B0\n1F0", r"rank 1 · step 0 · 1F0\] this forward has no backward.*add 1B0"),
+        ("0F0 0B0\n1B0", "stage 1 micro-batch 0 has no forward; add 1F0 on rank 1"),
         ("0F0 0B0\n1F0 1B0 0F1", "stage 0 lives on rank 0"),
         ("0F0 0I0\n1F0 1I0 1W0", r"rank 0 · step 1 · 0I0\] no 0W0 to pair with it"),
         ("0F0 0B0 0W0\n1F0 1B0", r"rank 0 · step 2 · 0W0\] no 0I0 to pair with it"),
