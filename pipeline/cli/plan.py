@@ -149,7 +149,7 @@ def modes_line(plan: Plan) -> str:
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """``--json`` of ``plan`` and ``show``: the plan file's fields and the headline numbers."""
-    return {**plan.to_dict(), **plan.summary()}
+    return {**plan.to_dict(), **plan.summary(), "bubble_note": bubble_note(plan)}
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

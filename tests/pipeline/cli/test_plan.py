@@ -23,6 +23,7 @@ HEADLINE = {
     "fits",
     "idle_stages",
     "devices_note",
+    "bubble_note",
 }
 SIMULATE_KEYS = {
     "schedule",
