@@ -27,15 +27,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Protocol
 
-import numpy as np
-
 from partition.algorithms.objective import Evaluation, evaluate
 from partition.algorithms.problem import IDLE_SHARE, Problem
 from partition.devices import Device
-from partition.graph import LinearGraph
 from partition.memory import MemoryModel
 from partition.schedules.names import is_custom
-from partition.stage_plan import StagePlan
+from partition.stage_plan import StagePlan, stage_graph
 from partition.units import format_time
 
 __all__ = ["devices_note", "idle_stages"]
@@ -136,20 +133,7 @@ def _alone(plan: _Plan) -> Evaluation | None:
 def _priced(plan: _Plan, devices: list[Device], bounds: list[int]) -> Evaluation | None:
     """The plan's stages as nodes of one graph, split at ``bounds`` over ``devices``, priced by
     the partitioner's objective; None if that does not fit."""
-    stages = plan.stages
-    weights = [s.memory.get("weights", s.param_bytes) - s.param_bytes for s in stages]
-    graph = LinearGraph(
-        names=tuple(f"stage{s.index}" for s in stages),
-        module_paths=tuple(s.first_module for s in stages),
-        compute=np.array([s.flops for s in stages], dtype=np.float64),
-        forward=np.array([s.forward_flops for s in stages], dtype=np.float64),
-        param_bytes=np.array([s.param_bytes for s in stages], dtype=np.float64),
-        saved_bytes=np.array([s.saved_bytes for s in stages], dtype=np.float64),
-        cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
-        param_element_size=_element_size(plan),
-        buffer_bytes=np.maximum(np.array(weights, dtype=np.float64), 0.0),
-        dispatched=np.array([s.dispatched for s in stages], dtype=np.float64),
-    )
+    graph = stage_graph(plan.stages, _element_size(plan))
     problem = Problem(
         graph=graph,
         devices=tuple(devices),

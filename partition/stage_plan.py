@@ -3,13 +3,17 @@ JSON form; `partition.plan` holds the whole plan and re-exports it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from partition.devices import Device
+from partition.graph import LinearGraph
 from partition.wires import TensorSpec
 
-__all__ = ["StagePlan"]
+__all__ = ["StagePlan", "stage_graph"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,3 +112,22 @@ class StagePlan:
                 data.get("dispatched", data["nodes"]["stop"] - data["nodes"]["start"])
             ),
         )
+
+
+def stage_graph(stages: Sequence[StagePlan], param_element_size: float) -> LinearGraph:
+    """A plan's stages as the nodes of one graph (a stage's costs on one node, the bytes it sends
+    on the cut after it), for the partitioner's objective to price them on other devices or
+    other bounds. Its buffers are what its weights hold beyond its parameters."""
+    buffers = [max(s.memory.get("weights", s.param_bytes) - s.param_bytes, 0.0) for s in stages]
+    return LinearGraph(
+        names=tuple(f"stage{s.index}" for s in stages),
+        module_paths=tuple(s.first_module for s in stages),
+        compute=np.array([s.flops for s in stages], dtype=np.float64),
+        forward=np.array([s.forward_flops for s in stages], dtype=np.float64),
+        param_bytes=np.array([s.param_bytes for s in stages], dtype=np.float64),
+        saved_bytes=np.array([s.saved_bytes for s in stages], dtype=np.float64),
+        cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
+        param_element_size=param_element_size,
+        buffer_bytes=np.array(buffers, dtype=np.float64),
+        dispatched=np.array([s.dispatched for s in stages], dtype=np.float64),
+    )

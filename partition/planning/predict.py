@@ -6,15 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-import numpy as np
-
 from partition.devices import Device
 from partition.errors import PlanError
-from partition.graph import LinearGraph
 from partition.plan import Plan, StagePlan
 from partition.schedules.custom import schedule_for
 from partition.schedules.names import canonical_schedule, is_custom
 from partition.schedules.simulate import SimResult, simulate
+from partition.stage_plan import stage_graph
 
 __all__ = ["predict_step", "reprice", "simulate_plan"]
 
@@ -88,17 +86,7 @@ def reprice(plan: Plan, devices: Sequence[Device]) -> Plan:
     element = (
         plan.model.param_bytes / plan.model.num_parameters if plan.model.num_parameters else 4.0
     )
-    graph = LinearGraph(
-        names=tuple(f"stage{s.index}" for s in stages),
-        module_paths=tuple(s.first_module for s in stages),
-        compute=np.array([s.flops for s in stages], dtype=np.float64),
-        forward=np.array([s.forward_flops for s in stages], dtype=np.float64),
-        param_bytes=np.array([s.param_bytes for s in stages], dtype=np.float64),
-        saved_bytes=np.array([s.saved_bytes for s in stages], dtype=np.float64),
-        cut_bytes=np.array([0.0, *(s.send_bytes for s in stages[:-1]), 0.0]),
-        param_element_size=element,
-        dispatched=np.array([s.dispatched for s in stages], dtype=np.float64),
-    )
+    graph = stage_graph(stages, element)
     problem = Problem(
         graph=graph,
         devices=tuple(devices),

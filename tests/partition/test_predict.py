@@ -146,3 +146,23 @@ def test_a_plan_file_without_op_counts_counts_every_node() -> None:
     del data["dispatched"]
     old = StagePlan.from_dict(data)
     assert old.dispatched == old.stop - old.start
+
+
+def test_repricing_on_the_same_devices_keeps_every_stage_s_memory_buffers_included() -> None:
+    """A BatchNorm's running statistics are weights without gradients or optimizer state:
+    `reprice` reads them back from the plan's stages (what their weights hold beyond their
+    parameters), so the same split on the same devices costs what the plan says."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 4, 3),
+        )
+    plan = plan_model(
+        model, (torch.empty(8, 3, 16, 16, device="meta"),), devices=parse_devices("cpu", 2)
+    )
+    assert any(s.memory["weights"] > s.param_bytes for s in plan.stages)  # a stage holds buffers
+    again = reprice(plan, [s.device for s in plan.stages])
+    for before, after in zip(plan.stages, again.stages, strict=True):
+        assert after.memory == pytest.approx(before.memory)
