@@ -22,6 +22,7 @@ from torch import Tensor
 
 from partition.errors import BatchError
 from partition.microbatch import batch_size
+from pipeline.runtime.batch import tensors_in
 
 if TYPE_CHECKING:
     from pipeline.runtime.pipeline import Pipeline
@@ -37,7 +38,7 @@ def shard(batch: Any, index: int, count: int) -> Any:
     Raises:
         BatchError: the batch's rows do not split into ``count`` equal parts.
     """
-    sizes = {batch_size(t) for t in _tensors(batch)}
+    sizes = {batch_size(t) for t in tensors_in(batch)}
     for rows in sizes:
         if rows % count:
             raise BatchError(
@@ -61,16 +62,6 @@ def global_loss(pipe: Pipeline, losses: Sequence[Tensor | None]) -> Tensor | Non
     if pipe.options.loss_reduction == "mean":
         total = total / (len(mine) * pipe.dp)
     return total.to(mine[0].dtype)
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 def _part(value: Any, index: int, count: int) -> Any:

@@ -24,7 +24,7 @@ from partition.errors import BatchError
 from partition.microbatch import batch_size, check_divisible
 from partition.wires import TensorSpec
 
-__all__ = ["BatchSplit", "gather_outputs", "reduce_losses", "split_batch"]
+__all__ = ["BatchSplit", "gather_outputs", "reduce_losses", "split_batch", "tensors_in"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +86,7 @@ def split_batch(
             )
         sizes += [(f"input {s.name!r}", batch_size(t)) for s, t in zip(specs, inputs, strict=True)]
     if target is not None:
-        sizes += [("target", batch_size(t)) for t in _tensors(target)]
+        sizes += [("target", batch_size(t)) for t in tensors_in(target)]
     batches = {b for _, b in sizes}
     if len(batches) > 1:
         raise BatchError(
@@ -125,13 +125,14 @@ def reduce_losses(losses: Sequence[Tensor], reduction: Literal["mean", "sum"]) -
     return total / len(losses) if reduction == "mean" else total
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def tensors_in(value: Any) -> list[Tensor]:
+    """Every tensor in ``value`` (a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_in(v)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in tensors_in(v)]
     return []
 
 
