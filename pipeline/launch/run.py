@@ -209,7 +209,8 @@ def _synthetic(built: BuiltModel, seed: int) -> Batch:
 
 def _spawn_with_restarts(job: RankJob, run: RunOptions) -> tuple[list[RankResult], int]:
     """The local ranks' results, starting every rank again (resuming from the newest complete
-    checkpoint) up to ``run.restarts`` times when one fails; and how many restarts it took."""
+    checkpoint) up to ``run.restarts`` times when one fails — but not for a step that was not
+    finite, which the same checkpoint would reach again; and how many restarts it took."""
     for attempt in range(run.restarts + 1):
         if job.checkpoints is not None and attempt > 0:
             job = dataclasses.replace(
@@ -229,7 +230,12 @@ def _spawn_with_restarts(job: RankJob, run: RunOptions) -> tuple[list[RankResult
             return [o.value for o in outcomes], attempt
         first_failure = min(failed, key=lambda o: (bool(o.killed), o.elapsed))
         report = "\n".join(o.describe() for o in outcomes)
-        if attempt < run.restarts:
+        if "NonFiniteError" in first_failure.error_types and attempt < run.restarts:
+            # a restart resumes from the newest checkpoint and diverges at the same step again
+            log.warning(
+                "not restarting: a step was not finite, and would be again from the same checkpoint"
+            )
+        elif attempt < run.restarts:
             log.warning(
                 "a rank failed; restarting every rank (%d left):\n%s",
                 run.restarts - attempt,

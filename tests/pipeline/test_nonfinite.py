@@ -118,6 +118,21 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_its_finite_checkpoints(
 
 
 @pytest.mark.slow
+def test_a_diverging_run_spends_no_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--restarts`` would resume from the newest checkpoint and diverge at the same step again:
+    a non-finite stop ends the run at once, saying why it does not restart."""
+    ckpt = tmp_path / "ckpt"
+    save = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--restarts", "2")
+    assert main([*DIVERGES, "--steps", "6", *save]) == 2
+    assert "NonFiniteError" in capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("not restarting: a step was not finite") for w in warnings)
+    assert not any("restarting every rank" in w for w in warnings)
+
+
+@pytest.mark.slow
 def test_warn_trains_on_but_never_publishes_nonfinite_weights(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
