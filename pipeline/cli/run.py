@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from partition.devices import parse_devices
-from partition.errors import PipepartError
+from partition.errors import InputError, PipepartError
 from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
@@ -101,6 +101,12 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
     if args.cuts == "markers":
         plan = _marker_plan(args, schedule, microbatches)
         schedule = microbatches = planning = None  # the plan's
+    if args.dp_reduce == "fsdp":
+        raise InputError(
+            "--dp-reduce fsdp (parameters, gradients and optimizer state sharded over the "
+            "replicas) is not built yet; use --dp-reduce ddp (replicated weights, all-reduced "
+            "gradients), and `pipepart plan --dp D` to see what FSDP would save per device"
+        )
     pp, dp = _pp_dp(args)
     options = RunOptions(
         ranks=args.ranks,
@@ -211,6 +217,13 @@ def _add_mesh_arguments(run: argparse.ArgumentParser) -> None:
         default=None,
         help="data-parallel replicas of the pipeline, each on its own shard of the batch "
         "(default --ranks / --pp, else 1); --ranks must be --pp x --dp",
+    )
+    run.add_argument(
+        "--dp-reduce",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="how replicas share gradients: ddp (replicated weights, gradients all-reduced in "
+        "buckets as each stage's backward ends; the default); fsdp (sharded) is not built yet",
     )
     run.add_argument(
         "--accumulate",

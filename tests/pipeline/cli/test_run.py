@@ -172,6 +172,7 @@ def test_args_are_read_never_changed_and_the_options_are_frozen() -> None:
         ),
         (["--ranks", "4", "--dp", "3"], "--ranks 4 do not split into --dp 3 replicas"),
         (["--accumulate", "0"], "accumulate must be at least 1, got 0"),
+        (["--dp-reduce", "fsdp"], "--dp-reduce fsdp (parameters, gradients and optimizer state"),
         (["--ranks", "4", "--dp", "2", "--checkpoint-dir", "c"], "checkpoints of 2 replicas"),
     ],
 )
