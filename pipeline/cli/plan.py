@@ -106,12 +106,24 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
 def replicas_memory(plan: Plan, dp: int) -> dict[str, Any]:
     """Per device, a stage's memory with ``dp`` replicas under each reduction (``--json``);
     see [Note: memory with replicas] in `partition.memory`."""
-    per: dict[str, Any] = {"dp": dp, "capacity": [s.capacity for s in plan.stages]}
+    per: dict[str, Any] = {
+        "dp": dp,
+        "ranks": _replica_ranks(plan, dp),
+        "capacity": [s.capacity for s in plan.stages],
+    }
     for reduction in REDUCTIONS:
         per[reduction] = [
             replicated_memory(s.memory, s.param_bytes, dp, reduction) for s in plan.stages
         ]
     return per
+
+
+def _replica_ranks(plan: Plan, dp: int) -> list[list[int]]:
+    """Per stage, the global rank holding it in each replica, as pipepart builds the mesh:
+    replica ``r``'s pipeline rank ``p`` is global rank ``r * ranks + p`` (see [Note: the (dp, pp)
+    mesh] in `pipeline.parallel.mesh`)."""
+    ranks = plan.num_ranks
+    return [[r * ranks + s.index % ranks for r in range(dp)] for s in plan.stages]
 
 
 def replicas_table(plan: Plan, dp: int) -> Any:
@@ -121,13 +133,14 @@ def replicas_table(plan: Plan, dp: int) -> Any:
     table = Table(
         title=f"memory per device with {dp} replicas of the pipeline ({plan.num_ranks * dp} devices)"
     )
-    for column in ("stage", "device", "one pipeline", *REDUCTIONS, "capacity"):
+    for column in ("stage", "ranks", "device", "one pipeline", *REDUCTIONS, "capacity"):
         table.add_column(column, justify="right")
     per = replicas_memory(plan, dp)
     for k, stage in enumerate(plan.stages):
         cells = [format_size(per[r][k]) for r in REDUCTIONS]
         table.add_row(
             str(stage.index),
+            ", ".join(map(str, per["ranks"][k])),
             stage.device.name,
             format_size(stage.memory["total"]),
             *(
@@ -136,7 +149,10 @@ def replicas_table(plan: Plan, dp: int) -> Any:
             ),
             format_size(stage.capacity),
         )
-    table.caption = "see [Note: memory with replicas] in partition.memory"
+    table.caption = (
+        "ranks: the global rank of the stage in each replica; see [Note: memory with replicas] "
+        "in partition.memory"
+    )
     return table
 
 

@@ -202,6 +202,7 @@ def test_plan_dp_prints_memory_per_device_under_ddp_and_fsdp(
     assert replicas["dp"] == 4 and len(replicas["ddp"]) == len(replicas["fsdp"]) == 2
     totals = [s["memory"]["total"] for s in out["stages"]]
     assert all(d > t for d, t in zip(replicas["ddp"], totals, strict=True))  # + the reduced copy
+    assert replicas["ranks"] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # replica r's stage s: r * 2 + s
     assert main(["plan", "gpt", "--devices", "2", "--dp", "4"]) == 0
     text = capsys.readouterr().out
     assert "memory per device with 4 replicas of the pipeline (8 devices)" in text
