@@ -156,6 +156,7 @@ def test_skip_drops_each_nonfinite_update_and_says_how_many(
     assert main([*DIVERGES, "--steps", "5", "--on-nonfinite", "skip", "--json", *save]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["notes"] == [
+        "modes: one graph serves train and eval mode",
         "3 step(s) had a non-finite loss or gradients (steps 2, 3, 4): their updates were "
         "dropped (--on-nonfinite skip)"
     ]
