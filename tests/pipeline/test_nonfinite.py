@@ -158,7 +158,7 @@ def test_skip_drops_each_nonfinite_update_and_says_how_many(
     assert out["notes"] == [
         "modes: one graph serves train and eval mode",
         "3 step(s) had a non-finite loss or gradients (steps 2, 3, 4): their updates were "
-        "dropped (--on-nonfinite skip)"
+        "dropped (--on-nonfinite skip)",
     ]
     losses = [s["loss"] for s in out["steps"]]
     assert losses[2] == losses[3] == losses[4]  # the same weights and batch: nothing stepped
