@@ -55,8 +55,9 @@ Inputs far below 1 make the floor strict, and far above, lenient.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -151,6 +152,17 @@ def _chunks(value: Any, m: int) -> list[Any]:
     return [value] * m
 
 
+@contextlib.contextmanager
+def _cpu_threads(threads: int) -> Iterator[None]:
+    """``threads`` CPU threads while it lasts, the caller's again afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_reference(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -171,25 +183,6 @@ def run_reference(
     It runs on ``threads`` CPU threads, as each local rank does (see [Note: an independent
     check]).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _train_reference(
-            model, loss_fn, batch, microbatches, steps, optimizer_factory, semantics
-        )
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train_reference(
-    model: nn.Module,
-    loss_fn: Callable[..., Tensor],
-    batch: tuple[Any, Any],
-    microbatches: int,
-    steps: int,
-    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-    semantics: StepSemantics,
-) -> Reference:
     inputs, target = batch
     loss_reduction, max_grad_norm = semantics.loss_reduction, semantics.max_grad_norm
     batchnorm = semantics.batchnorm
@@ -200,25 +193,26 @@ def _train_reference(
     mb_inputs = _chunks(inputs, microbatches)
     mb_targets = _chunks(target, microbatches) if target is not None else [None] * microbatches
     losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        before = [[t.clone() for t in _stats(m)] for m in norms] if batchnorm == "batch" else []
-        for x, y in zip(mb_inputs, mb_targets, strict=True):
-            output = model(**x) if isinstance(x, dict) else model(*x)
-            loss = loss_fn(output, y)
-            (loss * scale).backward()
-            total += float(loss.detach())
-        if before:  # the statistics of the whole batch instead, as the pipeline commits them
-            with torch.no_grad():
-                for m, saved in zip(norms, before, strict=True):
-                    for t, v in zip(_stats(m), saved, strict=True):
-                        t.copy_(v)
-                _ = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        losses.append(total * scale)
+    with _cpu_threads(threads):
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            before = [[t.clone() for t in _stats(m)] for m in norms] if batchnorm == "batch" else []
+            for x, y in zip(mb_inputs, mb_targets, strict=True):
+                output = model(**x) if isinstance(x, dict) else model(*x)
+                loss = loss_fn(output, y)
+                (loss * scale).backward()
+                total += float(loss.detach())
+            if before:  # the statistics of the whole batch instead, as the pipeline commits them
+                with torch.no_grad():
+                    for m, saved in zip(norms, before, strict=True):
+                        for t, v in zip(_stats(m), saved, strict=True):
+                            t.copy_(v)
+                    _ = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            losses.append(total * scale)
     named = dict(model.named_parameters())
     first: dict[int, str] = {}
     canonical: dict[str, str] = {}
