@@ -25,6 +25,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("question", "command", "quick", "machine", "state_bytes_per_rank", "rows"),
         ("mode", "plain_step_s", "save_cost_s", "step_ratio", "peak_rss_growth_mib"),
     ),
+    "gpu_check": (
+        ("question", "command", "quick", "device", "spec", "rows"),
+        ("model", "stage", "predicted_s", "measured_s", "time_error", "predicted_bytes"),
+    ),
     "trace_cost": (("target_seconds_96_blocks", "rows"), ("blocks", "nodes", "trace_s", "cost_s")),
     "partition_speed": (("meta", "quick", "rows"), ()),
     "simulate_speed": (("quick", "machine", "verdict", "rows"), ("schedule", "ranks", "seconds")),
@@ -100,6 +104,8 @@ def test_quick_mode_writes_its_json(name: str, tmp_path: Path) -> None:
     assert rows, f"{name} wrote no rows"
     for row in rows:
         assert [k for k in row_keys if k not in row] == []
+    if name == "gpu_check":  # without CUDA, quick mode measures the CPU: every stage timed
+        assert all(row["measured_s"] > 0 and row["predicted_s"] > 0 for row in rows)
     if name == "schedules":
         assert (path.parent / data["gantt"]).is_file()
     if name == "vs_pipelining":  # same modules, same batch: the same loss and gradients

@@ -18,7 +18,11 @@ _EPILOG_BENCH = """examples:
   pipepart bench list
   pipepart bench partitioners --quick --out results/
   pipepart bench vs_pipelining --json
+  pipepart bench gpu                    # one CUDA device: predicted vs measured stages
 """
+
+_ALIASES = {"gpu": "gpu_check"}
+"""Short names a user may type for a benchmark (``pipepart bench gpu``)."""
 
 _BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 """A checkout's benchmarks/ folder, beside the pipeline package's source tree (not installed)."""
@@ -68,7 +72,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             first = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
             print(f"{name:20s} {first}")
         return 0
-    name = args.name.replace("-", "_")
+    name = _ALIASES.get(args.name, args.name.replace("-", "_"))
     if name not in names:
         raise PipepartError(
             f"no benchmark {args.name!r}; choose one of {', '.join(names)} (or `pipepart bench list`)"

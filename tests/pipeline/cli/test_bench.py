@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import pipeline.cli.bench
 from pipeline.cli.command import main
@@ -167,3 +168,17 @@ def test_bench_lists_and_writes_where_asked(
     assert data["rows"][0]["blocks"] == 12
     assert json.loads((tmp_path / "trace_cost.json").read_text()) == data
     assert main(["bench", "nope"]) == 2
+
+
+def test_bench_gpu_is_the_gpu_check(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pipepart bench gpu`` runs `benchmarks.gpu_check`: without CUDA its quick mode times the
+    stages on the CPU; the JSON names the device it measured."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "gpu", "--quick", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "gpu_check.json").is_file()
+    if not torch.cuda.is_available():
+        assert data["device"].startswith("cpu")
+    assert {row["model"].split()[0] for row in data["rows"]} == {"hf:gpt2", "hf:llama"}
