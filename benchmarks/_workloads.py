@@ -91,9 +91,68 @@ def skipnet(microbatches: int, *, layers: int = 8, rows: int = 64, width: int = 
     return Workload("skipnet", width, layers, rows, microbatches)
 
 
-def batch(workload: Workload, seed: int = 1) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+@dataclass(frozen=True)
+class HFGPT2:
+    """Hugging Face's GPT-2 (``hf:gpt2``'s model and loss) at a small width: a third-party model
+    for `benchmarks.plan_accuracy`, fed ``input_ids`` and an ``attention_mask``."""
+
+    layers: int = 8
+    width: int = 64
+    rows: int = 2
+    microbatches: int = 4
+    seq: int = 32
+    vocab: int = 512
+    model: str = "hf-gpt2"
+
+    @property
+    def batch(self) -> int:
+        return self.rows * self.microbatches
+
+    def describe(self) -> str:
+        return (
+            f"HF GPT-2 d={self.width}, {self.layers} blocks, 4 heads, vocab {self.vocab}, "
+            f"{self.rows}x{self.seq} tokens per micro-batch"
+        )
+
+    def __call__(self) -> BuiltModel:
+        import transformers
+
+        from partition.models.hf import causal_lm_loss
+
+        config = transformers.GPT2Config(
+            n_layer=self.layers,
+            n_embd=self.width,
+            n_head=4,
+            vocab_size=self.vocab,
+            n_positions=self.seq,
+            use_cache=False,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        meta = torch.empty(0).device.type == "meta"
+        shape = (self.batch, self.seq)
+        (ids,), target = (
+            ((torch.empty(shape, dtype=torch.long),), torch.empty(shape, dtype=torch.long))
+            if meta
+            else batch(self)
+        )
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        model = transformers.GPT2LMHeadModel(config)
+        return BuiltModel(model, (), kwargs, causal_lm_loss, target)  # inputs by keyword
+
+
+def batch(
+    workload: Workload | HFGPT2, seed: int = 1
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """A deterministic batch and target for ``workload`` (the same on every rank and run)."""
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(workload, HFGPT2):
+        shape = (workload.batch, workload.seq)
+        idx = torch.randint(0, workload.vocab, shape, generator=generator)
+        return (idx,), torch.randint(0, workload.vocab, shape, generator=generator)
     if workload.model == "gpt":
         shape = (workload.batch, workload.seq)
         idx = torch.randint(0, workload.vocab, shape, generator=generator)

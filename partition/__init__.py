@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from partition.options import PlanOptions
     from partition.plan import Plan
     from partition.planning.analysis import Analysis, analyze
-    from partition.planning.model import plan_analysis, plan_model
+    from partition.planning.auto import AutoOptions
+    from partition.planning.model import plan_analysis, plan_auto, plan_model
     from partition.planning.predict import reprice, simulate_plan
     from partition.schedules.actions import Action, Kind, Schedule, build_schedule
     from partition.schedules.check import validate
@@ -80,6 +81,8 @@ _WHERE: dict[str, tuple[str, str]] = {
     "build_stages": ("partition.split", "split"),
     "plan_model": ("partition.planning.model", "plan_model"),
     "plan_analysis": ("partition.planning.model", "plan_analysis"),
+    "plan_auto": ("partition.planning.model", "plan_auto"),
+    "AutoOptions": ("partition.planning.auto", "AutoOptions"),
     "reprice": ("partition.planning.predict", "reprice"),
     "simulate_plan": ("partition.planning.predict", "simulate_plan"),
     "Action": ("partition.schedules.actions", "Action"),
@@ -99,6 +102,7 @@ __all__ = [
     "PRESETS",
     "Action",
     "Analysis",
+    "AutoOptions",
     "BatchError",
     "BoundaryError",
     "CheckpointError",
@@ -127,6 +131,7 @@ __all__ = [
     "cost_model",
     "parse_devices",
     "plan_analysis",
+    "plan_auto",
     "plan_model",
     "plot_gantt",
     "reprice",

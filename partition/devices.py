@@ -30,7 +30,8 @@ class Device:
     bandwidth: float = 25e9
     """Bytes per second from this device to the next one."""
     latency: float = 10e-6
-    """Seconds of fixed cost per message to the next device."""
+    """Seconds of fixed cost per message on the link to the next device (time the ranks may
+    compute through; their own share is `message_overhead`)."""
     dispatch_forward: float = 0.0
     """Seconds of fixed cost per traced node in a forward, whatever its size (Python dispatch,
     kernel launch); 0 for the presets, which are not measured (``pipepart calibrate`` measures)."""
@@ -38,6 +39,17 @@ class Device:
     """The same per node in a backward."""
     action_overhead: float = 0.0
     """Seconds of fixed cost per forward-and-backward action of a stage, beyond its nodes'."""
+    message_overhead: float = 0.0
+    """Seconds each of the two ranks spends per message between them, whatever its size (posting
+    the send, posting the receive and taking the data in): rank time, where ``latency`` is the
+    link's. As calibrated, ``latency + 2 * message_overhead`` is a one-element message's one-way
+    time through the runtime's transport."""
+    step_overhead: float = 0.0
+    """Seconds of fixed cost per training step beyond the schedule: clearing gradients, the
+    non-finite check and its all-reduce, the optimizer's launch."""
+    update_rate: float = 0.0
+    """Parameter bytes per second of an optimizer step (each rank steps its own parameters once
+    the schedule is done); 0: not priced. ``pipepart calibrate`` measures SGD, the run's default."""
 
     def __post_init__(self) -> None:
         if self.memory <= 0:
@@ -48,7 +60,7 @@ class Device:
             raise PlanError(
                 f"device {self.name!r}: bandwidth must be positive, got {self.bandwidth}"
             )
-        for name in ("latency", *_FIXED):
+        for name in ("latency", "update_rate", *_FIXED):
             if getattr(self, name) < 0:
                 raise PlanError(
                     f"device {self.name!r}: {name} must be >= 0, got {getattr(self, name)}"
@@ -61,7 +73,9 @@ class Device:
 
         ``"h100"``, ``"a100-40,mem=30GiB"``, ``"@calib.json,mem=8GiB"``,
         ``"mem=16GiB,tflops=100,bw=25GB/s,lat=5us,name=gpu"``, ``"cpu,fwd=3us,bwd=9us,action=15us"``
-        (the fixed costs: `dispatch_forward`, `dispatch_backward`, `action_overhead`).
+        (the fixed costs: `dispatch_forward`, `dispatch_backward`, `action_overhead`),
+        ``"cpu,msg=20us,step=1ms,update=2GB/s"`` (`message_overhead`, `step_overhead`,
+        `update_rate`).
         """
         fields = [f.strip() for f in spec.split(",") if f.strip()]
         if not fields:
@@ -97,13 +111,17 @@ class Device:
                 values["latency"] = parse_seconds(value)
             elif key in _FIXED_KEYS:
                 values[_FIXED_KEYS[key]] = parse_seconds(value)
+            elif key in ("update", "update_rate"):
+                values["update_rate"] = parse_rate(value)
             elif key == "name":
                 values["name"] = value.strip()
             else:
                 raise PlanError(
                     f"unknown device spec key {key!r} in {spec!r}; keys: mem, tflops, flops, bw, "
                     "lat, fwd (seconds per operation's forward), bwd (per operation's backward), "
-                    "action (per forward-and-backward action), name"
+                    "action (per forward-and-backward action), msg (per message, on each rank), "
+                    "step (per training step), update (parameter bytes per second of an "
+                    "optimizer step), name"
                 )
         if base is not None:
             return replace(base, **values)  # type: ignore[arg-type]
@@ -117,7 +135,7 @@ class Device:
 
     def to_dict(self) -> dict[str, object]:
         """Its fields; a fixed cost only when measured (not 0), so preset plans read as before."""
-        fixed = {name: getattr(self, name) for name in _FIXED if getattr(self, name)}
+        fixed = {name: getattr(self, name) for name in _MEASURED if getattr(self, name)}
         return {
             "name": self.name,
             "memory": self.memory,
@@ -135,14 +153,35 @@ class Device:
             flops=float(data["flops"]),  # type: ignore[arg-type]
             bandwidth=float(data["bandwidth"]),  # type: ignore[arg-type]
             latency=float(data["latency"]),  # type: ignore[arg-type]
-            **{name: float(data.get(name, 0.0)) for name in _FIXED},  # type: ignore[arg-type]
+            **{name: float(data.get(name, 0.0)) for name in _MEASURED},  # type: ignore[arg-type]
         )
 
 
-_FIXED = ("dispatch_forward", "dispatch_backward", "action_overhead")
-_FIXED_KEYS = {"fwd": "dispatch_forward", "bwd": "dispatch_backward", "action": "action_overhead"}
+_FIXED = (
+    "dispatch_forward",
+    "dispatch_backward",
+    "action_overhead",
+    "message_overhead",
+    "step_overhead",
+)
+_MEASURED = (*_FIXED, "update_rate")  # 0 unless calibrated; a plan file lists them when not 0
+_FIXED_KEYS = {
+    "fwd": "dispatch_forward",
+    "bwd": "dispatch_backward",
+    "action": "action_overhead",
+    "msg": "message_overhead",
+    "message": "message_overhead",
+    "step": "step_overhead",
+}
 _FIXED_KEYS.update({name: name for name in _FIXED})
 SPEC_FORMAT = "pipepart-device-spec"
+"""The ``format`` of a device spec file (``pipepart calibrate --out FILE``, read as ``@FILE``): a
+JSON object with ``format``, ``version`` and ``device``, the fields of `Device` as `Device.to_dict`
+writes them (``name``, ``memory`` in bytes, ``flops`` in FLOP/s, ``bandwidth`` in bytes/s,
+``latency`` in seconds; then, when measured, ``dispatch_forward``, ``dispatch_backward``,
+``action_overhead``, ``message_overhead`` and ``step_overhead`` in seconds and ``update_rate``
+in bytes/s), beside ``measured`` (every measurement behind them, for people), ``host``,
+``torch``, ``date`` and ``seconds``. Only ``device`` is read; a missing measured field is 0."""
 
 
 def read_spec_file(path: str) -> Device:

@@ -20,6 +20,10 @@ For a stage holding nodes ``i .. j-1`` of the linear order, on stage index ``s``
                GPipe       m                        (all forwards before any backward)
                1F1B        min(k - s, m)            (stage s warms up with k - s - 1 forwards)
                ZB-H1       min(k, m)                (W deferred: every stage holds k)
+               ZB-V,       min(k - s, m)            (k = 2p stages, V placement: rank r holds
+               DualPipeV                            stages r and 2p-1-r, 2p + 1 micro-batches of
+                                                    the two at m >= 2p; 1F1B's rank 0 holds p of
+                                                    a stage twice their size)
                interleaved no closed form: the schedule's own count; as a bound
                            the bound min(m, 2 (p - r - 1) + (v - 1) p + 1) on rank r = s mod p
                            (Megatron's warm-up plus one, all of which one chunk may hold);
@@ -28,6 +32,17 @@ For a stage holding nodes ``i .. j-1`` of the linear order, on stage index ``s``
     c_out    bytes of one micro-batch's gradients received from the next stage (receive buffers).
 
 All byte counts are per micro-batch of the planned size.
+
+[Note: recompute]
+With ``recompute`` (activation checkpointing of the whole stage, as the runtime's
+``PipelineOptions.recompute`` runs it) a stage saves only its input for each micro-batch in
+flight, and the activations of the one micro-batch whose backward is running::
+
+    memory(s) = kappa * W + V + A + inflight(s) * c_in + (c_in + c_out)
+
+and every backward first runs the forward again: the stage's time adds its forward FLOPs (and
+its operations' forward dispatch). `partition.algorithms.problem.Costs` prices both, so the
+partitioner and the plans see the trade; `partition.planning.auto` searches it.
 """
 
 from __future__ import annotations
@@ -52,6 +67,10 @@ class MemoryModel:
     """Optimizer whose state is counted: a name in `OPTIMIZER_STATES`."""
     master_weights: bool = False
     """Keep an fp32 master copy and fp32 optimizer state (mixed-precision training)."""
+    recompute: bool = False
+    """Recompute each stage's forward in its backward (the runtime's ``recompute``): a stage
+    keeps its input per micro-batch in flight and one micro-batch's activations at a time, and
+    its backward runs the forward again. See [Note: recompute]."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZER_STATES:

@@ -11,12 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
+from partition.algorithms.problem import DEFAULT_OBJECTIVE, OBJECTIVES
 from partition.errors import PlanError
 from partition.graph import ORDERS
 from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.schedules.custom import custom_virtual
-from partition.schedules.names import DEFAULT_SCHEDULE, canonical_schedule, is_custom
+from partition.schedules.names import (
+    DEFAULT_SCHEDULE,
+    canonical_schedule,
+    is_custom,
+    stages_per_rank,
+)
 from partition.trace.fx import TraceMethod
 
 __all__ = ["CUTS", "MODES", "Cuts", "Modes", "PlanOptions", "with_knobs"]
@@ -35,18 +41,24 @@ class PlanOptions:
     """How to trace, cost and split a model. See `partition.planning.model.plan_model`."""
 
     schedule: str = DEFAULT_SCHEDULE
-    """``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device) or ``zb-h1``
-    (aliases accepted, stored canonical), or ``@FILE``, a schedule you write (stored as its
+    """``gpipe``, ``1f1b``, ``interleaved`` (with ``virtual`` stages per device), ``zb-h1``,
+    ``zb-v`` or ``dualpipev`` (V-shaped, 2 stages per device; aliases accepted, stored
+    canonical), or ``@FILE``, a schedule you write (stored as its
     text; see [Note: a schedule a user writes]); decides how many micro-batches each stage holds."""
     microbatches: int = DEFAULT_MICROBATCHES
     """Micro-batches per step; the example inputs are one full batch of them."""
     virtual: int = 1
-    """Stages per device (``interleaved`` only, and then at least 2; a written schedule's is
-    its stage count over its lines)."""
+    """Stages per device (``interleaved`` only, and then at least 2; 2 for ``zb-v`` and
+    ``dualpipev``, which set it from the default 1; a written schedule's is its stage count
+    over its lines)."""
     memory: MemoryModel = field(default_factory=MemoryModel)
     """What training keeps per parameter (optimizer state, master weights)."""
     algorithm: str = "optimal"
     """``optimal`` (the exact partitioner) or a baseline: ``uniform``, ``params``, ``time``."""
+    objective: str = DEFAULT_OBJECTIVE
+    """What ``optimal`` minimises: ``bottleneck`` (the slowest stage, then the tie-breaks of
+    [Note: objective]) or ``step``, the schedule's predicted step ``lambda B + S`` (see
+    [Note: step objective] in `partition.algorithms.step`)."""
     cuts: Cuts = "partitioner"
     """``partitioner`` (``algorithm`` places the cuts), or ``markers``: one stage per segment
     between the model's ``pipe_split()`` calls (see `partition.trace.markers`)."""
@@ -94,15 +106,13 @@ class PlanOptions:
                     f"{self.virtual}; leave --virtual out (the file decides it)"
                 )
             object.__setattr__(self, "virtual", virtual)
-        elif (self.schedule == "interleaved") != (self.virtual > 1):
-            raise PlanError(
-                f"schedule {self.schedule!r} with {self.virtual} stage(s) per device: the "
-                "interleaved schedule needs virtual >= 2, and virtual >= 2 needs it"
-            )
+        else:  # the V schedules' 2 from the default 1; see [Note: placement]
+            object.__setattr__(self, "virtual", stages_per_rank(self.schedule, self.virtual))
         if not isinstance(self.memory, MemoryModel):
             raise PlanError(f"memory must be a MemoryModel, got {type(self.memory).__name__}")
         for name, value, allowed in (
             ("algorithm", self.algorithm, ALGORITHMS),
+            ("objective", self.objective, OBJECTIVES),
             ("cuts", self.cuts, CUTS),
             ("method", self.method, _METHODS),
             ("order", self.order, ORDERS),

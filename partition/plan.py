@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from partition.auto_choice import AutoChoice
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
-from partition.schedules.names import canonical_schedule
+from partition.schedules.names import canonical_schedule, placement_of
+from partition.schedules.placement import stage_rank
 from partition.schema import check_plan
 from partition.stage_plan import StagePlan
 from partition.wires import TensorSpec
@@ -112,8 +114,10 @@ class Plan:
     virtual: int = 1
     memory_model: MemoryModel = field(default_factory=MemoryModel)
     algorithm: str
+    objective: str = "bottleneck"
+    """What ``optimal`` minimised: ``bottleneck`` or ``step`` (`PlanOptions.objective`)."""
     bottleneck: float
-    """The objective: the slowest stage's seconds per micro-batch (compute + communication)."""
+    """The slowest stage's seconds per micro-batch (compute + communication)."""
     perfect_balance: float
     """The lower bound: total compute over total device speed."""
     step_time: float
@@ -123,6 +127,8 @@ class Plan:
     stages: tuple[StagePlan, ...]
     shared_params: dict[str, list[int]] = field(default_factory=dict)
     """Parameters held by more than one stage (tied weights) → the stages; gradients are summed."""
+    auto: AutoChoice | None = None
+    """What ``plan --auto`` searched: the configuration chosen (this plan's) and its runner-ups."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -153,6 +159,16 @@ class Plan:
     @property
     def num_ranks(self) -> int:
         return len(self.stages) // self.virtual
+
+    @property
+    def placement(self) -> str:
+        """Which rank holds which stage, as the schedule implies it (``loop`` or ``v``); see
+        [Note: placement] in `partition.schedules.placement`."""
+        return placement_of(self.schedule)
+
+    def stage_rank(self, stage: int) -> int:
+        """The rank that holds ``stage``."""
+        return stage_rank(stage, self.num_ranks, self.placement)
 
     @property
     def bounds(self) -> tuple[int, ...]:
@@ -196,9 +212,11 @@ class Plan:
             "memory_model": {
                 "optimizer": self.memory_model.optimizer,
                 "master_weights": self.memory_model.master_weights,
+                **({"recompute": True} if self.memory_model.recompute else {}),
             },
             "algorithm": self.algorithm,
             "objective": {
+                "minimised": self.objective,
                 "bottleneck": self.bottleneck,
                 "bottleneck_stage": self.bottleneck_stage,
                 "perfect_balance": self.perfect_balance,
@@ -210,6 +228,7 @@ class Plan:
             "devices": [d.to_dict() for d in self.devices],
             "stages": [s.to_dict() for s in self.stages],
             "shared_params": self.shared_params,
+            **({"auto": self.auto.to_dict()} if self.auto is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -244,6 +263,7 @@ class Plan:
                 virtual=int(data.get("virtual", 1)),
                 memory_model=MemoryModel(**data["memory_model"]),
                 algorithm=str(data["algorithm"]),
+                objective=str(data["objective"].get("minimised", "bottleneck")),
                 bottleneck=float(data["objective"]["bottleneck"]),
                 perfect_balance=float(data["objective"]["perfect_balance"]),
                 step_time=float(data["predicted"]["step_time"]),
@@ -252,6 +272,7 @@ class Plan:
                 shared_params={
                     str(k): [int(i) for i in v] for k, v in data.get("shared_params", {}).items()
                 },
+                auto=AutoChoice.from_dict(data["auto"]) if "auto" in data else None,
             )
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from e

@@ -8,7 +8,8 @@ in it is ever imported, evaluated or unpickled.
 Fields marked optional are either derived (written for readers, recomputed on load:
 ``objective.bottleneck_stage``, ``objective.balance_ratio``, ``devices``, ``stages[i].time``) or
 have a default (``virtual``: 1, ``shared_params``: none, ``stages[i].dispatched``: the stage's
-node count).
+node count, ``objective.minimised``: ``bottleneck``, ``memory_model.recompute``: false, ``auto``:
+none — a plan ``plan --auto`` did not choose).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ _DEVICE = {
     "dispatch_forward": _Opt(_NUMBER),
     "dispatch_backward": _Opt(_NUMBER),
     "action_overhead": _Opt(_NUMBER),
+    "message_overhead": _Opt(_NUMBER),
+    "step_overhead": _Opt(_NUMBER),
+    "update_rate": _Opt(_NUMBER),
 }
 _MODEL = {
     "class_name": str,
@@ -79,15 +83,31 @@ _STAGE = {
     "outputs": [_TENSOR],
     "dispatched": _Opt(_NUMBER),
 }
+_CONFIG = {"schedule": str, "microbatches": int, "virtual": int, "devices": int, "recompute": bool}
+_CANDIDATE = {
+    "config": _CONFIG,
+    "step_time": _NUMBER,
+    "peak_memory": _NUMBER,
+    "throughput": _NUMBER,
+}
+_AUTO = {
+    "objective": str,
+    "global_batch": int,
+    "chosen": _CANDIDATE,
+    "runner_ups": [_CANDIDATE],
+    "searched": int,
+    "skipped": _Opt([str]),
+}
 _PLAN = {
     "schema_version": int,
     "model": _MODEL,
     "schedule": str,
     "microbatches": int,
     "virtual": _Opt(int),
-    "memory_model": {"optimizer": str, "master_weights": bool},
+    "memory_model": {"optimizer": str, "master_weights": bool, "recompute": _Opt(bool)},
     "algorithm": str,
     "objective": {
+        "minimised": _Opt(str),
         "bottleneck": _NUMBER,
         "bottleneck_stage": _Opt(int),
         "perfect_balance": _NUMBER,
@@ -97,6 +117,7 @@ _PLAN = {
     "devices": _Opt([_DEVICE]),
     "stages": [_STAGE],
     "shared_params": _Opt(_Map([int])),
+    "auto": _Opt(_AUTO),
 }
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "null"}

@@ -34,7 +34,9 @@ Nothing else is optimised. The simulated step time is not: its model is about ``
 which the order above minimises only among splits of the least ``B`` — when ``m`` is close to
 ``k`` on mixed devices a larger ``B`` with a smaller ``S`` can predict a faster step — and the
 simulator overlaps sends with compute where ``T_s`` adds them. Nor is the balance of the
-non-bottleneck stages beyond ``S``.
+non-bottleneck stages beyond ``S``. ``objective="step"`` makes that trade: it minimises
+``lambda B + S`` exactly ([Note: step objective] in `partition.algorithms.step`), among the
+splits that leave no more stages idle than their bottleneck forces, then the same tie-breaks.
 
 Baselines ignore memory: their split is returned even when `Evaluation.fits` is false.
 """
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 from partition.algorithms import baselines
 from partition.algorithms.objective import Bounds, Evaluation, evaluate
 from partition.algorithms.optimal import min_devices, optimal_split
-from partition.algorithms.problem import DEFAULT_MEMORY, Problem
+from partition.algorithms.problem import DEFAULT_MEMORY, DEFAULT_OBJECTIVE, Problem
 from partition.devices import Device
 from partition.errors import PlanError
 from partition.graph import LinearGraph
@@ -87,6 +89,7 @@ def solve(
     virtual: int = 1,
     memory: MemoryModel = DEFAULT_MEMORY,
     algorithm: str = "optimal",
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Solution:
     """Split ``graph`` into pipeline stages over ``devices``.
 
@@ -99,6 +102,8 @@ def solve(
         virtual: virtual stages per device (``interleaved`` only).
         memory: what training keeps per parameter byte.
         algorithm: one of `ALGORITHMS`; see [Note: what optimal guarantees].
+        objective: (``optimal``) ``step``, the least predicted step (see [Note: step objective]
+            in `partition.algorithms.step`), or ``bottleneck``, the least bottleneck.
 
     Returns:
         The split and its evaluation.
@@ -118,6 +123,7 @@ def solve(
         microbatches=microbatches,
         virtual=virtual,
         memory=memory,
+        objective=objective,
     )
     bounds = run(problem)
     return Solution(

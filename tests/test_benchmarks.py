@@ -25,6 +25,34 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("question", "command", "quick", "machine", "state_bytes_per_rank", "rows"),
         ("mode", "plain_step_s", "save_cost_s", "step_ratio", "peak_rss_growth_mib"),
     ),
+    "dp_memory": (
+        ("question", "command", "quick", "model", "machine", "rows"),
+        ("pp", "dp", "reduction", "rank", "weights_mib", "peak_mib", "predicted_mib", "ratio"),
+    ),
+    "data_parallel": (
+        ("question", "command", "quick", "machine", "workload", "link", "rows"),
+        (
+            "row",
+            "pp",
+            "dp",
+            "when",
+            "runtime",
+            "step_s",
+            "vs_ddp",
+            "predicted_s",
+            "peak_rss_growth_mib",
+            "predicted_mib",
+            "loss",
+        ),
+    ),
+    "auto_search": (
+        ("question", "command", "quick", "target_s", "rows"),
+        ("objective", "searched", "search_s", "chosen", "plan_step_s", "top"),
+    ),
+    "step_objective": (
+        ("question", "command", "quick", "summary", "rows"),
+        ("schedule", "microbatches", "time_ratio", "same_split", "sim_gain"),
+    ),
     "gpu_check": (
         ("question", "command", "quick", "device", "spec", "rows"),
         ("model", "stage", "predicted_s", "measured_s", "time_error", "predicted_bytes"),
@@ -33,6 +61,19 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "partition_speed": (("meta", "quick", "rows"), ()),
     "simulate_speed": (("quick", "machine", "verdict", "rows"), ("schedule", "ranks", "seconds")),
     "partitioners": ((), ("model", "devices", "rows")),
+    "plan_accuracy": (
+        ("question", "command", "quick", "machine", "device", "calibration", "targets", "rows"),
+        (
+            "group",
+            "ranks",
+            "splits",
+            "plan_vs_fastest",
+            "spearman",
+            "median_error",
+            "memory_median_error",
+            "points",
+        ),
+    ),
     "runtime_overhead": (
         ("question", "command", "machine", "rows"),
         ("schedule", "measured_step_s", "ideal_step_s", "overhead"),
@@ -108,6 +149,14 @@ def test_quick_mode_writes_its_json(name: str, tmp_path: Path) -> None:
         assert all(row["measured_s"] > 0 and row["predicted_s"] > 0 for row in rows)
     if name == "schedules":
         assert (path.parent / data["gantt"]).is_file()
+    if name == "plan_accuracy":  # one point per split, pipepart's plan among them
+        assert (path.parent / data["plot"]).is_file()
+        for row in rows:
+            assert sum(p["plan"] for p in row["points"]) == 1
+            assert all(p["predicted_s"] > 0 and p["measured_s"] > 0 for p in row["points"])
+    if name == "data_parallel":  # the same global batch and weights: the same first loss
+        losses = [row["loss"] for row in rows]
+        assert None not in losses and max(losses) - min(losses) < 1e-4, losses
     if name == "vs_pipelining":  # same modules, same batch: the same loss and gradients
         for row in rows:
             assert row["loss_abs_diff"] < 1e-5

@@ -9,7 +9,7 @@ of ``compute``, ``N`` of ``dispatched``, ``W`` of ``param_bytes``, ``V`` of ``bu
     T_s(i, j) = (P_j - P_i) / flops_s  +  (N_j - N_i) d_s  +  o_s
                 +  comm(c_i, device of stage s-1)  +  comm(c_j, device of s)
     d_s = dispatch_forward + dispatch_backward,   o_s = action_overhead   (of stage s's device)
-    comm(c, d) = 0 if c == 0 else 2 * (d.latency + c / d.bandwidth)
+    comm(c, d) = 0 if c == 0 else 2 * (d.latency + d.message_overhead + c / d.bandwidth)
     M_s(i, j) = kappa (W_j - W_i) + (V_j - V_i) + inflight_s (A_j - A_i) + c_i + c_j  <=  cap_s
 
 Times are seconds per micro-batch; the activation crosses a link forward and its gradient comes
@@ -20,7 +20,10 @@ N d_s`` (`Costs.prefix_time`) makes ``T_s`` a difference of prefixes again, plus
 comes from the data loader, cut ``n`` goes to the loss), but ``c_0`` and ``c_n`` still count as
 buffers if the graph gives them (`LinearGraph` makes them 0). ``kappa`` is
 `MemoryModel.bytes_per_param_byte` and ``inflight_s`` is `Problem.inflight`; see
-[Note: stage memory] in `partition.memory`. The one implementation of ``T``, ``M`` and the units
+[Note: stage memory] in `partition.memory`. Under ``MemoryModel.recompute`` a stage holds ``A``
+once and ``inflight_s`` copies of its input ``c_i`` more, and its time adds its forward again
+([Note: recompute]; `Costs.act`, `Costs.hold`: the search's ``mkey_i`` subtracts ``(1 +
+inflight_s) c_i``). The one implementation of ``T``, ``M`` and the units
 below is `Costs` (`partition.algorithms.problem`, shared by every algorithm).
 
 The objective, in this order (lexicographic):
@@ -50,7 +53,8 @@ the A100s). It stays a tie-break, not a trade: a split with a larger bottleneck 
 smaller ``(m - 1) B + S`` when ``m`` is not much larger than ``k`` and the devices differ (on the
 Llama-7B shape over 4 H100s + 4 A100s with ``m = k = 8``, the best split at block boundaries has
 a 10 % larger bottleneck, lets the H100s take more, and predicts a 5 % faster step;
-`benchmarks/results/partitioners.txt`).
+`benchmarks/results/partitioners.txt`). ``objective="step"`` makes that trade, exactly:
+[Note: step objective] in `partition.algorithms.step`.
 
 *Comparing S exactly.* ``S`` is a sum of quotients; two splits with equal ``S`` in exact
 arithmetic may differ in the last bits, and a relative tolerance (``|S - S'| <= eps S``) is not
@@ -207,7 +211,9 @@ def evaluate(problem: Problem, bounds: Sequence[int]) -> Evaluation:
     caps = problem.caps
     total_flops = float(costs.flops.sum())
     p = len(problem.devices)
-    device_memory = tuple(sum(memory[d::p]) for d in range(p))
+    device_memory = tuple(
+        sum(m for s, m in enumerate(memory) if problem.stage_rank(s) == d) for d in range(p)
+    )
     device_caps = tuple(float(d.memory) for d in problem.devices)
     shares = all(m <= cap for m, cap in zip(memory, caps, strict=True))
     return Evaluation(

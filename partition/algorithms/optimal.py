@@ -101,10 +101,12 @@ import numpy as np
 from partition.algorithms.objective import Bounds
 from partition.algorithms.problem import Problem
 from partition.algorithms.reach import RTOL, Search
+from partition.algorithms.step import least_step
 from partition.algorithms.ties import tie_break
 from partition.devices import Device
 from partition.errors import InfeasibleError
 from partition.schedules.names import is_custom
+from partition.schedules.placement import stage_rank
 from partition.units import format_size
 
 __all__ = ["memory_fits", "min_devices", "optimal_split"]
@@ -155,9 +157,10 @@ def _search_bottleneck(search: Search) -> tuple[float, Bounds] | None:
 
 
 def optimal_split(problem: Problem) -> Bounds:
-    """The split with the least bottleneck, then total time, communication and peak memory.
+    """The split with the least bottleneck, then total time, communication and peak memory; or,
+    with ``problem.objective == "step"``, the least predicted step ``lambda B + S``.
 
-    See [Note: bottleneck search] and [Note: objective].
+    See [Note: bottleneck search], [Note: objective] and [Note: step objective].
 
     Raises:
         InfeasibleError: no split fits the devices; the message names the node that fits no
@@ -169,7 +172,10 @@ def optimal_split(problem: Problem) -> Bounds:
     if found is None:
         raise InfeasibleError(_infeasible_message(problem))
     bottleneck, bounds = found
-    return tie_break(search, bottleneck, bounds)
+    best = tie_break(search, bottleneck, bounds)
+    if problem.objective == "step":  # see [Note: step objective]
+        return least_step(search, bottleneck, best)
+    return best
 
 
 # --- infeasibility ------------------------------------------------------------------------------
@@ -216,7 +222,8 @@ def min_devices(problem: Problem) -> int | None:
         return len(problem.devices) if memory_fits(problem) else None
     n, v = len(problem.graph), problem.virtual
     g = problem.graph
-    floor = problem.microbatches if problem.schedule == "gpipe" else 1
+    recompute = problem.memory.recompute  # one micro-batch of activations: [Note: recompute]
+    floor = problem.microbatches if problem.schedule == "gpipe" and not recompute else 1
     biggest = max(d.memory for d in problem.devices) / v
     if np.any(problem.kappa * g.param_bytes + g.buffer_bytes + floor * g.saved_bytes > biggest):
         return None  # some node fits no device even alone
@@ -254,8 +261,13 @@ def _relaxation_fits(problem: Problem, count: int) -> bool:
     devices = _devices_for(problem, count)
     v = problem.virtual
     k = count * v
-    caps = np.array([devices[s % count].memory / v for s in range(k)], dtype=np.float64)
+    place = problem.placement
+    caps = np.array(
+        [devices[stage_rank(s, count, place)].memory / v for s in range(k)], dtype=np.float64
+    )
     inflight = np.array(problem.inflight_for(count), dtype=np.float64)
+    if problem.memory.recompute:  # one micro-batch's activations (and inputs, left out here)
+        inflight = np.ones_like(inflight)
     c = problem.costs
     params, acts = float(c.H[-1]), float(c.A[-1])
     if params > caps.sum():
@@ -278,7 +290,7 @@ def _too_large(problem: Problem) -> tuple[int, int] | None:
     excess = np.full(len(g), _INF)
     where = np.zeros(len(g), dtype=np.int64)
     for s in range(problem.num_stages):
-        e = (w + c.inflight[s] * g.saved_bytes) - c.cap[s]
+        e = (w + c.act[s] * g.saved_bytes) - c.cap[s]
         better = e < excess
         excess[better] = e[better]
         where[better] = s
@@ -304,7 +316,7 @@ def _infeasible_message(problem: Problem) -> str:
     if big is not None:
         node, s = big
         params = problem.kappa * float(g.param_bytes[node]) + float(g.buffer_bytes[node])
-        acts = float(c.inflight[s] * g.saved_bytes[node])
+        acts = float(c.act[s] * g.saved_bytes[node])
         path = g.module_paths[node] or "(no module)"
         holds = f"the largest stage holds {format_size(float(c.cap.max()))}"
         if v > 1:
@@ -315,7 +327,7 @@ def _infeasible_message(problem: Problem) -> str:
         return (
             f"node {g.names[node]!r} (module {path}) needs {format_size(params + acts)} on its own "
             f"({format_size(params)} of weights, gradients and optimizer state + {format_size(acts)} of "
-            f"activations for {_count(int(c.inflight[s]), 'micro-batch')} in flight {where}) but "
+            f"activations for {_count(int(c.act[s]), 'micro-batch')} in flight {where}) but "
             f"{holds}: no stage can hold it. Use devices with more memory, fewer micro-batches "
             "in flight, activation checkpointing or a lighter optimizer"
             + (", or fewer virtual stages" if v > 1 else "")

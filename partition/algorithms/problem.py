@@ -9,6 +9,7 @@ time ``T`` and memory ``M`` and of the exact units of the total time, as [Note: 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +23,23 @@ from partition.errors import PlanError
 from partition.graph import LinearGraph
 from partition.memory import MemoryModel
 from partition.schedules.inflight import schedule_inflight
-from partition.schedules.names import canonical_schedule, is_custom
+from partition.schedules.names import (
+    V_SCHEDULES,
+    canonical_schedule,
+    is_custom,
+    placement_of,
+    stages_per_rank,
+)
+from partition.schedules.placement import check_placement, stage_rank
 
-__all__ = ["DEFAULT_MEMORY", "IDLE_SHARE", "Costs", "Problem"]
+__all__ = ["DEFAULT_MEMORY", "DEFAULT_OBJECTIVE", "IDLE_SHARE", "OBJECTIVES", "Costs", "Problem"]
 
 DEFAULT_MEMORY = MemoryModel()
 """What training keeps per parameter byte unless told otherwise: Adam, no master copy."""
+OBJECTIVES: tuple[str, ...] = ("step", "bottleneck")
+"""What the exact partitioner minimises: the predicted step (`partition.algorithms.step`) or the
+bottleneck alone ([Note: objective] in `partition.algorithms.objective`)."""
+DEFAULT_OBJECTIVE = "bottleneck"
 IDLE_SHARE = 0.01
 """A stage whose compute is at most this fraction of an even share (``P_n / k``) is *idle*: it
 leaves its device all but unused; see [Note: objective] in `partition.algorithms.objective`."""
@@ -47,15 +59,20 @@ class Problem:
     graph: LinearGraph
     """The nodes in order with their costs."""
     devices: tuple[Device, ...]
-    """One per pipeline rank, in pipeline order; stage ``s`` runs on ``devices[s % len(devices)]``."""
+    """One per pipeline rank, in pipeline order; stage ``s`` runs on ``stage_device(s)``:
+    ``devices[s % len(devices)]``, or V-shaped (see [Note: placement] in
+    `partition.schedules.placement`)."""
     schedule: str
-    """``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1`` (aliases accepted, stored canonical)."""
+    """A name in `partition.schedules.names.SCHEDULE_NAMES` (aliases accepted, stored
+    canonical), or a schedule's text."""
     microbatches: int
     """Micro-batches per step; sets how many each stage keeps in flight."""
     virtual: int = 1
-    """Virtual stages per device (``interleaved`` only)."""
+    """Stages per device (``interleaved``: at least 2; ``zb-v``, ``dualpipev``: 2)."""
     memory: MemoryModel = DEFAULT_MEMORY
     """What training keeps per parameter byte."""
+    objective: str = DEFAULT_OBJECTIVE
+    """What the exact partitioner minimises, one of `OBJECTIVES` (the baselines ignore it)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.graph, LinearGraph):
@@ -76,22 +93,37 @@ class Problem:
             raise PlanError(
                 f"virtual stages per device must be a positive integer, got {self.virtual!r}"
             )
-        if self.virtual > 1 and self.schedule != "interleaved" and not is_custom(self.schedule):
+        if not is_custom(self.schedule) and self.virtual > 1:
+            stages_per_rank(self.schedule, self.virtual)  # raises for what cannot place it
+        elif self.schedule in V_SCHEDULES:
             raise PlanError(
-                f"virtual={self.virtual} needs the interleaved schedule, not {self.schedule!r}; "
-                "use schedule='interleaved' or virtual=1"
+                f"schedule {self.schedule!r} is V-shaped, 2 stages per device; use virtual=2"
             )
+        check_placement(self.placement, len(devices), len(devices) * self.virtual)
         if not isinstance(self.memory, MemoryModel):
             raise PlanError(f"memory must be a MemoryModel, got {type(self.memory).__name__}")
+        if self.objective not in OBJECTIVES:
+            raise PlanError(
+                f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
+            )
 
     @property
     def num_stages(self) -> int:
         """Stages in the pipeline: ``len(devices) * virtual``."""
         return len(self.devices) * self.virtual
 
+    @property
+    def placement(self) -> str:
+        """Which device holds which stage: ``loop`` or ``v``; see [Note: placement]."""
+        return placement_of(self.schedule)
+
+    def stage_rank(self, stage: int) -> int:
+        """The index in `devices` of the device stage ``stage`` runs on."""
+        return stage_rank(stage, len(self.devices), self.placement)
+
     def stage_device(self, stage: int) -> Device:
         """The device stage ``stage`` runs on."""
-        return self.devices[stage % len(self.devices)]
+        return self.devices[self.stage_rank(stage)]
 
     @cached_property
     def caps(self) -> tuple[float, ...]:
@@ -135,7 +167,9 @@ class Costs:
         self.k = problem.num_stages
         self.kappa = problem.kappa
         zero = np.zeros(1)
-        self.P: FloatArray = np.concatenate([zero, np.cumsum(g.compute, dtype=np.float64)])
+        recompute = problem.memory.recompute  # the backward runs the forward again
+        compute = g.compute + g.forward if recompute else g.compute
+        self.P: FloatArray = np.concatenate([zero, np.cumsum(compute, dtype=np.float64)])
         self.W: FloatArray = np.concatenate([zero, np.cumsum(g.param_bytes, dtype=np.float64)])
         self.V: FloatArray = np.concatenate([zero, np.cumsum(g.buffer_bytes, dtype=np.float64)])
         self.H: FloatArray = self.kappa * self.W + self.V
@@ -150,18 +184,37 @@ class Costs:
         """Per cut ``j``, the first start ``i`` that makes ``[i, j)`` idle: ``P_i >= P_j - tau``."""
         devices = [problem.stage_device(s) for s in range(self.k)]
         self.flops: FloatArray = np.array([d.flops for d in devices], dtype=np.float64)
-        self.latency: FloatArray = np.array([d.latency for d in devices], dtype=np.float64)
+        self.latency: FloatArray = np.array(
+            [d.latency + d.message_overhead for d in devices], dtype=np.float64
+        )
+        """Per stage, the fixed seconds of a message to the next stage: the link's latency and
+        the ranks' own cost of a message (`Device.message_overhead`)."""
         self.bandwidth: FloatArray = np.array([d.bandwidth for d in devices], dtype=np.float64)
         self.dispatch: FloatArray = np.array(
-            [d.dispatch_forward + d.dispatch_backward for d in devices], dtype=np.float64
+            [(2 if recompute else 1) * d.dispatch_forward + d.dispatch_backward for d in devices],
+            dtype=np.float64,
         )
         """Per stage, the fixed seconds of one operation's forward and backward."""
         self.overhead: FloatArray = np.array([d.action_overhead for d in devices], dtype=np.float64)
         """Per stage, the fixed seconds of a forward and a backward action beyond their nodes."""
         self.fixed = bool(self.dispatch.any() or self.overhead.any())
         """Whether any stage has fixed costs (else every time is compute and links alone)."""
+        ranks = [problem.stage_rank(s) for s in range(self.k)]
+        loop = problem.placement == "loop"
+        self.remote: npt.NDArray[np.bool_] = np.array(
+            [loop or a != b for a, b in itertools.pairwise(ranks)], dtype=bool
+        )
+        """Per cut ``s`` (stage ``s`` to ``s + 1``), whether it is priced as a link: the V
+        placement's middle cut stays on one device and costs none (see [Note: placement]); the
+        loop placement prices every cut, as [Note: objective] writes it."""
         self.cap: FloatArray = np.array(problem.caps, dtype=np.float64)
         self.inflight: FloatArray = np.array(problem.inflight, dtype=np.float64)
+        self.act: FloatArray = np.ones(self.k) if recompute else self.inflight
+        """Per stage, the micro-batches of saved activations held at peak: `inflight`, or 1
+        under recompute (see [Note: recompute] in `partition.memory`)."""
+        self.hold: FloatArray = 1.0 + self.inflight if recompute else np.ones(self.k)
+        """Per stage, how many copies of its input cut it holds: the receive buffer, and under
+        recompute each in-flight micro-batch's saved input."""
         self._q: dict[float, FloatArray] = {}
         self._links: dict[tuple[float, float], FloatArray] = {}
         self._units: dict[tuple[str, float, float], FloatArray] = {}
@@ -169,16 +222,19 @@ class Costs:
         """Seconds per unit of the exact total time; see [Note: objective] in
         `partition.algorithms.objective`."""
 
+    def _no_link(self, stage: int) -> bool:
+        return stage < 0 or stage >= self.k - 1 or not self.remote[stage]
+
     def link(self, stage: int, cut_bytes: FloatArray) -> FloatArray:
         """Seconds to send ``cut_bytes`` from ``stage`` to the next stage and the gradient back."""
-        if stage < 0 or stage >= self.k - 1:
+        if self._no_link(stage):
             return np.zeros_like(cut_bytes)
         t = 2.0 * (self.latency[stage] + cut_bytes / self.bandwidth[stage])
         return np.where(cut_bytes != 0, t, 0.0)
 
     def link_at(self, stage: int) -> FloatArray:
         """`link` of ``stage`` at every cut, length ``n + 1`` (cached per link)."""
-        if stage < 0 or stage >= self.k - 1:
+        if self._no_link(stage):
             key = (0.0, 0.0)
         else:
             key = (float(self.latency[stage]), float(self.bandwidth[stage]))
@@ -216,7 +272,7 @@ class Costs:
 
     def link_units(self, stage: int) -> FloatArray:
         """``L_s``: `link_at` in units, rounded (zero for no link; cached per link)."""
-        if stage < 0 or stage >= self.k - 1:
+        if self._no_link(stage):
             key = ("L", 0.0, 0.0)
         else:
             key = ("L", float(self.latency[stage]), float(self.bandwidth[stage]))
@@ -265,7 +321,7 @@ class Costs:
     ) -> tuple[FloatArray, FloatArray, FloatArray]:
         """``M_s(i, j)`` as (weights and their state, activations, receive buffers)."""
         params = self.H[j] - self.H[i]
-        acts = self.inflight[stage] * (self.A[j] - self.A[i])
+        acts = self.act[stage] * (self.A[j] - self.A[i]) + (self.hold[stage] - 1.0) * self.c[i]
         return params, acts, self.c[i] + self.c[j]
 
     def memory(self, stage: int, i: Index, j: Index) -> FloatArray:
@@ -281,7 +337,7 @@ class Costs:
         compute = compute + (self.N[j] - self.N[i]) * self.dispatch + self.overhead
         lat, bw = self.latency[:-1], self.bandwidth[:-1]  # the links between stages
         cin, cout = self.c[i[1:]], self.c[j[:-1]]
-        t_in = np.where(cin != 0, 2.0 * (lat + cin / bw), 0.0)
-        t_out = np.where(cout != 0, 2.0 * (lat + cout / bw), 0.0)
+        t_in = np.where((cin != 0) & self.remote, 2.0 * (lat + cin / bw), 0.0)
+        t_out = np.where((cout != 0) & self.remote, 2.0 * (lat + cout / bw), 0.0)
         zero = np.zeros(1)
         return compute + (np.concatenate([zero, t_in]) + np.concatenate([t_out, zero]))

@@ -116,13 +116,14 @@ class Search:
         self.X = [c.prefix_time(s) if self.d[s] or self.o[s] else None for s in range(k)]
         """Per stage with fixed costs, `Costs.prefix_time`; None where ``P / f_s`` alone does."""
         self.cap = [float(x) for x in c.cap]
-        self.Q = [c.q(float(c.inflight[s])) for s in range(k)]
+        self.Q = [c.q(float(c.act[s])) for s in range(k)]
+        self.hold = [float(x) for x in c.hold]
         self.cin = [c.link_at(s - 1) for s in range(k)]
         self.cout = [c.link_at(s) for s in range(k)]
         self.frest = [float(c.flops[s + 1 :].sum()) for s in range(k)]
         self.caprest = [float(c.cap[s + 1 :].sum()) for s in range(k)]
         self.qrest = [
-            c.q(float(c.inflight[s + 1 :].min())) if s < k - 1 else self.Q[s] for s in range(k)
+            c.q(float(c.act[s + 1 :].min())) if s < k - 1 else self.Q[s] for s in range(k)
         ]
 
     # --- one stage ---------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class Search:
             pj = (pj + (N[j] - na) * self.d[s]) + self.o[s]
         cin = self.cin[s][a : b + 1]
         qw = Q[a : b + 1] - qa
-        ci = c[a : b + 1]
+        ci = c[a : b + 1] if self.hold[s] == 1.0 else self.hold[s] * c[a : b + 1]
         tm = 1e-13 * (abs(bs) + float(pw[-1]))  # rounding margins, relative to the magnitudes
         mm = 1e-13 * (abs(cap) + float(qw[-1]))
         return Frame(
@@ -308,7 +309,7 @@ class Search:
         c = self.costs
         i, j = b[:-1], b[1:]
         params = c.H[j] - c.H[i]
-        acts = c.inflight * (c.A[j] - c.A[i])
+        acts = c.act * (c.A[j] - c.A[i]) + (c.hold - 1.0) * c.c[i]
         return ((params + acts) + (c.c[i] + c.c[j])) / c.cap
 
     def fits(self, bounds: Bounds) -> bool:
@@ -316,7 +317,7 @@ class Search:
         c = self.costs
         i, j = b[:-1], b[1:]
         params = c.H[j] - c.H[i]
-        acts = c.inflight * (c.A[j] - c.A[i])
+        acts = c.act * (c.A[j] - c.A[i]) + (c.hold - 1.0) * c.c[i]
         return bool(np.all((params + acts) + (c.c[i] + c.c[j]) <= c.cap))
 
     def peak(self, bounds: Bounds) -> float:

@@ -76,12 +76,25 @@ class Labels:
     """With ``peak``, the least peak memory among those, else the earliest starts."""
     stages: list[TightStage]
     """Without ``peak``, the tight starts of every stage."""
+    top: float = _INF
+    """With ``peak``, the least largest ``measure`` of a stage over the splits of the least
+    label: the peak memory ratio, or the bottleneck."""
 
 
-def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
+def labels(
+    search: Search,
+    probe: Probe,
+    B: float,
+    peak: bool,
+    tight: bool = True,
+    measure: str = "memory",
+    by_comm: bool = True,
+) -> Labels | None:
     """The least (idle stages, total time, communication) through ``probe``'s sets; with
-    ``peak``, and then the least peak memory, or None when that would enumerate more than
-    `EDGE_BUDGET` ties.
+    ``peak``, and then the least peak memory (``measure="time"``: the least bottleneck), or None
+    when that would enumerate more than `EDGE_BUDGET` ties. Without ``peak``, ``tight=False``
+    leaves `Labels.stages` empty (for a caller that needs the label and a split only);
+    ``by_comm=False`` leaves the communication out of the label (all zero).
 
     A cut's label is the least (idle, units, comm) of a prefix ending there; a start ``i`` is
     *tight* for an end ``j`` when its label extended by the stage ``[i, j)`` gives ``j``'s label.
@@ -138,7 +151,8 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
         units = np.full(span, _INF)
         units[slot] = np.where(reached, (ua[pick] + R[j]) + lout[j], _INF)
         comm = np.full(span, _INF)
-        comm[slot] = np.where(reached, uc[pick] + (c.c[j] if s < k - 1 else 0.0), _INF)
+        width = c.c[j] if s < k - 1 and by_comm else 0.0
+        comm[slot] = np.where(reached, uc[pick] + width, _INF)
         parent = np.full(span, -1, dtype=np.int64)
         if peak:
             q0, i0 = _edges(work, take0, order)
@@ -147,7 +161,11 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
             if edges > EDGE_BUDGET:
                 return None
             cq, ci = np.concatenate([q0, q1]), np.concatenate([i0, i1])
-            cand = np.maximum(pk[ci], c.memory(s, a + ci, j[cq]) / search.cap[s])
+            if measure == "time":
+                value = c.time(s, a + ci, j[cq])
+            else:
+                value = c.memory(s, a + ci, j[cq]) / search.cap[s]
+            cand = np.maximum(pk[ci], value)
             first = _first_per_group(cq, np.lexsort((ci, cand, cq)))
             pk = np.full(span, _INF)
             pk[slot[cq[first]]] = cand[first]
@@ -157,6 +175,7 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
             _earliest(rest, take1, order, choice)
             _earliest(work, take0, order, choice)
             parent[slot] = np.where(choice >= 0, a + choice, -1)
+        if not peak and tight:
             stages.append(
                 TightStage(
                     a=a,
@@ -172,7 +191,11 @@ def labels(search: Search, probe: Probe, B: float, peak: bool) -> Labels | None:
         if not reached.any():  # pragma: no cover - the probe reached every end
             return None
     return Labels(
-        units=float(units[-1]), comm=float(comm[-1]), split=_walk(search.n, parents), stages=stages
+        units=float(units[-1]),
+        comm=float(comm[-1]),
+        split=_walk(search.n, parents),
+        stages=stages,
+        top=float(pk[-1]) if peak else _INF,
     )
 
 

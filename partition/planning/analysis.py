@@ -119,6 +119,7 @@ class Analysis:
             virtual=options.virtual,
             memory=options.memory,
             algorithm=options.algorithm,
+            objective=options.objective,
         )
 
     def _marker_solution(self, devices: Sequence[Device], options: PlanOptions) -> Solution:

@@ -6,37 +6,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from partition.graph import LinearGraph
 from partition.plan import Plan, StagePlan
 from partition.planning.analysis import Analysis
 from partition.planning.predict import predict_step
 from partition.solve import Solution
 from partition.split import Stage, split
 
-__all__ = ["build_plan"]
+__all__ = ["build_plan", "stage_plans"]
 
 
-def build_plan(
-    analysis: Analysis,
-    solution: Solution,
-    *,
-    stages: Sequence[Stage] | None = None,
-) -> Plan:
-    """A `Plan` from a solved split, with the step time and bubble the simulator predicts
-    (`partition.planning.predict.predict_step`); ``stages``: the split's stages, if made already."""
-    problem, evaluation = solution.problem, solution.evaluation
-    graph = analysis.graph
-    stages = list(stages) if stages is not None else split(analysis.traced, graph, solution.bounds)
-    bounds = solution.bounds
-    stage_plans = []
+def stage_plans(
+    graph: LinearGraph, solution: Solution, stages: Sequence[Stage] | None = None
+) -> tuple[StagePlan, ...]:
+    """Each stage of a solved split as a `StagePlan`: nodes, costs, memory and, given the
+    split's ``stages``, their boundary tensors (without them: none, which pricing a split with
+    `partition.planning.predict.predict_step` does not read)."""
+    problem, evaluation, bounds = solution.problem, solution.evaluation, solution.bounds
     forward = graph.forward
-    for s, stage in enumerate(stages):
+    out = []
+    for s in range(len(bounds) - 1):
         lo, hi = bounds[s], bounds[s + 1]
-        device = problem.devices[s % len(problem.devices)]
         parts = evaluation.stage_memory_parts[s]
-        stage_plans.append(
+        stage = stages[s] if stages is not None else None
+        out.append(
             StagePlan(
                 index=s,
-                device=device,
+                device=problem.stage_device(s),
                 start=lo,
                 stop=hi,
                 first_node=graph.names[lo],
@@ -56,14 +52,27 @@ def build_plan(
                 saved_bytes=float(graph.saved_bytes[lo:hi].sum()),
                 inflight=int(evaluation.stage_inflight[s]),
                 send_bytes=float(graph.cut_bytes[hi]),
-                inputs=stage.inputs,
-                outputs=stage.outputs if not stage.is_last else (),
+                inputs=stage.inputs if stage is not None else (),
+                outputs=stage.outputs if stage is not None and not stage.is_last else (),
                 dispatched=float(graph.dispatched[lo:hi].sum()),
             )
         )
-    step_time, bubble = predict_step(
-        problem.schedule, problem.virtual, problem.microbatches, stage_plans
-    )
+    return tuple(out)
+
+
+def build_plan(
+    analysis: Analysis,
+    solution: Solution,
+    *,
+    stages: Sequence[Stage] | None = None,
+) -> Plan:
+    """A `Plan` from a solved split, with the step time and bubble the simulator predicts
+    (`partition.planning.predict.predict_step`); ``stages``: the split's stages, if made already."""
+    problem, evaluation = solution.problem, solution.evaluation
+    graph = analysis.graph
+    stages = list(stages) if stages is not None else split(analysis.traced, graph, solution.bounds)
+    plans = stage_plans(graph, solution, stages)
+    step_time, bubble = predict_step(problem.schedule, problem.virtual, problem.microbatches, plans)
     holders: dict[str, list[int]] = {}
     first_name = _first_names(analysis)
     for stage in stages:
@@ -77,11 +86,12 @@ def build_plan(
         virtual=problem.virtual,
         memory_model=problem.memory,
         algorithm=solution.algorithm,
+        objective=problem.objective,
         bottleneck=float(evaluation.bottleneck),
         perfect_balance=float(evaluation.perfect_balance),
         step_time=step_time,
         bubble=bubble,
-        stages=tuple(stage_plans),
+        stages=plans,
         shared_params=shared,
     )
 

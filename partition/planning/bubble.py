@@ -5,7 +5,8 @@ A plan of ``p`` stages and ``m`` micro-batches idles for about ``(p - 1) / (m + 
 step under GPipe and 1F1B (16 stages, 4 micro-batches: 79 %): optimal for its micro-batches, and
 poor. When the plan's predicted bubble is above `POOR_BUBBLE`, `bubble_note` runs the same
 simulator on the same stage times with more micro-batches (doubling, up to 64 times as many) and
-with the other schedules that the same split can run (``gpipe``, ``1f1b``, ``zb-h1``), and says
+with the other schedules that the same split can run (``gpipe``, ``1f1b``, ``zb-h1``; for a V
+plan, ``zb-v`` and ``dualpipev``), and says
 the fewest micro-batches and the schedules that bring it under — or, when none does (links
 or one slow stage set the step), that none does and the least it reached. The bubble fraction does not
 depend on the micro-batch's size when every stage's time scales with it, so the answer holds for
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from partition.errors import PlanError
-from partition.schedules.names import is_custom
+from partition.schedules.names import V_SCHEDULES, is_custom
 
 if TYPE_CHECKING:
     from partition.plan import Plan
@@ -41,7 +42,7 @@ def bubble_note(plan: Plan) -> str | None:
     m = plan.microbatches
     enough, least = None, (m, plan.bubble)
     for factor in () if is_custom(plan.schedule) else (2, 4, 8, 16, 32, 64):  # a file's m is fixed
-        if plan.virtual > 1 and (m * factor) % plan.num_ranks:
+        if plan.schedule == "interleaved" and (m * factor) % plan.num_ranks:
             continue
         bubble = simulate_plan(plan, microbatches=m * factor).bubble_fraction
         least = min(least, (m * factor, bubble), key=lambda t: t[1])
@@ -49,8 +50,9 @@ def bubble_note(plan: Plan) -> str | None:
             enough = (m * factor, bubble)
             break
     schedules = []
-    if plan.virtual == 1:
-        for name in _SAME_SPLIT:  # a written schedule, like any other, may compare them
+    same = _SAME_SPLIT if plan.virtual == 1 else V_SCHEDULES if plan.placement == "v" else ()
+    if same:  # the schedules that run this split: one stage per rank, or the V
+        for name in same:  # a written schedule, like any other, may compare them
             if name == plan.schedule:
                 continue
             try:

@@ -10,7 +10,8 @@ long a step takes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,7 +25,11 @@ from partition.planning.analysis import Analysis, analyze
 from partition.planning.assemble import build_plan
 from partition.split import split
 
-__all__ = ["plan_analysis", "plan_model"]
+if TYPE_CHECKING:
+    from partition.auto_choice import Candidate, Config
+    from partition.planning.auto import AutoOptions, AutoResult
+
+__all__ = ["plan_analysis", "plan_auto", "plan_model"]
 
 Progress = Callable[[str], None]
 
@@ -87,3 +92,106 @@ def plan_analysis(
     stages = split(analysis.traced, analysis.graph, solution.bounds)
     modal_stages(analysis.traced, analysis.other, stages)  # raises where a cut does not carry over
     return build_plan(analysis, solution, stages=stages)
+
+
+def plan_auto(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    pool: Sequence[Device],
+    auto: AutoOptions,
+    options: PlanOptions | None = None,
+    progress: Progress | None = None,
+) -> Plan:
+    """Search the configuration (schedule, micro-batches, recompute, device count) and plan the
+    best: ``pipepart plan --auto``. See [Note: the configuration search] in
+    `partition.planning.auto`.
+
+    Args:
+        example_inputs: one global batch (``auto.global_batch`` rows).
+        pool: the devices in pipeline order; a count past them repeats the last.
+        auto: what to search, and by which objective.
+        options: the other planning options (memory model, objective of each split...).
+
+    Returns:
+        The plan of the best configuration, its `Plan.auto` naming the runner-ups.
+
+    Raises:
+        InfeasibleError: no configuration fits; the message says the fewest devices that do.
+    """
+    from partition.planning.auto import devices_for, divisors, interpolated, search_configs
+
+    options = options or PlanOptions()
+    if not pool:
+        raise PlanError("no devices given")
+    traced: dict[int, Analysis] = {}
+
+    def analysis_at(m: int) -> Analysis:
+        if m not in traced:
+            if progress:
+                progress(f"tracing at {m} micro-batches")
+            traced[m] = analyze(
+                model,
+                example_inputs,
+                example_kwargs,
+                options=replace(options, microbatches=m),
+                profile_on=pool[0] if options.profile else None,
+                progress=progress,
+            )
+        return traced[m]
+
+    counts = auto.microbatches or divisors(auto.global_batch)
+    lo, hi = min(counts), max(counts)
+
+    def analysis_for(m: int) -> Analysis:
+        """Traced at the fewest and the most; the counts between interpolated (see the Note)."""
+        if options.profile or m in traced:
+            return analysis_at(m)
+        between = interpolated(analysis_at(lo), analysis_at(hi), m)
+        return between if between is not None else analysis_at(m)
+
+    result = search_configs(analysis_for, pool, options, auto, progress)
+    best = result.ranked[0].candidate.config
+    if progress:
+        progress(f"auto: planning {best.describe()}")
+    chosen = replace(
+        options,
+        schedule=best.schedule,
+        microbatches=best.microbatches,
+        virtual=best.virtual,
+        memory=replace(options.memory, recompute=best.recompute),
+    )
+    plan = plan_analysis(analysis_at(best.microbatches), devices_for(pool, best.devices), chosen)
+    return replace(plan, auto=_record(result, auto, _candidate(plan, best, auto.global_batch)))
+
+
+def _candidate(plan: Plan, config: Config, global_batch: int) -> Candidate:
+    """What ``plan`` (made for ``config``) predicts, as a `Candidate`."""
+    from partition.auto_choice import Candidate
+
+    step = plan.step_time
+    return Candidate(
+        config=config,
+        step_time=step,
+        peak_memory=max(
+            sum(s.memory["total"] for s in plan.stages if plan.stage_rank(s.index) == r)
+            for r in range(plan.num_ranks)
+        ),
+        throughput=global_batch / step / config.devices if step > 0 else float("inf"),
+    )
+
+
+def _record(result: AutoResult, auto: AutoOptions, chosen: Candidate) -> Any:
+    """The `AutoChoice` a plan keeps: the chosen (as planned) and the runner-ups."""
+    from partition.auto_choice import AutoChoice
+
+    runners = [p.candidate for p in result.ranked if p.candidate.config != chosen.config]
+    return AutoChoice(
+        objective=auto.objective,
+        global_batch=auto.global_batch,
+        chosen=chosen,
+        runner_ups=tuple(runners[: auto.top]),
+        searched=result.searched,
+        skipped=result.skipped[:20],
+    )

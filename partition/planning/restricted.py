@@ -84,6 +84,7 @@ def solve_on_cuts(
         virtual=options.virtual,
         memory=options.memory,
         algorithm=options.algorithm,
+        objective=options.objective,
     )
     edges = [0, *cuts, len(graph)]
     bounds = tuple(edges[b] for b in coarse.bounds)

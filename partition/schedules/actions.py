@@ -1,9 +1,11 @@
-"""Pipeline schedules as plain data: per-rank lists of actions such as ``1F0`` and ``2SB3``.
+"""Pipeline schedules as plain data, per-rank lists of actions such as ``1F0`` and ``2SB3``: the
+builders of the looping ones (GPipe, 1F1B, interleaved, ZB-H1) and `build_schedule`, by name.
 
 A schedule says, for every rank, the order in which it runs forward (F), backward (B), or the
 zero-bubble halves of backward (I: input-gradient, W: weight-gradient) for each stage and
 micro-batch, and, once :func:`with_communication` has been applied, where it sends and receives
-boundary tensors. The runtime and the simulator consume the same objects;
+boundary tensors. The runtime and the simulator consume the same objects
+(`partition.schedules.schedule`; this module re-exports them);
 `partition.schedules.check.validate` checks one with no process at all.
 
 1F1B (PipeDream-flush), 4 ranks, 8 micro-batches, F and B one slot each; the digit is the
@@ -21,16 +23,11 @@ than ``min(p - s, m)`` micro-batches of activations, where GPipe holds all ``m``
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import functools
-import gc
-import re
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
-
 from partition.errors import PlanError
-from partition.schedules.names import SCHEDULE_NAMES, canonical_schedule, is_custom
+from partition.schedules.communication import with_communication
+from partition.schedules.names import SCHEDULE_NAMES, canonical_schedule, is_custom, stages_per_rank
+from partition.schedules.schedule import Action, Kind, Schedule, _bulk, _check_sizes
+from partition.schedules.vshape import build_v
 
 __all__ = [
     "SCHEDULES",
@@ -50,169 +47,7 @@ SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
 """The schedules by name (the one table, with its aliases, is `partition.memory`'s)."""
 
 
-class Kind(str, enum.Enum):
-    """What an action does; the value is its code in the text form."""
-
-    F = "F"  # forward
-    B = "B"  # full backward
-    I = "I"  # noqa: E741 - backward, input-gradient only (zero-bubble)
-    W = "W"  # backward, weight-gradient only (zero-bubble)
-    SEND_F = "SF"  # stage s sends its forward output to stage s + 1
-    RECV_F = "RF"  # stage s receives its input from stage s - 1
-    SEND_B = "SB"  # stage s sends its input-gradient to stage s - 1
-    RECV_B = "RB"  # stage s receives its output-gradient from stage s + 1
-
-
-_COMPUTE = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})
-_ACTION_RE = re.compile(r"(\d+)(SF|RF|SB|RB|F|B|I|W)(\d+)")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Action:
-    """One step of one rank: ``stage`` runs ``kind`` on ``microbatch``; prints as ``1F0``."""
-
-    stage: int
-    kind: Kind
-    microbatch: int
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.kind.value}{self.microbatch}"
-
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        """Parse the compact form, e.g. ``"1F0"`` or ``"2SB3"``.
-
-        Raises:
-            PlanError: ``text`` is not ``<stage><code><microbatch>``.
-        """
-        match = _ACTION_RE.fullmatch(text.strip())
-        if match is None:
-            codes = ", ".join(k.value for k in Kind)
-            raise PlanError(
-                f"cannot parse action {text!r}: expected <stage><code><micro-batch> such as "
-                f"'1F0' or '2SB3', with code one of {codes}"
-            )
-        return cls(int(match[1]), Kind(match[2]), int(match[3]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """What every rank runs, in order: ``actions[rank]`` is that rank's list.
-
-    Stage s lives on rank ``s % num_ranks`` (looping placement; with one stage per rank,
-    stage s is rank s).
-    """
-
-    name: str
-    num_ranks: int
-    num_stages: int
-    num_microbatches: int
-    actions: tuple[tuple[Action, ...], ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "actions", tuple(tuple(row) for row in self.actions))
-        if min(self.num_ranks, self.num_stages, self.num_microbatches) < 1:
-            raise PlanError(
-                f"schedule {self.name!r} has {self.num_ranks} ranks, {self.num_stages} stages "
-                f"and {self.num_microbatches} micro-batches; each must be at least 1"
-            )
-        if len(self.actions) != self.num_ranks:
-            raise PlanError(
-                f"schedule {self.name!r} declares {self.num_ranks} ranks but has "
-                f"{len(self.actions)} action lists; give one list per rank"
-            )
-
-    def stage_to_rank(self, stage: int) -> int:
-        """The rank that holds ``stage``."""
-        return stage % self.num_ranks
-
-    def stages_of(self, rank: int) -> tuple[int, ...]:
-        """The stages held by ``rank``, in increasing order."""
-        return tuple(range(rank, self.num_stages, self.num_ranks))
-
-    def to_text(self) -> str:
-        """One line per rank, actions separated by spaces; :meth:`from_text` inverts it."""
-        return "\n".join(" ".join(map(str, row)) for row in self.actions)
-
-    @classmethod
-    def from_text(
-        cls,
-        text: str,
-        *,
-        name: str = "custom",
-        num_microbatches: int | None = None,
-        num_stages: int | None = None,
-    ) -> Schedule:
-        """Parse :meth:`to_text` output; stage and micro-batch counts default to the largest seen + 1."""
-        lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
-        rows = tuple(tuple(Action.parse(tok) for tok in line.split()) for line in lines)
-        flat = [a for row in rows for a in row]
-        return cls(
-            name=name,
-            num_ranks=len(rows),
-            num_stages=num_stages or 1 + max((a.stage for a in flat), default=0),
-            num_microbatches=num_microbatches or 1 + max((a.microbatch for a in flat), default=0),
-            actions=rows,
-        )
-
-    def table(self, *, mark: tuple[int, int] | None = None, steps: range | None = None) -> str:
-        """A step × rank ASCII table: row k holds each rank's k-th action.
-
-        Args:
-            mark: ``(rank, step)`` of a cell to flag with ``>``.
-            steps: the rows to show (default all).
-        """
-        depth = max(map(len, self.actions), default=0)
-        shown = [k for k in (steps if steps is not None else range(depth)) if 0 <= k < depth]
-        grid = [[f"rank {r}" for r in range(self.num_ranks)]] + [
-            [
-                (">" if mark == (r, k) else " ") + str(row[k] if k < len(row) else "")
-                for r, row in enumerate(self.actions)
-            ]
-            for k in shown
-        ]
-        widths = [max(len(line[r]) for line in grid) for r in range(self.num_ranks)]
-        lines = [
-            f"{label:>4} | " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
-            for label, line in zip(["step", *shown], grid, strict=True)
-        ]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(line.rstrip() for line in lines)
-
-
 # --- builders --------------------------------------------------------------------------------
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _bulk(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``fn`` with the cyclic garbage collector paused; see [Note: building large schedules].
-
-    [Note: building large schedules] 1,024 stages × 4,096 micro-batches are 8.4 M ``Action``
-    objects, none in a cycle; CPython's collector re-scanning the growing heap made building
-    ~40 % slower. The collector's previous state is restored on exit.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if enabled:
-                gc.enable()
-
-    return wrapper
-
-
-def _check_sizes(name: str, num_ranks: int, m: int) -> None:
-    if num_ranks < 1 or m < 1:
-        raise PlanError(
-            f"{name} schedule needs at least 1 rank and 1 micro-batch, got {num_ranks} ranks and "
-            f"{m} micro-batches; pass positive numbers"
-        )
 
 
 @_bulk
@@ -317,11 +152,12 @@ def zero_bubble_h1(num_ranks: int, m: int) -> Schedule:
 
 
 def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual: int = 1) -> Schedule:
-    """Build a schedule by name: one of :data:`SCHEDULES` (also ``pipedream-flush``, ``zbh1``);
+    """Build a schedule by name: one of :data:`SCHEDULES` (aliases accepted); the V-shaped ones
+    (`partition.schedules.vshape`) have 2 stages per rank whether ``virtual`` is 1 or 2.
     `partition.schedules.custom.schedule_for` builds these and the ones a user writes.
 
     Raises:
-        PlanError: unknown name, bad sizes, or ``virtual > 1`` for a one-stage-per-rank schedule.
+        PlanError: unknown name, bad sizes, or ``virtual`` the schedule cannot place.
     """
     key = canonical_schedule(name)
     if is_custom(key):  # see [Note: a schedule a user writes]
@@ -331,42 +167,10 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual: in
         )
     if key == "interleaved":
         return interleaved_1f1b(num_ranks, num_microbatches, virtual)
-    if virtual != 1:
-        raise PlanError(
-            f"schedule {key!r} places one stage per rank, got virtual={virtual}; use "
-            f"virtual=1 or the 'interleaved' schedule"
-        )
+    if stages_per_rank(key, virtual) == 2:  # V-shaped
+        return build_v(key, num_ranks, num_microbatches)
     builder = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zero_bubble_h1}[key]
     return builder(num_ranks, num_microbatches)
-
-
-# --- communication ---------------------------------------------------------------------------
-
-
-@_bulk
-def with_communication(schedule: Schedule) -> Schedule:
-    """Insert sends and receives where a stage's neighbour lives on another rank.
-
-    A RECV goes right before the compute that needs it, a SEND right after the compute that
-    produced it. Sends are asynchronous; receives block until the matching send is issued.
-    A schedule that already has communication actions is returned unchanged.
-    """
-    if any(a.kind not in _COMPUTE for row in schedule.actions for a in row):
-        return schedule
-    rank_of, rows = schedule.stage_to_rank, []
-    for r, row in enumerate(schedule.actions):
-        out: list[Action] = []
-        for a in row:
-            fwd, s, i = a.kind is Kind.F, a.stage, a.microbatch
-            src, dst = (s - 1, s + 1) if fwd else (s + 1, s - 1)  # input from, output to
-            talks = a.kind is not Kind.W
-            if talks and 0 <= src < schedule.num_stages and rank_of(src) != r:
-                out.append(Action(s, Kind.RECV_F if fwd else Kind.RECV_B, i))
-            out.append(a)
-            if talks and 0 <= dst < schedule.num_stages and rank_of(dst) != r:
-                out.append(Action(s, Kind.SEND_F if fwd else Kind.SEND_B, i))
-        rows.append(tuple(out))
-    return dataclasses.replace(schedule, actions=tuple(rows))
 
 
 def peak_inflight(schedule: Schedule) -> list[int]:

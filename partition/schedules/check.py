@@ -67,8 +67,13 @@ def _check_structure(schedule: Schedule) -> bool:
                     schedule, r, k, f"stage must be in 0..{S - 1}, micro-batch in 0..{m - 1}"
                 )
             if rank_of(s) != r:
+                rule = (
+                    f"s % {p}"
+                    if schedule.placement == "loop"
+                    else f"V placement: rank r holds r and {2 * p - 1} - r"
+                )
                 raise _fail(
-                    schedule, r, k, f"stage {s} lives on rank {s % p} (s % {p}); move it there"
+                    schedule, r, k, f"stage {s} lives on rank {rank_of(s)} ({rule}); move it there"
                 )
             if a.kind in _PEER and not (0 <= peer < S and rank_of(peer) != r):
                 raise _fail(schedule, r, k, f"there is no stage {peer} on another rank to talk to")

@@ -7,8 +7,16 @@ micro-batches, as `Schedule.to_text` prints it and as a file holds it::
     1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3
 
 Line r is rank r; stage s runs on rank ``s % ranks`` (looping placement), so a file with
-``ranks × v`` stages is a schedule with ``v`` stages per rank. The micro-batch count is the
-largest micro-batch named + 1, and must equal the run's.
+``ranks × v`` stages is a schedule with ``v`` stages per rank. A line ``# placement: v`` (where
+`Schedule.to_text` of a V schedule puts it, first) declares the V placement instead: 2 stages
+per rank, rank r holding stages r and ``2 ranks - 1 - r`` (see [Note: placement] in
+`partition.schedules.placement`); a 2-rank ZB-V with 2 micro-batches::
+
+    # placement: v
+    0F0 0F1 3F0 3I0 3W0 3F1 3I1 3W1 0I0 0W0 0I1 0W1
+    1F0 2F0 1F1 2F1 2I0 2W0 1I0 1W0 2I1 2W1 1I1 1W1
+
+The micro-batch count is the largest micro-batch named + 1, and must equal the run's.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from partition.errors import PlanError
 from partition.schedules.actions import Action, Schedule, build_schedule, with_communication
 from partition.schedules.check import check_channel_order, validate
 from partition.schedules.names import CUSTOM_SCHEDULE, canonical_schedule, is_custom
+from partition.schedules.placement import read_placement
 
 __all__ = ["custom_schedule", "custom_virtual", "parse_custom", "schedule_for"]
 
@@ -37,12 +46,15 @@ def parse_custom(text: str) -> Schedule:
         PlanError: unreadable or unparseable, or a stage count that is not a multiple of ranks.
     """
     text = canonical_schedule(text)
-    for r, line in enumerate(text.split("\n")):
+    placement, rows = read_placement(text)
+    for r, line in enumerate(rows.split("\n")):
         for step, token in enumerate(line.split()):
             try:
                 Action.parse(token)
             except PlanError as e:
                 raise PlanError(f"the schedule file: rank {r} step {step}: {e}") from e
+    if placement == "v":
+        return _parse_v(text)
     schedule = Schedule.from_text(text, name=CUSTOM_SCHEDULE)
     if schedule.num_stages % schedule.num_ranks:
         raise PlanError(
@@ -51,6 +63,17 @@ def parse_custom(text: str) -> Schedule:
             "stage count must be a multiple of the ranks (one line per rank)"
         )
     return schedule
+
+
+def _parse_v(text: str) -> Schedule:
+    ranks = len(read_placement(text)[1].split("\n"))
+    try:
+        return Schedule.from_text(text, name=CUSTOM_SCHEDULE, num_stages=2 * ranks)
+    except PlanError as e:
+        raise PlanError(
+            f"the schedule file declares the V placement (2 stages per rank, stages 0..{2 * ranks - 1} "
+            f"on its {ranks} lines): {e}"
+        ) from e
 
 
 def custom_virtual(text: str) -> int:

@@ -5,7 +5,8 @@ What a stage holds is a fact about the schedule's action lists, so the one sourc
 schedule: `partition.schedules.actions.peak_inflight`, which the runtime's buffer pools are
 sized by too, and which the partitioner prices (`schedule_inflight`). The closed forms
 (`closed_form_inflight`, see [Note: stage memory] in `partition.memory`) equal the schedule's for
-GPipe, 1F1B and ZB-H1 (``tests/partition/test_inflight.py`` checks every p <= 8, m <= 32) and
+GPipe, 1F1B, ZB-H1, ZB-V and DualPipeV (``tests/partition/test_inflight.py`` and
+``tests/partition/test_vshape.py`` check every p <= 8, m <= 32) and
 bound interleaved's from above; they price a count the schedule cannot run (interleaved needs
 the micro-batches to be a multiple of the ranks), so the search for the fewest devices that fit
 can still compare it.
@@ -18,7 +19,7 @@ import functools
 from partition.errors import PlanError
 from partition.schedules.actions import peak_inflight
 from partition.schedules.custom import schedule_for
-from partition.schedules.names import canonical_schedule, is_custom
+from partition.schedules.names import V_SCHEDULES, canonical_schedule, is_custom
 
 __all__ = ["closed_form_inflight", "inflight_microbatches", "schedule_inflight"]
 
@@ -52,7 +53,7 @@ def inflight_microbatches(
         raise PlanError(f"stage {stage} out of range for {num_stages} stages")
     if schedule == "gpipe":
         return microbatches
-    if schedule == "1f1b":
+    if schedule == "1f1b" or schedule in V_SCHEDULES:  # V: 1F1B's count over the 2p stages
         return min(num_stages - stage, microbatches)
     if (
         schedule == "zb-h1"
@@ -70,6 +71,8 @@ def closed_form_inflight(
     schedule: str, ranks: int, microbatches: int, virtual: int = 1
 ) -> tuple[int, ...]:
     """`inflight_microbatches` of every stage; see [Note: in-flight counts come from the schedule]."""
+    if canonical_schedule(schedule) in V_SCHEDULES:
+        virtual = 2  # from the default 1, as `build_schedule` takes it
     stages = ranks * virtual
     return tuple(
         inflight_microbatches(schedule, s, stages, microbatches, virtual) for s in range(stages)

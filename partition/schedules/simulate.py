@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from partition.errors import PlanError
-from partition.schedules.actions import Action, Kind, Schedule, _bulk
+from partition.schedules.schedule import Action, Kind, Schedule, _bulk
 
 __all__ = ["SimResult", "TimelineEvent", "simulate"]
 
@@ -149,14 +149,15 @@ def simulate(
     kind = np.fromiter(map(_CODE.__getitem__, map(attrgetter("kind"), flat)), np.int64, n)
     lens = np.array([len(row) for row in schedule.actions], dtype=np.int64)
     rank = np.repeat(np.arange(p), lens)
+    home = np.array([schedule.stage_to_rank(s) for s in range(S)], dtype=np.int64)
     in_range = n == 0 or (stage.min() >= 0 and stage.max() < S and mb.min() >= 0 and mb.max() < m)
-    if not in_range or (stage % p != rank).any():
+    if not in_range or (home[stage] != rank).any():
         raise PlanError(
             f"schedule {schedule.name!r} is malformed; run validate(schedule) to see where"
         )
     explicit = bool((kind >= _SF).any())
     kind_stage = kind * S + stage
-    dep, link, ctime, waits = _wiring(stage, mb, kind_stage, explicit, c, S, m, p)
+    dep, link, ctime, waits = _wiring(stage, mb, kind_stage, explicit, c, home, m, p)
     dur = durations.ravel()[kind_stage]
     start, end, send_start, arrival = _run(dep, link, ctime, dur, lens, p, schedule)
 
@@ -175,16 +176,17 @@ def simulate(
 
 
 def _wiring(
-    stage: Ints, mb: Ints, kind_stage: Ints, explicit: bool, c: Floats, S: int, m: int, p: int
+    stage: Ints, mb: Ints, kind_stage: Ints, explicit: bool, c: Floats, home: Ints, m: int, p: int
 ) -> tuple[Ints, Ints, Floats, npt.NDArray[np.bool_]]:
     """Per action: the cross-rank action it waits for, the link it sends on, and for how long.
 
     Built from small ``[kind, stage]`` tables, then gathered per action. "None" is the
     sentinel ``n`` for ``dep`` (one past the last action) and ``2 p`` for ``link``, so that the
     clock loop needs no masks. Links are numbered ``2 r`` (rank r to r + 1) and ``2 r + 1``
-    (rank r to r - 1): one per ordered pair of ranks.
+    (rank r to r - 1): one per ordered pair of ranks. ``home`` is each stage's rank (any
+    placement whose neighbours are one rank apart, or on one rank: loop and V).
     """
-    n, home = len(stage), np.arange(S) % p
+    n, S = len(stage), len(home)
     cross_before = np.append(False, home[1:] != home[:-1])  # stage s - 1 is on another rank
     cross_after = np.append(home[:-1] != home[1:], False)  # stage s + 1 is on another rank
     to_next = (home + 1) % p

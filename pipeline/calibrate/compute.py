@@ -10,14 +10,21 @@ not the launch's.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-__all__ = ["DispatchCosts", "dispatch_costs", "elementwise_rate", "matmul_rates", "median_time"]
+__all__ = [
+    "DispatchCosts",
+    "dispatch_costs",
+    "elementwise_rate",
+    "linear_rate",
+    "matmul_rates",
+    "median_time",
+]
 
 
 def median_time(fn: Callable[[], object], device: torch.device, budget: float = 0.2) -> float:
@@ -50,6 +57,16 @@ def matmul_rates(
     return rates
 
 
+def linear_rate(device: torch.device, tokens: int, width: int) -> float:
+    """Sustained FLOP/s of training a linear layer ``width -> 4 width`` on ``tokens`` rows: its
+    forward and backward, three matmuls of which two read a transposed operand, as a
+    transformer's MLP runs them (a square matmul in cache runs faster than that)."""
+    layer = torch.nn.Linear(width, 4 * width, device=device)
+    x = torch.randn(tokens, width, device=device, requires_grad=True)
+    flops = 3 * 2.0 * tokens * width * 4 * width
+    return flops / median_time(lambda: layer(x).sum().backward(), device)
+
+
 def elementwise_rate(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> float:
     """Bytes per second an elementwise op moves (one read and one write of ``numel`` elements):
     what a memory-bound node (activation, norm, add) runs at."""
@@ -63,41 +80,93 @@ class DispatchCosts:
 
     def __init__(self, forward: float, backward: float, action: float) -> None:
         self.forward = forward
-        """Seconds of a forward node on a tensor so small that its kernel costs nothing."""
+        """Seconds of a forward operation on tensors so small that its kernel costs nothing; see
+        [Note: fixed cost per operation]."""
         self.backward = backward
         """Seconds of that node's backward."""
         self.action = action
         """Seconds of one forward-and-backward action on top of its nodes (autograd's set-up)."""
 
 
-class _Chain(nn.Module):
-    def __init__(self, length: int) -> None:
-        super().__init__()
-        self.length = length
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.length):
-            x = x * 1.0001
-        return x
+_SMALL: dict[str, int] = dict(vocab_size=32, block_size=32, n_head=4, n_embd=32, batch=2)
 
 
-def dispatch_costs(device: torch.device, length: int = 200) -> DispatchCosts:
-    """The fixed costs of `DispatchCosts`, from chains of ``length`` and of 1 tiny ops, forward
-    alone and forward with backward: a long chain's time over its length is the cost per node;
-    what a one-node chain costs beyond one node is the action's."""
-    x = torch.ones(1, device=device, requires_grad=True)
-    long, short = _Chain(length), _Chain(1)
+def _tiny_gpt(blocks: int, device: torch.device) -> tuple[Callable[[], torch.Tensor], float]:
+    """The bundled GPT at `_SMALL`'s size with ``blocks`` blocks: a forward (and its loss) to
+    time, and the operations pipepart's cost model counts in it (`LinearGraph.dispatched`)."""
+    from partition.models.examples import GPTConfig, gpt
+    from partition.planning.analysis import analyze
 
-    def forward(chain: nn.Module) -> float:
-        with torch.no_grad():
-            return median_time(lambda: chain(x), device)
+    config = GPTConfig(
+        vocab_size=_SMALL["vocab_size"],
+        block_size=_SMALL["block_size"],
+        n_layer=blocks,
+        n_head=_SMALL["n_head"],
+        n_embd=_SMALL["n_embd"],
+    )
+    model, args, loss_fn = gpt(config, batch=_SMALL["batch"], seq=_SMALL["block_size"])
+    ops = float(analyze(model, args, microbatches=1).graph.dispatched.sum())
+    model = model.to(device)
+    x = args[0].to(device)
+    target = torch.randint(0, _SMALL["vocab_size"], x.shape, device=device)
+    return lambda: loss_fn(model(x), target), ops
 
-    def both(chain: nn.Module) -> float:
-        return median_time(lambda: chain(x).backward(), device)
 
-    fwd_long, both_long = forward(long), both(long)
-    fwd_short, both_short = forward(short), both(short)
-    per_forward = max(fwd_long - fwd_short, 0.0) / (length - 1)
-    per_backward = max(both_long - both_short - (fwd_long - fwd_short), 0.0) / (length - 1)
-    action = max(both_short - per_forward - per_backward, 0.0)
-    return DispatchCosts(per_forward, per_backward, action)
+def dispatch_costs(
+    device: torch.device, blocks: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 1
+) -> DispatchCosts:
+    """The fixed costs of `DispatchCosts`, on a transformer's mix of operations.
+
+    [Note: fixed cost per operation]
+    What an operation costs whatever its size depends on the operation: a multiply of one
+    element costs a few microseconds of dispatch on a CPU, a linear layer, a layer norm or a
+    softmax several times that, attention tens of microseconds. The cost model charges one
+    figure per operation, so it is measured on the operations of the models pipepart plans:
+    the bundled GPT at width 32 over 2 x 32 tokens (`_SMALL`), where FLOPs cost next to nothing
+    and tensors are small but not trivial (an operation's fixed cost grows with its tensors: a
+    40 % less at width 8 over 8 tokens, 40 % more over 128), with each count of ``blocks``
+    (linear layers, layer norms, attention, GELU, views, adds). A least-squares line
+    through (operations, seconds) gives the cost per operation, forward and backward (with
+    autograd), as its slope; its intercept beyond the operations (the engine's start, the loss)
+    is the action's. A model of other operations (convolutions, lookups) pays other fixed
+    costs; `partition.profile` measures a model's own nodes instead. Each model is timed
+    ``repeats`` times, in turn, and keeps its least time (see [Note: calibrating a shared
+    machine] in `pipeline.calibrate.machine`).
+    """
+    models = [_tiny_gpt(b, device) for b in blocks]
+    ops = [count for _, count in models]
+    fwd, bwd = [math.inf] * len(models), [math.inf] * len(models)
+    for _ in range(max(repeats, 1)):
+        for i, (run, _) in enumerate(models):
+            forward, backward = _forward_backward(run, device)
+            fwd[i], bwd[i] = min(fwd[i], forward), min(bwd[i], backward)
+    fit_forward, fit_backward = _line(ops, fwd), _line(ops, bwd)
+    per_forward, per_backward = max(fit_forward[1], 0.0), max(fit_backward[1], 0.0)
+    return DispatchCosts(per_forward, per_backward, max(fit_forward[0] + fit_backward[0], 0.0))
+
+
+def _forward_backward(
+    run: Callable[[], torch.Tensor], device: torch.device, budget: float = 0.3
+) -> tuple[float, float]:
+    """Median seconds of ``run()`` and of its backward, timed in the same repeats."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run().backward()
+    forward: list[float] = []
+    backward: list[float] = []
+    deadline = time.perf_counter() + budget
+    while len(forward) < 5 or (time.perf_counter() < deadline and len(forward) < 1000):
+        start = time.perf_counter()
+        loss = run()
+        sync()
+        middle = time.perf_counter()
+        loss.backward()
+        sync()
+        forward.append(middle - start)
+        backward.append(time.perf_counter() - middle)
+    return statistics.median(forward), statistics.median(backward)
+
+
+def _line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """``(intercept, slope)`` of the least-squares line through the points."""
+    slope, intercept = statistics.linear_regression(x, y)
+    return intercept, slope

@@ -23,6 +23,9 @@ in `pipeline.checkpoint.store`). `load_checkpoint` restores it under any split, 
 size: each rank asks DCP for the names its own stages hold (DCP reads by key, which is why it is
 used; what DCP cannot promise is in [Note: nothing from a file runs]). `save_checkpoint_async`
 saves in a background thread (see [Note: asynchronous save] in `pipeline.checkpoint.write`).
+With replicas (``dp > 1``) replica 0 writes one copy and every replica joins the save and learns
+its outcome; any ``dp`` loads it (see [Note: one copy across replicas] in
+`pipeline.checkpoint.replicas`).
 `export_checkpoint` writes the whole model's ``state_dict`` as one safetensors file.
 """
 
@@ -39,6 +42,7 @@ import torch
 from torch import Tensor
 
 from partition.errors import CheckpointError
+from pipeline.checkpoint.replicas import gather_replicas, place
 from pipeline.checkpoint.state import (
     Checkpointable,
     check_index,
@@ -47,6 +51,7 @@ from pipeline.checkpoint.state import (
     optimizer_reads,
     rank_tensors,
     restore_rng,
+    rng_label,
 )
 from pipeline.checkpoint.store import (
     MANIFEST,
@@ -58,7 +63,13 @@ from pipeline.checkpoint.store import (
     read_json,
     resolve,
 )
-from pipeline.checkpoint.write import PendingCheckpoint, snapshot, start, wait_pending, write
+from pipeline.checkpoint.write import (
+    PendingCheckpoint,
+    snapshot,
+    start,
+    wait_pending,
+    write_once,
+)
 from pipeline.runtime.finite import nonfinite_names
 
 __all__ = [
@@ -89,7 +100,8 @@ class CheckpointInfo:
     skipped: tuple[tuple[Path, str], ...] = ()
     """Newer checkpoints under the root that were not complete, and why."""
     rng_restored: bool = False
-    """Whether this rank's RNG states were restored (only under the saved world size)."""
+    """Whether this rank's RNG states were restored (only under the saved world size, in a
+    replica that was saved)."""
     nonfinite: tuple[str, ...] = ()
     """This rank's parameters and buffers that the checkpoint gave a NaN or inf (a save of a
     run that had diverged, by a pipepart that published such saves); logged as a warning."""
@@ -131,17 +143,17 @@ def save_checkpoint(
         The published directory (on every rank, once it is published).
 
     Raises:
-        CheckpointError: bad arguments or replicas (``dp > 1``), before any collective; a
-            rank's weights are not finite (a checkpoint of them is never published: [Note:
-            non-finite steps] in `pipeline.runtime.finite`); another job holds ``root`` (rank 0 holds it for the
-            pipeline's lifetime from the first save: [Note: one job per folder] in
+        CheckpointError: bad arguments, before any collective; a rank's weights (in any
+            replica) are not finite (a checkpoint of them is never published: [Note:
+            non-finite steps] in `pipeline.runtime.finite`); another job holds ``root`` (rank 0
+            holds it for the pipeline's lifetime from the first save: [Note: one job per folder] in
             `pipeline.checkpoint.lock`); or a rank failed to write its part. Raised on every
             rank, naming it; nothing is then published and the ``.tmp-`` folder is removed.
     """
     meta = _meta(data_position, extra, keep)
-    _one_replica(pipe)
     wait_pending(pipe)
-    return write(snapshot(pipe, meta, copy_tensors=False), Path(root), keep, pipe.group, pipe)
+    snap = _snapshot(pipe, meta, copy_tensors=False)
+    return write_once(pipe, snap, Path(root), keep, (pipe.group, place(pipe).group))
 
 
 def save_checkpoint_async(
@@ -158,20 +170,18 @@ def save_checkpoint_async(
     pipeline's checkpoint group (a collective of its ranks too). Call ``.wait()`` before the
     process group is destroyed; a failure is raised there, or by the next save or load."""
     meta = _meta(data_position, extra, keep)
-    _one_replica(pipe)
     wait_pending(pipe)
-    return start(pipe, snapshot(pipe, meta, copy_tensors=True), Path(root), keep)
+    return start(pipe, _snapshot(pipe, meta, copy_tensors=True), Path(root), keep)
 
 
-def _one_replica(pipe: Checkpointable) -> None:
-    """Raise `CheckpointError` (on every rank, before any collective) for a pipeline with
-    replicas: every replica would write the same files."""
-    dp = getattr(pipe, "dp", 1)
-    if dp > 1:
-        raise CheckpointError(
-            f"saving a pipeline with {dp} replicas (dp={dp}) is not supported yet: every replica "
-            "would write the same stage files; train one pipeline (dp=1) to checkpoint"
-        )
+def _snapshot(pipe: Checkpointable, meta: dict[str, Any], *, copy_tensors: bool) -> Any:
+    """What this rank writes (a `pipeline.checkpoint.write.Snapshot`), or None on a replica
+    other than the first, which writes nothing; a collective over the dp group with replicas
+    (see [Note: one copy across replicas] in `pipeline.checkpoint.replicas`)."""
+    others = gather_replicas(pipe)
+    if place(pipe).replica > 0:
+        return None
+    return snapshot(pipe, meta, copy_tensors=copy_tensors, replicas=others)
 
 
 # --- load --------------------------------------------------------------------------------------
@@ -209,10 +219,11 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
     if pipe.optimizer is not None and build is None:
         log.warning("%s holds no optimizer state: the optimizer starts afresh", path)
     state.update(optim_tensors)
-    same_world = manifest["world_size"] == pipe.world_size
-    if same_world:
+    label = rng_label(pipe.rank, place(pipe).replica)  # this rank of this replica's stream
+    own_rng = manifest["world_size"] == pipe.world_size and f"rng/{label}/cpu" in index
+    if own_rng:
         for key, md in index.items():
-            if key.startswith(f"rng/{pipe.rank}/"):
+            if key.startswith(f"rng/{label}/"):
                 state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     load_tensors(state, path, metadata, pipe.group)
 
@@ -221,8 +232,8 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
     source = parts[pipe.rank] if pipe.rank < len(parts) else parts[0]
     if pipe.lr_scheduler is not None and source.get("scheduler") is not None:
         pipe.lr_scheduler.load_state_dict(source["scheduler"])
-    if same_world:
-        restore_rng(state, pipe.rank)
+    if own_rng:
+        restore_rng(state, label)
     pipe.steps_done = int(manifest["step"])
     log.info("loaded %s (step %d) on rank %d", path, pipe.steps_done, pipe.rank)
     bad = nonfinite_names((key, t) for key, (t, _) in local.items())
@@ -241,7 +252,7 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
         data_position=int(manifest["data_position"]),
         extra=dict(manifest["extra"]),
         skipped=tuple(skipped),
-        rng_restored=same_world,
+        rng_restored=own_rng,
         nonfinite=tuple(bad),
     )
 

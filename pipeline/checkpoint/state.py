@@ -10,7 +10,9 @@ other names are recorded as aliases; loading the key writes every name, since th
 tensor. Copies of a tied weight on two ranks are bit-equal, and DCP keeps one of a key that
 several ranks save. Optimizer state is keyed by the parameter's key, never by index (indices
 restart on every rank); hyper-parameters and non-tensor state go to JSON. RNG states are per rank
-and restored only under the saved world size (another split draws its dropout masks elsewhere).
+and restored only under the saved world size (another split draws its dropout masks elsewhere);
+with replicas, rank ``r`` of replica ``q > 0`` is ``rng/<r>.<q>/<device>`` (see [Note: one copy
+across replicas] in `pipeline.checkpoint.replicas`).
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def check_index(path: Path, manifest: dict[str, Any], parts: list[Any], index: A
                 for name, kind in names.items()
                 if kind == "tensor"
             ]
-        wanted += [f"rng/{r}/cpu" for r in range(len(parts))]
+        replicas = range(int(manifest.get("dp", 1)))  # see pipeline.checkpoint.replicas
+        wanted += [f"rng/{rng_label(r, q)}/cpu" for q in replicas for r in range(len(parts))]
     except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"{path}: a rank's part is malformed ({type(e).__name__}: {e})"
@@ -243,8 +246,16 @@ def optimizer_reads(
     return tensors, build
 
 
-def rng_state(rank: int) -> dict[str, Tensor]:
-    """This process's RNG states (CPU, and every CUDA device once CUDA is in use)."""
+def rng_label(rank: int, replica: int) -> str:
+    """The part of an RNG state's key (``rng/<label>/<device>``) naming pipeline rank ``rank``
+    of replica ``replica``: ``"3"`` in replica 0 (as a single pipeline's), ``"3.1"`` in
+    replica 1; see [Note: checkpoint keys]."""
+    return str(rank) if replica == 0 else f"{rank}.{replica}"
+
+
+def rng_state(rank: int | str) -> dict[str, Tensor]:
+    """This process's RNG states (CPU, and every CUDA device once CUDA is in use), keyed by
+    ``rank`` (a pipeline rank, or an `rng_label`)."""
     out = {f"rng/{rank}/cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -256,8 +267,8 @@ def _device(key: str) -> int:
     return int(key.rsplit(":", 1)[1])
 
 
-def restore_rng(state: dict[str, Tensor], rank: int) -> None:
-    """Set this process's RNG states from what `rng_state` saved on rank ``rank``."""
+def restore_rng(state: dict[str, Tensor], rank: int | str) -> None:
+    """Set this process's RNG states from what `rng_state` saved as ``rank``."""
     torch.set_rng_state(state[f"rng/{rank}/cpu"])
     prefix = f"rng/{rank}/cuda:"
     cuda = [state[k] for k in sorted((k for k in state if k.startswith(prefix)), key=_device)]

@@ -15,10 +15,12 @@ pipeline is in flight at a time: a new save or a load first waits for the previo
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import shutil
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from partition.errors import CheckpointError
 from pipeline.checkpoint.lock import hold_folder
+from pipeline.checkpoint.replicas import FromReplicas, agree, place
 from pipeline.checkpoint.state import (
     Checkpointable,
     model_identity,
@@ -69,17 +72,27 @@ class Snapshot:
     manifest: dict[str, Any]
     rank: int
     world: int
+    elsewhere: tuple[int, int, str] | None = None
+    """``(replica, how many, the first)`` of another replica's weights that are not finite."""
 
 
-def snapshot(pipe: Checkpointable, meta: dict[str, Any], *, copy_tensors: bool) -> Snapshot:
+def snapshot(
+    pipe: Checkpointable,
+    meta: dict[str, Any],
+    *,
+    copy_tensors: bool,
+    replicas: FromReplicas | None = None,
+) -> Snapshot:
     """This rank's state now; with ``copy_tensors``, copied to host memory (see
-    [Note: asynchronous save]), else the live tensors (written before training goes on)."""
+    [Note: asynchronous save]), else the live tensors (written before training goes on). With
+    replicas, what replica 0's rank learnt of its peers (`gather_replicas`) goes in too."""
     local = rank_tensors(pipe)
     key_of = {id(t): key for key, (t, _) in local.items()}
     tensors = {f"model/{key}": t.detach() for key, (t, _) in local.items()}
     optim_tensors, optim_json = optimizer_state(pipe.optimizer, key_of)
     tensors.update(optim_tensors)
     tensors.update(rng_state(pipe.rank))
+    tensors.update(replicas.rng if replicas is not None else {})
     scheduler = pipe.lr_scheduler.state_dict() if pipe.lr_scheduler is not None else None
     part = {
         "rank": pipe.rank,
@@ -98,6 +111,7 @@ def snapshot(pipe: Checkpointable, meta: dict[str, Any], *, copy_tensors: bool) 
         "step": pipe.steps_done,
         **meta,
         "world_size": pipe.world_size,
+        "dp": place(pipe).dp,  # the replicas whose RNG states it holds
         "schedule": pipe.schedule.name,
         "microbatches": pipe.num_microbatches,
         "stage_bounds": [sum(sizes[:i]) for i in range(len(sizes) + 1)],
@@ -105,7 +119,8 @@ def snapshot(pipe: Checkpointable, meta: dict[str, Any], *, copy_tensors: bool) 
         "model": model_identity(pipe),
         "plan": pipe.plan.to_dict() if pipe.plan is not None else None,
     }
-    return Snapshot(tensors, part, manifest, pipe.rank, pipe.world_size)
+    elsewhere = replicas.nonfinite if replicas is not None else None
+    return Snapshot(tensors, part, manifest, pipe.rank, pipe.world_size, elsewhere)
 
 
 def _all_ok(group: Any, world: int, error: str, what: str) -> list[Any]:
@@ -126,12 +141,17 @@ def _prepare(snap: Snapshot, root: Path, tmp: Path, owner: object | None) -> tup
         (k.removeprefix("model/"), t) for k, t in snap.tensors.items() if k.startswith("model/")
     )
     bad = nonfinite_names(model)
-    if bad:  # see [Note: complete or absent] in pipeline.checkpoint.store
+    count, first, whose = len(bad), bad[0] if bad else "", ""
+    if not bad and snap.elsewhere is not None:  # see pipeline.checkpoint.replicas
+        replica, count, first = snap.elsewhere
+        whose = f" of replica {replica}"
+    if count:  # see [Note: complete or absent] in pipeline.checkpoint.store
         return (
-            f"not saving {root / step_name(snap.manifest['step'])}: {len(bad)} weight tensor(s) "
-            f"are not finite, the first {bad[0]!r}; a checkpoint of them would pass as complete "
-            "(and --keep could delete the last good one), so the checkpoints already there stay "
-            "as they are: resume from the newest with a lower --lr, --clip, or --on-nonfinite skip"
+            f"not saving {root / step_name(snap.manifest['step'])}: {count} weight tensor(s)"
+            f"{whose} are not finite, the first {first!r}; a checkpoint of them would pass as "
+            "complete (and --keep could delete the last good one), so the checkpoints already "
+            "there stay as they are: resume from the newest with a lower --lr, --clip, or "
+            "--on-nonfinite skip"
         ), False
     if snap.rank != 0:
         return "", False
@@ -222,27 +242,25 @@ def _publish(
 # --- in the background -------------------------------------------------------------------------
 
 _PENDING: weakref.WeakKeyDictionary[Any, PendingCheckpoint] = weakref.WeakKeyDictionary()
-_GROUPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_GROUPS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+"""A pipeline -> its checkpoint groups: its own ranks, and (with replicas) its dp peers."""
 
 
 class PendingCheckpoint:
     """A save running in a background thread; `wait` for its directory."""
 
-    def __init__(
-        self, snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object = None
-    ) -> None:
+    def __init__(self, job: Callable[[], Path]) -> None:
+        """``job``: the save (`write_once`), run in the thread."""
         self._path: Path | None = None
         self._error: BaseException | None = None
         self.reported = False
         """Whether `wait` has given its outcome to the caller."""
-        self._thread = threading.Thread(
-            target=self._run, args=(snap, root, keep, group, owner), name="pipepart-checkpoint"
-        )
+        self._thread = threading.Thread(target=self._run, args=(job,), name="pipepart-checkpoint")
         self._thread.start()
 
-    def _run(self, snap: Snapshot, root: Path, keep: int | None, group: Any, owner: object) -> None:
+    def _run(self, job: Callable[[], Path]) -> None:
         try:
-            self._path = write(snap, root, keep, group, owner)
+            self._path = job()
         except BaseException as e:  # handed to wait(), in the caller's thread
             self._error = e
 
@@ -273,17 +291,52 @@ def wait_pending(pipe: Checkpointable) -> None:
         pending.wait()
 
 
-def start(pipe: Checkpointable, snap: Snapshot, root: Path, keep: int | None) -> PendingCheckpoint:
-    """Write ``snap`` in the background, over the pipeline's own checkpoint group."""
-    group = _GROUPS.get(pipe)
-    if group is None:  # the pipeline's ranks only, in the same order on each
-        world = dist.get_world_size(pipe.group)
-        ranks = [
-            dist.get_global_rank(pipe.group, r) if pipe.group is not None else r
-            for r in range(world)
-        ]
-        group = _GROUPS[pipe] = dist.new_group(
-            ranks, backend="gloo", use_local_synchronization=True
-        )
-    pending = _PENDING[pipe] = PendingCheckpoint(snap, root, keep, group, owner=pipe)
+def write_once(
+    pipe: Checkpointable,
+    snap: Snapshot | None,
+    root: Path,
+    keep: int | None,
+    groups: tuple[Any, Any],
+) -> Path:
+    """`write` ``snap`` on replica 0 (None on the others) over ``groups[0]``, its outcome handed
+    to every replica over ``groups[1]``; see [Note: one copy across replicas] in
+    `pipeline.checkpoint.replicas`."""
+    job = None if snap is None else functools.partial(write, snap, root, keep, groups[0], pipe)
+    return agree(place(pipe), groups[1], job)
+
+
+def start(
+    pipe: Checkpointable, snap: Snapshot | None, root: Path, keep: int | None
+) -> PendingCheckpoint:
+    """`write_once` in the background, over the pipeline's own checkpoint groups."""
+    groups = _GROUPS.get(pipe)
+    if groups is None:
+        groups = _GROUPS[pipe] = _checkpoint_groups(pipe)
+    job = functools.partial(write_once, pipe, snap, root, keep, groups)
+    pending = _PENDING[pipe] = PendingCheckpoint(job)
     return pending
+
+
+def _checkpoint_groups(pipe: Checkpointable) -> tuple[Any, Any]:
+    """Gloo groups of the pipeline's ranks and of its dp peers, for a save in the background
+    (its collectives must not interleave with the training's on the pipeline's own groups)."""
+    where = place(pipe)
+    if where.dp == 1:  # the pipeline's ranks only, in the same order on each
+        ranks = dist.get_process_group_ranks(pipe.group) if pipe.group is not None else None
+        ranks = ranks or list(range(dist.get_world_size()))
+        return dist.new_group(ranks, backend="gloo", use_local_synchronization=True), None
+    mesh = pipe.replicas.mesh  # type: ignore[attr-defined]
+    table = [[int(r) for r in row] for row in mesh.mesh.tolist()]
+    if sum(map(len, table)) != dist.get_world_size():
+        raise CheckpointError(
+            "save_checkpoint_async of replicas on a mesh over part of the world is not "
+            "supported (its groups are made by every rank of the world); use save_checkpoint"
+        )
+    me = dist.get_rank()
+    mine: list[Any] = [None, None]
+    for axis, lines in enumerate((table, [list(col) for col in zip(*table, strict=True)])):
+        for line in lines:  # every rank makes every group, in the same order
+            made = dist.new_group(line, backend="gloo")
+            if me in line:
+                mine[axis] = made
+    return mine[0], mine[1]

@@ -12,12 +12,14 @@ from pipeline.cli.flags import add_command, console
 
 __all__ = ["register"]
 
-_EPILOG = """Measures, on this machine: matmul throughput at a few sizes and elementwise throughput
-(with --threads CPU threads: 1, as each rank of `pipepart run` uses), the fixed cost of a traced
-node and of a forward-and-backward action, and the point-to-point latency and bandwidth between
-two ranks on the backend in use (gloo, or nccl with two GPUs). Writes a device spec that every
-command taking --device-spec reads as @FILE, with overrides after it (@FILE,mem=8GiB). The
-presets (cpu, h100, ...) are published figures, not measurements. Under a minute on a CPU.
+_EPILOG = """Measures, on this machine: matmul throughput (square, and a training linear layer)
+and elementwise throughput (with --threads CPU threads: 1, as each rank of `pipepart run` uses),
+the fixed cost of an operation and of a forward-and-backward action, an optimizer step (SGD) and
+the fixed work of a training step, and between two ranks on the backend in use (gloo, or nccl
+with two GPUs) the point-to-point latency and bandwidth, each rank's cost per message and the
+step's all-reduce. Writes a device spec that every command taking --device-spec reads as @FILE,
+with overrides after it (@FILE,mem=8GiB). The presets (cpu, h100, ...) are published figures,
+not measurements. Under a minute on a CPU.
 
 examples:
   pipepart calibrate --out calib.json
@@ -67,7 +69,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     out.print(f"[bold]{d.name}[/] measured in {result.seconds:.1f} s, written to {path}")
     rows = [
         ("memory", format_size(d.memory)),
-        ("matmul (largest)", f"{d.flops / 1e9:.1f} GFLOP/s"),
+        ("training matmul", f"{d.flops / 1e9:.1f} GFLOP/s"),
         *[
             (f"  matmul {n}", f"{r / 1e9:.1f} GFLOP/s")
             for n, r in result.measured["matmul_flops"].items()
@@ -76,6 +78,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ("per node, forward", format_time(d.dispatch_forward)),
         ("per node, backward", format_time(d.dispatch_backward)),
         ("per action", format_time(d.action_overhead)),
+        ("per message", format_time(d.message_overhead)),
+        ("per step", format_time(d.step_overhead)),
+        ("optimizer update", f"{d.update_rate / 1e9:.2f} GB/s"),
         ("link latency", format_time(d.latency)),
         ("link bandwidth", f"{d.bandwidth / 1e9:.2f} GB/s"),
     ]

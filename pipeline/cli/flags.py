@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from partition.algorithms.problem import OBJECTIVES
 from partition.devices import Device, parse_devices
 from partition.errors import PlanError
 from partition.memory import OPTIMIZER_STATES, MemoryModel
@@ -171,7 +172,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -
         "--virtual",
         type=int,
         default=_PLAN.virtual,
-        help="stages per device for the interleaved schedule",
+        help="stages per device for the interleaved schedule (zb-v and dualpipev: 2, set for you)",
     )
     parser.add_argument(
         "--optimizer",
@@ -210,6 +211,13 @@ def add_algorithm_argument(parser: argparse.ArgumentParser) -> None:
         choices=ALGORITHMS,
         help=f"partitioner (default {_PLAN.algorithm})",
     )
+    parser.add_argument(
+        "--objective",
+        default=None,
+        choices=OBJECTIVES,
+        help="what the optimal partitioner minimises: the slowest stage (bottleneck), or the "
+        f"schedule's predicted step (step; the default of --auto); default {_PLAN.objective}",
+    )
 
 
 def devices(args: argparse.Namespace, count: int | None = None) -> list[Device]:
@@ -230,6 +238,7 @@ _PLAN_FLAGS = {  # a `PlanOptions` field: the flag that sets it
     "microbatches": "microbatches",
     "virtual": "virtual",
     "algorithm": "algorithm",
+    "objective": "objective",
     "cuts": "cuts",
     "method": "trace",
     "leaf_modules": "leaf",
@@ -248,6 +257,8 @@ def plan_options(args: argparse.Namespace, **given: Any) -> PlanOptions:
         return {field: value for field, value in values.items() if value is not None}
 
     fields = flags(_PLAN_FLAGS)
+    if fields.get("schedule") == "auto":  # --schedule auto: the search picks it (pipeline.cli.auto)
+        del fields["schedule"]
     if "memory" not in given:
         fields["memory"] = MemoryModel(**flags(_MEMORY_FLAGS))
     return PlanOptions(**{**fields, **given})
@@ -279,8 +290,11 @@ def make_plan(
 
 
 def schedule_argument(value: str) -> str:
-    """``--schedule``: a name, or ``@FILE`` read now (its text, canonical), so that a bad name
-    or file fails before anything is traced; see [Note: a schedule a user writes]."""
+    """``--schedule``: a name, ``auto`` (``plan`` searches it), or ``@FILE`` read now (its text,
+    canonical), so that a bad name or file fails before anything is traced; see
+    [Note: a schedule a user writes]."""
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
         return canonical_schedule(value)
     except PlanError as e:

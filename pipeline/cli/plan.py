@@ -10,9 +10,11 @@ from partition.idle import devices_note
 from partition.memory import REDUCTIONS, replicated_memory
 from partition.plan import Plan
 from partition.planning.bubble import bubble_note
+from partition.planning.replicas import predict_reduction
 from partition.schedules.names import schedule_label
 from partition.schedules.simulate import SimResult
 from partition.units import format_size, format_time
+from pipeline.cli.auto import add_auto_arguments, auto_table, make_auto_plan, wants_auto
 from pipeline.cli.flags import (
     add_algorithm_argument,
     add_command,
@@ -42,6 +44,7 @@ _EPILOG_PLAN = """examples:
   pipepart plan gpt --size 1b --device-spec "h100;h100;a100-40;a100-40" --out plan.json
   pipepart plan mypkg.models:build --devices 2 --device-spec "mem=16GiB,tflops=100,bw=25GB/s" --json
   pipepart plan gpt --size 1b --devices 4 --device-spec a100-40 --dp 8    # memory per device, DDP vs FSDP
+  pipepart plan gpt --size 1b --device-spec h100 --auto --max-devices 8 --global-batch 32
 """
 
 _EPILOG_SIMULATE = """examples:
@@ -64,6 +67,7 @@ def plan_table(plan: Plan, title: str | None = None) -> Any:
     table = Table(
         title=title
         or f"{plan.model.class_name} · {schedule_label(plan.schedule)} · {plan.microbatches} micro-batches · {plan.algorithm}"
+        + (" · step objective" if plan.objective == "step" else "")
     )
     for column, justify in [
         ("stage", "right"),
@@ -115,6 +119,8 @@ def replicas_memory(plan: Plan, dp: int) -> dict[str, Any]:
         per[reduction] = [
             replicated_memory(s.memory, s.param_bytes, dp, reduction) for s in plan.stages
         ]
+    reduce = predict_reduction(plan, dp)  # see partition.planning.replicas
+    per["reduce"] = {**reduce.to_dict(), "step_time": plan.step_time + reduce.exposed}
     return per
 
 
@@ -123,7 +129,7 @@ def _replica_ranks(plan: Plan, dp: int) -> list[list[int]]:
     replica ``r``'s pipeline rank ``p`` is global rank ``r * ranks + p`` (see [Note: the (dp, pp)
     mesh] in `pipeline.parallel.mesh`)."""
     ranks = plan.num_ranks
-    return [[r * ranks + s.index % ranks for r in range(dp)] for s in plan.stages]
+    return [[r * ranks + plan.stage_rank(s.index) for r in range(dp)] for s in plan.stages]
 
 
 def replicas_table(plan: Plan, dp: int) -> Any:
@@ -133,9 +139,10 @@ def replicas_table(plan: Plan, dp: int) -> Any:
     table = Table(
         title=f"memory per device with {dp} replicas of the pipeline ({plan.num_ranks * dp} devices)"
     )
-    for column in ("stage", "ranks", "device", "one pipeline", *REDUCTIONS, "capacity"):
+    for column in ("stage", "ranks", "device", "one pipeline", *REDUCTIONS, "capacity", "reduce"):
         table.add_column(column, justify="right")
     per = replicas_memory(plan, dp)
+    reduce = per["reduce"]
     for k, stage in enumerate(plan.stages):
         cells = [format_size(per[r][k]) for r in REDUCTIONS]
         table.add_row(
@@ -148,10 +155,14 @@ def replicas_table(plan: Plan, dp: int) -> Any:
                 for c, r in zip(cells, REDUCTIONS, strict=True)
             ),
             format_size(stage.capacity),
+            format_time(reduce["stage_time"][k]),
         )
     table.caption = (
-        "ranks: the global rank of the stage in each replica; see [Note: memory with replicas] "
-        "in partition.memory"
+        f"predicted step {format_time(reduce['step_time'])}: the gradient all-reduce adds "
+        f"{format_time(reduce['exposed'])} not hidden by the backward (reduce: a stage's "
+        "gradients, ring all-reduce in 25 MB buckets over its link; see [Note: predicting the "
+        "reduction over replicas] in partition.planning.replicas). ranks: the global rank of "
+        "the stage in each replica; see [Note: memory with replicas] in partition.memory"
     )
     return table
 
@@ -171,7 +182,10 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     options = plan_options(args)
     with progress(not args.json) as report:
-        plan = make_plan(args, options, devices(args), report)
+        if wants_auto(args):  # --auto, --schedule auto: pipeline.cli.auto
+            plan = make_auto_plan(args, options, report)
+        else:
+            plan = make_plan(args, options, devices(args), report)
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -182,6 +196,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         out = console()
         out.print(plan_table(plan))
+        if plan.auto is not None:
+            out.print(auto_table(plan))
         if args.dp > 1:
             out.print(replicas_table(plan, args.dp))
         if args.out:
@@ -195,6 +211,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(plan_summary(plan)))
     else:
         console().print(plan_table(plan))
+        if plan.auto is not None:
+            console().print(auto_table(plan))
     return 0
 
 
@@ -271,7 +289,7 @@ def _simulation_table(plan: Plan, result: SimResult, png: str | None, title: str
         table.add_column(column, justify="right")
     stages_of: dict[int, list[int]] = {}
     for stage in plan.stages:
-        stages_of.setdefault(stage.index % plan.num_ranks, []).append(stage.index)
+        stages_of.setdefault(plan.stage_rank(stage.index), []).append(stage.index)
     peak_bytes = result.peak_activation_bytes or [0] * plan.num_stages
     for rank, busy in enumerate(result.busy_time):
         mine = stages_of.get(rank, [])
@@ -303,6 +321,7 @@ def register(sub: Any) -> None:
     add_plan_arguments(plan)
     add_algorithm_argument(plan)
     add_cuts_argument(plan)
+    add_auto_arguments(plan)
     plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
     plan.add_argument(
         "--dp",

@@ -44,7 +44,8 @@ micro-batches, and fails (exit code 1) when a loss, gradient, parameter or buffe
 than --check-tol (relative) or is not finite.
 
 --pp P --dp D trains D replicas of a P-rank pipeline (--ranks P*D): each replica reads its own
-shard of the batch, and the gradients are averaged over the replicas once per optimizer step;
+shard of the batch, and the gradients are averaged over the replicas once per optimizer step
+(--dp-reduce fsdp shards weights, gradients and optimizer state over the replicas);
 --accumulate K adds K steps' gradients before each optimizer step. The batch (--batch) is the
 global one: K*D shards of --microbatches micro-batches each, and --check trains one process on
 all of it.
@@ -52,6 +53,7 @@ all of it.
 examples:
   pipepart run gpt --ranks 2 --steps 3 --check
   pipepart run gpt --ranks 4 --pp 2 --dp 2 --accumulate 2 --batch 16 --check
+  pipepart run gpt --ranks 4 --pp 2 --dp 2 --dp-reduce fsdp --check
   pipepart run gpt --ranks 4 --schedule interleaved --virtual 2 --microbatches 8 --json
   pipepart run gpt --ranks 2 --plan plan.json --steps 10 --png run.png
   pipepart run gpt --ranks 2 --steps 100 --checkpoint-dir ckpt --checkpoint-every 10 --restarts 2
@@ -101,13 +103,12 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
     if args.cuts == "markers":
         plan = _marker_plan(args, schedule, microbatches)
         schedule = microbatches = planning = None  # the plan's
-    if args.dp_reduce == "fsdp":
-        raise InputError(
-            "--dp-reduce fsdp (parameters, gradients and optimizer state sharded over the "
-            "replicas) is not built yet; use --dp-reduce ddp (replicated weights, all-reduced "
-            "gradients), and `pipepart plan --dp D` to see what FSDP would save per device"
-        )
     pp, dp = _pp_dp(args)
+    if args.dp_reduce == "fsdp" and (dp or 1) > 1 and args.checkpoint_dir is not None:
+        raise InputError(
+            f"checkpoints of stages sharded over {dp} replicas (--dp-reduce fsdp) are not "
+            "supported yet; leave out --checkpoint-dir, or use --dp-reduce ddp"
+        )
     options = RunOptions(
         ranks=args.ranks,
         pp=pp,
@@ -135,6 +136,7 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
             weights=args.weights,
             checkpoint=args.checkpoint,
             dp=dp,
+            dp_reduce=args.dp_reduce,
         ),
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -223,7 +225,9 @@ def _add_mesh_arguments(run: argparse.ArgumentParser) -> None:
         choices=("ddp", "fsdp"),
         default="ddp",
         help="how replicas share gradients: ddp (replicated weights, gradients all-reduced in "
-        "buckets as each stage's backward ends; the default); fsdp (sharded) is not built yet",
+        "buckets as each stage's backward ends; the default) or fsdp (FSDP2's fully_shard over "
+        "the replicas: weights, gradients and optimizer state sharded, gradients "
+        "reduce-scattered as each stage's backward ends)",
     )
     run.add_argument(
         "--accumulate",
@@ -255,7 +259,10 @@ def _add_schedule_arguments(run: argparse.ArgumentParser) -> None:
         help=f"micro-batches per step (default: the plan's, else {DEFAULT_MICROBATCHES})",
     )
     run.add_argument(
-        "--virtual", type=int, default=None, help="stages per rank for the interleaved schedule"
+        "--virtual",
+        type=int,
+        default=None,
+        help="stages per rank for the interleaved schedule (zb-v, dualpipev: 2, set for you)",
     )
 
 

@@ -19,6 +19,7 @@ from partition.plan import Plan
 from pipeline.checkpoint.lock import FolderLock
 from pipeline.launch.options import Checkpoints
 from pipeline.parallel.data import global_loss, shard
+from pipeline.parallel.fsdp import full
 from pipeline.runtime.optim import OptimizerFactory
 from pipeline.runtime.options import PipelineOptions
 from pipeline.runtime.pipeline import ModelFactory, Pipeline
@@ -138,8 +139,8 @@ def _train(job: RankJob) -> RankResult:
         result.notes.append(_nonfinite_note(pipe.nonfinite_steps, job.pipeline.on_nonfinite))
     if job.collect:
         named = pipe.named_parameters()
-        result.params = {n: p.detach().cpu() for n, p in named.items()}
-        result.grads = {n: p.grad.detach().cpu() for n, p in named.items() if p.grad is not None}
+        result.params = {n: full(p.detach()).cpu() for n, p in named.items()}  # fsdp: gathered
+        result.grads = {n: full(p.grad).cpu() for n, p in named.items() if p.grad is not None}
         if pipe.dp == 1:
             result.buffers = {n: b.detach().cpu() for n, b in pipe.named_buffers().items()}
         else:  # as DDP with broadcast_buffers=False

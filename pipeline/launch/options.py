@@ -112,7 +112,7 @@ class RunOptions:
             )
 
     def _check_mesh(self) -> None:
-        """``ranks`` is ``pp * dp``; checkpoints are one pipeline's."""
+        """``ranks`` is ``pp * dp``."""
         dp = self.pipeline.dp or 1
         if self.pp is not None and self.pp < 1:
             raise InputError(f"pp must be at least 1, got {self.pp}")
@@ -127,11 +127,6 @@ class RunOptions:
                 f"--ranks {self.ranks} is not --pp {pp} pipeline ranks x --dp {dp} replicas; "
                 f"launch --ranks {self.pp_ranks * dp}, or choose --pp and --dp whose product "
                 f"is {self.ranks}"
-            )
-        if dp > 1 and self.checkpoint_dir is not None:
-            raise InputError(
-                f"checkpoints of {dp} replicas (--dp {dp}) are not supported yet; leave out "
-                "--checkpoint-dir, or train one pipeline (--dp 1)"
             )
 
     @property

@@ -1,10 +1,28 @@
-"""Running under ``torchrun``: joining its process group (one store namespace per restart) and
-gathering every rank's result on rank 0."""
+"""Running under ``torchrun``: joining its process group (one store namespace per restart),
+ending a rank whose node's agent died, and gathering every rank's result on rank 0.
+
+[Note: a rank outlives no agent]
+On each node (``torchrun --nnodes N --node-rank i ...``) an agent starts that node's ranks and
+watches them: when one fails, it stops the others and the job ends with an error. An agent that
+dies itself (killed, out of memory, its node shutting down) leaves its ranks running, orphaned:
+they train on with the other nodes, nobody reports them, and every node's job goes on without a
+monitor. So each rank watches its agent (`watch_agent`): its parent process, polled every
+second. When the parent changes (the orphan was re-parented), the rank says so on stderr and
+exits at once. Its peers' next send, receive or collective on it then fails (gloo closes the
+connection when a process exits: a `pipeline.runtime.comm.PeerError` naming that rank), their
+agents see a failed rank, and the job ends with an error on every node within seconds; a peer
+that hangs instead of exiting is caught by the process group's timeout (``pipepart run
+--timeout``, 300 s by default). A rank whose parent is not torchrun's agent is not watched.
+"""
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
+import threading
+import time
 from typing import Any
 
 import torch
@@ -13,12 +31,48 @@ import torch.distributed as dist
 from pipeline.launch.job import RankJob, RankResult, run_rank
 from pipeline.runtime.device import default_backend
 
-__all__ = ["init_torchrun_group", "run_under_torchrun", "under_torchrun"]
+__all__ = [
+    "AGENT_DIED",
+    "init_torchrun_group",
+    "run_under_torchrun",
+    "under_torchrun",
+    "watch_agent",
+]
+
+log = logging.getLogger(__name__)
+
+AGENT_DIED = 75
+"""The exit code of a rank that ended because its node's agent died."""
 
 
 def under_torchrun() -> bool:
     """Whether this process is a rank ``torchrun`` started."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def watch_agent(interval: float = 1.0) -> threading.Thread | None:
+    """Under torchrun, end this rank (exit code `AGENT_DIED`) when its node's agent dies; see
+    [Note: a rank outlives no agent]. Returns the watching thread (a daemon), or None when this
+    process is not a rank of torchrun's."""
+    if not under_torchrun() or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent = os.getppid()
+    where = f"rank {os.environ['RANK']} (node {os.environ.get('GROUP_RANK', '?')})"
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(interval)
+        message = (
+            f"[{where}] torchrun's agent on this node (pid {agent}) died: ending this rank, so "
+            "that the job fails on every node instead of training on without its agent"
+        )
+        log.error("%s", message)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(AGENT_DIED)
+
+    thread = threading.Thread(target=watch, name="pipepart-agent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def init_torchrun_group(backend: str, timeout: datetime.timedelta) -> None:
@@ -55,6 +109,7 @@ def run_under_torchrun(
 ) -> list[RankResult] | None:
     """Join ``torchrun``'s process group, run ``job``, and gather every rank's result on rank 0
     (None elsewhere)."""
+    watch_agent()
     created = not dist.is_initialized()
     if created:
         if backend is None:

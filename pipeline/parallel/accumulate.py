@@ -26,8 +26,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
+from partition.planning.replicas import ReduceWhen
 from partition.schedules.actions import Action, Kind
+from pipeline.parallel.fsdp import ShardedGrads
 from pipeline.parallel.mesh import Replicas
 from pipeline.parallel.reduce import GradReducer
 
@@ -71,6 +74,7 @@ class GradientSync:
         *,
         replicas: Replicas,
         reduction: Literal["mean", "sum"],
+        when: ReduceWhen = "stage",
     ) -> None:
         """
         Args:
@@ -78,19 +82,35 @@ class GradientSync:
             executors: this rank's stages.
             replicas: where this rank is on the mesh (`pipeline.parallel.mesh.replicas`).
             reduction: the pipeline's ``loss_reduction``.
+            when: start each ready point's reduction as its stage's last backward ends
+                (``"stage"``), or every one after the schedule (``"end"``); see [Note:
+                predicting the reduction over replicas] in `partition.planning.replicas`.
         """
         points = ready_points(actions, executors)
         self._point_at = {index: k for k, (index, _) in enumerate(points)}
         self._params = [p for _, params in points for p in params]
-        self.reducer = (
-            GradReducer([params for _, params in points], group=replicas.dp_group)
-            if replicas.dp > 1
-            else None
-        )
+        ready = [params for _, params in points]
+        self.reducer: GradReducer | ShardedGrads | None = None
+        if replicas.dp > 1:  # dp_reduce "fsdp" made each stage an FSDP unit, "ddp" did not
+            sharded = any(isinstance(e.module, FSDPModule) for e in executors.values())
+            self.reducer = (
+                ShardedGrads(ready, list(executors.values()))
+                if sharded
+                else GradReducer(ready, group=replicas.dp_group)
+            )
         self.dp = replicas.dp
         self.reduction = reduction
         self.accumulated = 0
         """Steps added into ``.grad`` since the last optimizer step (``accumulate=True``)."""
+        self.when: ReduceWhen = when
+        """When the reduction starts (``pipe.sync.when = "end"`` to reduce in one bulk)."""
+
+    def clear(self) -> None:
+        """Forget what was accumulated since the last optimizer step (`Pipeline.zero_grad`):
+        the count, and under fsdp the whole gradients its stages gathered so far."""
+        self.accumulated = 0
+        if isinstance(self.reducer, ShardedGrads):
+            self.reducer.clear()
 
     @property
     def scale(self) -> float:
@@ -101,8 +121,8 @@ class GradientSync:
 
     def hooks(self, accumulate: bool) -> dict[int, Callable[[], None]]:
         """Action index -> what to start after it (a bucket's reduction), for this step."""
-        if accumulate or self.reducer is None:
-            return {}
+        if accumulate or self.reducer is None or self.when == "end":
+            return {}  # finish() starts what was not started
         start, scale = self.reducer.start, self.scale
         return {index: functools.partial(start, k, scale) for index, k in self._point_at.items()}
 

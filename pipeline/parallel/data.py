@@ -22,6 +22,7 @@ from torch import Tensor
 
 from partition.errors import BatchError
 from partition.microbatch import batch_size
+from pipeline.parallel.reduce import lost_replica
 from pipeline.runtime.batch import tensors_in
 
 if TYPE_CHECKING:
@@ -58,7 +59,10 @@ def global_loss(pipe: Pipeline, losses: Sequence[Tensor | None]) -> Tensor | Non
         return None
     total = torch.stack([loss.detach().double() for loss in mine]).sum()
     if pipe.dp > 1:
-        dist.all_reduce(total, group=pipe.replicas.dp_group)
+        try:
+            dist.all_reduce(total, group=pipe.replicas.dp_group)
+        except RuntimeError as e:
+            raise lost_replica(pipe.replicas.dp_group, e, "summing the replicas' losses") from e
     if pipe.options.loss_reduction == "mean":
         total = total / (len(mine) * pipe.dp)
     return total.to(mine[0].dtype)

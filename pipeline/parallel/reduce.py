@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["BUCKET_BYTES", "GradReducer", "broadcast_from_first"]
+from partition.errors import PeerError
+from partition.planning.replicas import BUCKET_BYTES  # the planner prices these buckets
 
-BUCKET_BYTES = 25 * 2**20
-"""The most gradient bytes per all-reduce (DDP's ``bucket_cap_mb`` default)."""
+__all__ = ["BUCKET_BYTES", "GradReducer", "broadcast_from_first", "lost_replica"]
 
 
 @dataclass
@@ -76,10 +76,17 @@ class _Bucket:
         assert work is not None
         self.flat, self.works = flat, [work]
 
-    def finish(self) -> None:
-        """Wait for the all-reduce and write the sums back into ``.grad``."""
+    def finish(self, group: dist.ProcessGroup | None) -> None:
+        """Wait for the all-reduce and write the sums back into ``.grad``.
+
+        Raises:
+            PeerError: the all-reduce failed (a replica's rank died or hangs), naming the ranks.
+        """
         for work in self.works:
-            work.wait()
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise lost_replica(group, e, "all-reducing gradients") from e
         flat = self.flat
         assert flat is not None
         total = flat.numel() - len(self.params)
@@ -134,7 +141,7 @@ class GradReducer:
                 self.start(point, scale)
         for buckets in self._points:
             for bucket in buckets:
-                bucket.finish()
+                bucket.finish(self.group)
         self._started = [False] * len(self._points)
 
 
@@ -153,6 +160,26 @@ def _buckets(params: Sequence[nn.Parameter], limit: int) -> list[_Bucket]:
         bucket.params.append(p)
         open_[key] = (bucket, used + size)
     return out
+
+
+def lost_replica(group: dist.ProcessGroup | None, error: Exception, doing: str) -> PeerError:
+    """The error of a collective over the replicas (``group``) that failed while ``doing``:
+    which ranks it was waiting for, and why (see [Note: a rank outlives no agent] in
+    `pipeline.launch.torchrun` for a dead node)."""
+    ranks = dist.get_process_group_ranks(group) if group is not None else []
+    others = [r for r in ranks if r != dist.get_rank()]
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "timed out" in detail.lower():
+        why = "did not answer within the process group's timeout: stuck, too slow or dead"
+    else:
+        why = (
+            "failed, was killed or lost its node (a dead torchrun agent ends its ranks); "
+            "see its log"
+        )
+    return PeerError(
+        f"lost a replica while {doing} with global rank(s) {others} (this rank's "
+        f"stages in the other replicas): one of them {why}: {detail}"
+    )
 
 
 def broadcast_from_first(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> None:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.parallel.fsdp import shard_of
+
 __all__ = ["clip_grad_norm"]
 
 
@@ -46,9 +48,8 @@ def clip_grad_norm(
     Returns:
         The global norm before clipping.
     """
-    grads = [
-        p.grad.detach() for p in _once(params if counted is None else counted) if p.grad is not None
-    ]
+    once = _once(params if counted is None else counted)
+    grads = [shard_of(p.grad).detach() for p in once if p.grad is not None]  # fsdp: shards
     if device is None:
         device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)

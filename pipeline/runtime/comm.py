@@ -10,6 +10,14 @@ the specs (`BufferPool`), and the sender checks each tensor against its spec bef
 mismatch is a `BoundaryError` on the sender naming stage, micro-batch and tensor, instead of a
 C++ abort or a silently mis-sized buffer on the receiver.
 
+[Note: one message per cut]
+Every message costs both ranks a fixed time whatever its size (posting it, the backend's
+notifications, waking the waiting thread: ``message`` in a calibrated device spec), so the
+tensors crossing one cut in one direction for one micro-batch travel as one message: the sender
+copies them into one flat byte buffer (`pack`), laid out by `layout` (each tensor at a 16-byte
+aligned offset, so that any dtype can view it), and the receiver's buffers are views into one
+such buffer (`Packed`), received in one operation. A cut with one tensor sends it as it is.
+
 [Note: same-peer exchange]
 Two ranks may exchange activations and gradients of different cuts at once (interleaved
 schedules, or 1F1B's steady state). Messages are matched by the order the schedule fixes on both
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -39,10 +48,13 @@ __all__ = [
     "BoundaryError",
     "BufferPool",
     "Link",
+    "Packed",
     "PeerError",
     "Transport",
     "global_rank",
     "gradient_specs",
+    "layout",
+    "pack",
     "subgroup",
 ]
 
@@ -50,6 +62,44 @@ log = logging.getLogger(__name__)
 
 Direction = Literal["activation", "gradient"]
 _MAX_TENSORS = 1 << 12  # tensors per cut, for distinct tags
+_ALIGN = 16  # bytes: a packed tensor's offset, a multiple of every dtype's size
+
+
+def layout(specs: Sequence[TensorSpec]) -> tuple[tuple[int, ...], int]:
+    """The byte offset of each tensor of ``specs`` in their packed message, and its size; see
+    [Note: one message per cut]."""
+    offsets, size = [], 0
+    for s in specs:
+        size = -(-size // _ALIGN) * _ALIGN
+        offsets.append(size)
+        size += math.prod(s.shape) * s.torch_dtype.itemsize
+    return tuple(offsets), size
+
+
+def _views(
+    flat: torch.Tensor, specs: Sequence[TensorSpec], offsets: Sequence[int]
+) -> list[torch.Tensor]:
+    return [
+        flat[o : o + math.prod(s.shape) * s.torch_dtype.itemsize].view(s.torch_dtype).view(s.shape)
+        for s, o in zip(specs, offsets, strict=True)
+    ]
+
+
+class Packed(list[torch.Tensor]):
+    """Tensors that are views into one flat byte buffer, ``flat``: received as one message."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+        super().__init__(tensors)
+        self.flat = flat
+
+
+def pack(tensors: Sequence[torch.Tensor], specs: Sequence[TensorSpec]) -> torch.Tensor:
+    """``tensors`` (shaped as ``specs``) copied into one flat byte buffer, laid out by `layout`."""
+    offsets, size = layout(specs)
+    flat = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
+    for view, t in zip(_views(flat, specs, offsets), tensors, strict=True):
+        view.copy_(t.detach())
+    return flat
 
 
 def gradient_specs(inputs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
@@ -147,6 +197,10 @@ class BufferPool:
         self._free: list[list[torch.Tensor]] = [self._allocate() for _ in range(count)]
 
     def _allocate(self) -> list[torch.Tensor]:
+        if len(self.specs) > 1:  # views of one message: see [Note: one message per cut]
+            offsets, size = layout(self.specs)
+            flat = torch.empty(size, dtype=torch.uint8, device=self.device)
+            return Packed(_views(flat, self.specs, offsets), flat)
         return [torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in self.specs]
 
     def acquire(self) -> list[torch.Tensor]:
@@ -226,7 +280,10 @@ class Transport:
         """Validate ``tensors`` (if enabled) and post their sends; returns without waiting."""
         if self.validate:
             link.check(tensors, microbatch)
-        payload = [t.detach().contiguous() for t in tensors]
+        if len(tensors) > 1:  # one message per cut: see [Note: one message per cut]
+            payload = [pack(tensors, link.specs)]
+        else:
+            payload = [t.detach().contiguous() for t in tensors]
         peer, group = self._peer(link.dst_rank), self._group(link)
         try:
             for i, t in enumerate(payload):
@@ -257,10 +314,11 @@ class Transport:
         microbatch = queue.popleft()
         buffers = pool.acquire()
         peer, group = self._peer(link.src_rank), self._group(link)
+        message = [buffers.flat] if isinstance(buffers, Packed) else buffers
         try:
             works = [
                 dist.irecv(b, peer, group=group, tag=link.tag(i) if self._tags else 0)
-                for i, b in enumerate(buffers)
+                for i, b in enumerate(message)
             ]
         except RuntimeError as e:
             raise self._peer_error(link, microbatch, "receiving", e) from e

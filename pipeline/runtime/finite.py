@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from partition.errors import NonFiniteError
+from pipeline.parallel.fsdp import shard_of
 
 if TYPE_CHECKING:
     from pipeline.runtime.stage import StageExecutor
@@ -58,12 +59,14 @@ Checked = tuple[int, str, Tensor]
 
 def _max_abs(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """The largest absolute element of ``tensors`` (NaN or inf if any is), as a 0-d float32."""
+    tensors = [t for t in tensors if t.numel()]  # a shard may be empty
     if not tensors:
         return torch.zeros((), device=device)
-    inf = float("inf")
-    return torch.stack(
-        [torch.linalg.vector_norm(t.detach(), ord=inf).float() for t in tensors]
-    ).max()
+    with torch.no_grad():  # one foreach call, not a norm per tensor: a per-step cost
+        norms = list(torch._foreach_norm(tensors, float("inf")))
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    return torch.stack(norms).max().float()
 
 
 def nonfinite_names(named: Iterable[tuple[str, Tensor]]) -> list[str]:
@@ -112,7 +115,7 @@ def find_nonfinite(
     ]
     last = next((s for s, e in executors.items() if e.stage.is_last), None)
     losses = executors[last].losses if last is not None else []
-    grads = [p.grad for _, _, p in checked if p.grad is not None]
+    grads = [shard_of(p.grad) for _, _, p in checked if p.grad is not None]  # fsdp: shards
     local = torch.stack([_max_abs(losses, device), _max_abs(grads, device)]).max()
     flag = _FLAGS.setdefault(device, torch.zeros(1, device=device))
     flag.copy_(torch.where(torch.isfinite(local), 0.0, 1.0).reshape(1))
@@ -135,7 +138,7 @@ def _report(
         loss = (last_stage, f"{value}", len(bad), len(losses))
     by_stage: dict[int, list[str]] = {}
     for stage, name, p in checked:
-        if p.grad is not None and nonfinite_names([(name, p.grad)]):
+        if p.grad is not None and nonfinite_names([(name, shard_of(p.grad))]):
             by_stage.setdefault(stage, []).append(name)
     grads = tuple((s, len(names), names[0]) for s, names in sorted(by_stage.items()))
     return _RankReport(rank, loss, grads)

@@ -14,11 +14,14 @@ from partition.errors import PlanError
 from partition.options import MODES, Modes, PlanOptions
 from pipeline.runtime.finite import ON_NONFINITE, OnNonFinite
 
-__all__ = ["PipelineOptions", "WeightsMode"]
+__all__ = ["DpReduce", "PipelineOptions", "WeightsMode"]
 
 WeightsMode = Literal["auto", "factory", "init"]
 """Where a stage's weights come from; see [Note: the model's own weights] in
 `pipeline.runtime.weights`."""
+
+DpReduce = Literal["ddp", "fsdp"]
+"""How replicas of a pipeline share gradients; see `PipelineOptions.dp_reduce`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,11 +29,13 @@ class PipelineOptions:
     """How to run a pipeline. Fields left ``None`` come from the plan."""
 
     schedule: str | None = None
-    """``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1``; default the plan's, else ``1f1b``."""
+    """``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-v`` or ``dualpipev`` (or a schedule's
+    text, ``@FILE``); default the plan's, else ``1f1b``."""
     microbatches: int | None = None
     """Micro-batches per step; default the plan's (required without a plan)."""
     virtual: int | None = None
-    """Stages per rank (``interleaved``); default the plan's, else 1."""
+    """Stages per rank (``interleaved``; ``zb-v`` and ``dualpipev`` have 2); default the plan's,
+    else 1 (2 for those)."""
     bounds: tuple[int, ...] | None = None
     """Without a plan: the split, as node indices of the linear order (default: the partitioner's)."""
     modes: Modes | None = None
@@ -84,6 +89,11 @@ class PipelineOptions:
     ``r``'s stage-rank ``s`` on rank ``r * pp + s``, each replica fed its own shard of the batch
     and the gradients reduced over the replicas once per optimizer step; default the mesh's
     (``Pipeline(mesh=...)``), else 1. See [Note: the (dp, pp) mesh] in `pipeline.parallel.mesh`."""
+    dp_reduce: DpReduce = "ddp"
+    """How the replicas share gradients: ``ddp`` (replicated weights, gradients all-reduced in
+    buckets, see `pipeline.parallel.reduce`) or ``fsdp`` (FSDP2's ``fully_shard`` over the
+    replicas: parameters, gradients and optimizer state sharded, see `pipeline.parallel.fsdp`).
+    Without replicas (``dp`` 1) both are one pipeline."""
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
@@ -102,6 +112,14 @@ class PipelineOptions:
             raise PlanError(
                 f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got "
                 f"{self.on_nonfinite!r}"
+            )
+        if self.dp_reduce not in ("ddp", "fsdp"):
+            raise PlanError(f"dp_reduce must be 'ddp' or 'fsdp', got {self.dp_reduce!r}")
+        if self.dp_reduce == "fsdp" and self.batchnorm == "batch":
+            raise PlanError(
+                "batchnorm='batch' swaps a stage's BatchNorm modules after dp_reduce='fsdp' has "
+                "sharded their weights; use batchnorm='microbatch' (--batchnorm microbatch) with "
+                "fsdp, or dp_reduce='ddp'"
             )
         if self.dp is not None and self.dp < 1:
             raise PlanError(f"dp must be at least 1 (replicas of the pipeline), got {self.dp}")

@@ -55,6 +55,7 @@ from partition.schedules.actions import Kind, with_communication
 from partition.schedules.check import check_channel_order
 from partition.schedules.simulate import TimelineEvent
 from pipeline.parallel.accumulate import GradientSync
+from pipeline.parallel.fsdp import shard_replicas
 from pipeline.parallel.mesh import replicas
 from pipeline.parallel.reduce import broadcast_from_first
 from pipeline.runtime.batch import BatchSplit, gather_outputs, reduce_losses, split_batch
@@ -134,7 +135,7 @@ class Pipeline:
             replicas=self.replicas,
             reduction=self.options.loss_reduction,
         )
-        if self.replicas.dp > 1:
+        if self.replicas.dp > 1 and self.options.dp_reduce == "ddp":  # fsdp: shard_replicas
             tensors = [*self.parameters, *self.named_buffers().values()]
             broadcast_from_first(tensors, self.replicas.dp_group)
         self.optimizer, self.lr_scheduler = build_optimizer(
@@ -228,7 +229,7 @@ class Pipeline:
         self.weight_sources = dict(allocated.sources)
         """Tensor name -> where its value came from: ``factory``, ``checkpoint`` or ``init``."""
         self.log.info("weights of stages %s: %s", list(self.my_stages), describe_sources(allocated))
-        self._named = retie()
+        self._named = shard_replicas(self, retie())  # dp_reduce="fsdp": pipeline.parallel.fsdp
         self.tied.bind(self._named)
         self.norm_params = self.tied.norm_params(self._named)
         """This rank's share of the global norm (`TiedWeights.norm_params`)."""
@@ -329,7 +330,7 @@ class Pipeline:
     def zero_grad(self) -> None:
         """Drop this rank's gradients, accumulated ones included (`step` does it first, unless
         the step before accumulated)."""
-        self.sync.accumulated = 0
+        self.sync.clear()  # the count, and under fsdp the gathered gradients
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         for p in self.parameters:

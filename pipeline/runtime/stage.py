@@ -231,7 +231,9 @@ class StageExecutor:
         leaves = [saved.inputs[i] for i in self._float_in] if self._grad_inputs else []
         found: dict[int, Tensor | None] = {}
         if roots and leaves:
-            groups, path = _weight_groups(roots, leaves, self.parameters)
+            # the module's parameters now: under FSDP, the gathered ones its graph read
+            live = [p for p in self.module.parameters() if p.requires_grad]
+            groups, path = _weight_groups(roots, leaves, live)
             handles = [
                 node.register_prehook(_recorder(group, k))
                 for group in groups

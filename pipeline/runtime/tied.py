@@ -22,6 +22,7 @@ from torch import nn
 
 from partition.schedules.actions import Schedule
 from partition.split import Stage
+from pipeline.parallel.fsdp import shard_of
 from pipeline.runtime.comm import global_rank, subgroup
 
 __all__ = ["Shared", "TiedWeights", "shared_params"]
@@ -100,7 +101,8 @@ class TiedWeights:
                 self._local.append((s, self._groups[s.ranks], local))
         with torch.no_grad():
             for s, sub, param in self._local:
-                dist.broadcast(param.data, global_rank(self.group, s.source_rank), group=sub)
+                source = global_rank(self.group, s.source_rank)
+                dist.broadcast(shard_of(param.data), source, group=sub)  # fsdp: alike shards
 
     def norm_params(self, named: dict[str, nn.Parameter]) -> list[nn.Parameter]:
         """This rank's trainable parameters, each counted once in the global norm."""
@@ -113,4 +115,4 @@ class TiedWeights:
         for _, sub, p in self._local:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=sub)
+            dist.all_reduce(shard_of(p.grad), group=sub)

@@ -7,7 +7,8 @@ the reduction runs over the dp group (the same stages in every replica) first, s
 weight's copies then sum, over the ranks of one replica's pipeline, gradients that already hold
 every replica's share; after that every replica holds the same gradients, so the global norm is
 the pipeline's (over the pp group: counting each replica would count every gradient ``dp``
-times); the non-finite verdict spans the whole mesh, so that every replica drops or takes the
+times; under ``dp_reduce="fsdp"`` each holds a shard, and the norm spans the whole mesh, see
+`pipeline.parallel.fsdp`); the non-finite verdict spans the whole mesh, so that every replica drops or takes the
 same update.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from partition.errors import StageError
 from pipeline.parallel.accumulate import GradientSync
+from pipeline.parallel.fsdp import norm_group
 from pipeline.parallel.mesh import Replicas
 from pipeline.runtime.clip import clip_grad_norm
 from pipeline.runtime.failure import locate
@@ -115,7 +117,7 @@ def _clip(pipe: Stepped) -> None:
             pipe.parameters,
             pipe.options.max_grad_norm,
             counted=pipe.norm_params,
-            group=pipe.group,
+            group=norm_group(pipe.options, pipe.replicas, pipe.group),  # fsdp: every shard
             device=pipe.device,
         )
 

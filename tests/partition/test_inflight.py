@@ -1,5 +1,5 @@
 """In-flight micro-batches: what the planner prices is what running each schedule holds, and the
-closed forms are exact (GPipe, 1F1B, ZB-H1) or a safe bound (interleaved)."""
+closed forms are exact (GPipe, 1F1B, ZB-H1, ZB-V, DualPipeV) or a safe bound (interleaved)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ def _inflight_cases(name: str) -> list[tuple[int, int, int]]:
 def _held_by_running(schedule: Schedule) -> list[int]:
     """Per stage, the most micro-batches whose activations are alive at once, found by running
     the actions in time order: a micro-batch is held from its F until the backward that frees
-    its activations (B, or W for zero-bubble, whose I keeps them for W)."""
-    frees = Kind.W if any(a.kind is Kind.W for row in schedule.actions for a in row) else Kind.B
+    its activations (B, or W for zero-bubble, whose I keeps them for W; DualPipeV has both)."""
     alive: list[set[int]] = [set() for _ in range(schedule.num_stages)]
     most = [0] * schedule.num_stages
     for t in range(max(len(row) for row in schedule.actions)):
@@ -41,7 +40,7 @@ def _held_by_running(schedule: Schedule) -> list[int]:
             if a.kind is Kind.F:
                 alive[a.stage].add(a.microbatch)
                 most[a.stage] = max(most[a.stage], len(alive[a.stage]))
-            elif a.kind is frees:
+            elif a.kind in (Kind.B, Kind.W):
                 alive[a.stage].discard(a.microbatch)
     return most
 
@@ -59,7 +58,7 @@ def test_the_planner_budgets_what_the_schedule_holds(name: str) -> None:
     assert wrong == []
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1", "zb-v", "dualpipev"])
 def test_closed_forms_are_the_schedules_own(name: str) -> None:
     """`partition.memory`'s closed forms (used when the schedule cannot be built) are exact for
     these schedules — ZB-H1 holds min(p, m) on every stage: its W runs late."""
@@ -79,7 +78,14 @@ def test_the_interleaved_closed_form_is_a_safe_bound() -> None:
 
 @pytest.mark.parametrize(
     ("name", "ranks", "microbatches", "virtual"),
-    [("gpipe", 3, 6, 1), ("1f1b", 4, 8, 1), ("zb-h1", 4, 8, 1), ("interleaved", 2, 4, 2)],
+    [
+        ("gpipe", 3, 6, 1),
+        ("1f1b", 4, 8, 1),
+        ("zb-h1", 4, 8, 1),
+        ("interleaved", 2, 4, 2),
+        ("zb-v", 2, 4, 2),
+        ("dualpipev", 2, 4, 2),
+    ],
 )
 def test_a_plan_prices_each_stage_for_what_it_holds(
     name: str, ranks: int, microbatches: int, virtual: int

@@ -166,3 +166,33 @@ def test_repricing_on_the_same_devices_keeps_every_stage_s_memory_buffers_includ
     again = reprice(plan, [s.device for s in plan.stages])
     for before, after in zip(plan.stages, again.stages, strict=True):
         assert after.memory == pytest.approx(before.memory)
+
+
+def test_each_message_costs_both_ranks_and_each_step_its_fixed_cost_and_update_by_hand() -> None:
+    # [Note: a step's fixed costs]. GPipe, 2 stages, 1 micro-batch, F = 1 s, B = 2 s, one byte
+    # over a 1 B/s link: F0, 1 s on the link, F1, B1, 1 s back, B0 = 8 s. A message costs each
+    # rank 0.25 s: stage 0's F sends and its B receives, stage 1's F receives and its B sends
+    # (+ 4 x 0.25 s on the path). Then the step: 0.5 s fixed and the slowest rank's update,
+    # 30 B at 10 B/s.
+    device = replace(UNIT, message_overhead=0.25, step_overhead=0.5, update_rate=10.0)
+    stages = [
+        replace(_stage(0, send=1.0), device=device, param_bytes=10),
+        replace(_stage(1), device=device, param_bytes=30),
+    ]
+    step, _ = predict_step("gpipe", 1, 1, stages)
+    assert step == pytest.approx(8.0 + 4 * 0.25 + 0.5 + 30 / 10.0)
+    assert predict_step("gpipe", 1, 1, [replace(s, device=UNIT) for s in stages])[0] == 8.0
+    # No bytes over the cut (nothing crosses it), no message: only the step's costs remain.
+    quiet = [replace(stages[0], send_bytes=0.0), stages[1]]
+    assert predict_step("gpipe", 1, 1, quiet)[0] == pytest.approx(6.0 + 0.5 + 3.0)
+
+
+def test_a_step_s_fixed_costs_follow_the_slowest_rank_and_the_simulator_leaves_them_out() -> None:
+    # Interleaved over 2 ranks: rank 0 holds stages 0 and 2 (10 + 5 B), rank 1 stages 1 and 3
+    # (1 + 1 B); at 1 B/s the step adds 15 s, and the schedule alone is what simulate says.
+    device = replace(UNIT, update_rate=1.0)
+    sizes = [10, 1, 5, 1]
+    stages = [replace(_stage(s), device=device, param_bytes=b) for s, b in enumerate(sizes)]
+    step, _ = predict_step("interleaved", 2, 4, stages)
+    plain, _ = predict_step("interleaved", 2, 4, [replace(s, device=UNIT) for s in stages])
+    assert step == pytest.approx(plain + 15.0)

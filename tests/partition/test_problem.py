@@ -84,3 +84,13 @@ def test_the_costs_are_made_once() -> None:
 def test_bad_problems_say_what_is_wrong(changes: dict[str, object], message: str) -> None:
     with pytest.raises(PlanError, match=message):
         _problem(**changes)
+
+
+def test_a_message_costs_each_stage_its_overhead_each_way_by_hand() -> None:
+    # Cut 2 carries 1 byte: at 2 B/s with 0.1 s latency and 0.05 s per message on each rank, the
+    # activation and its gradient cost both stages around the cut 2 x (0.1 + 0.05 + 0.5) s.
+    a = dataclasses.replace(A, bandwidth=2.0, latency=0.1, message_overhead=0.05)
+    costs = _problem(devices=(a, a)).costs
+    times = costs.split_times((0, 2, 6))
+    assert times.tolist() == pytest.approx([2 + 1.3, 4 + 1.3])
+    assert costs.time(0, 0, 2) == pytest.approx(2 + 1.3)

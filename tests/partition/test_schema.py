@@ -21,6 +21,7 @@ OPTIONAL = {
     "devices",
     "shared_params",
     "objective.bottleneck_stage",
+    "objective.minimised",  # plans written before the step objective: bottleneck
     "objective.balance_ratio",
     "stages[0].time",
     "stages[0].dispatched",  # plans written before fixed costs: the stage's node count

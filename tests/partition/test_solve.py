@@ -89,7 +89,7 @@ def _stage_times(problem: Problem, bounds: np.ndarray) -> np.ndarray:
             for cut, link in ((i, s - 1), (j, s)):
                 if 0 <= link < k - 1 and g.cut_bytes[cut]:
                     dev = problem.stage_device(link)
-                    t += 2 * (dev.latency + g.cut_bytes[cut] / dev.bandwidth)
+                    t += 2 * (dev.latency + dev.message_overhead + g.cut_bytes[cut] / dev.bandwidth)
             out[row, s] = t
     return out
 
@@ -159,6 +159,7 @@ def problems(draw: st.DrawFn, max_nodes: int = 10, max_stages: int = 4) -> Probl
             dispatch_forward=draw(cost),
             dispatch_backward=draw(cost),
             action_overhead=draw(cost),
+            message_overhead=draw(cost),
         )
         for d in range(count)
     )

@@ -341,14 +341,14 @@ def test_an_async_failure_is_raised_by_wait(
 ) -> None:
     snap = snapshot(_Pipe(), META, copy_tensors=True)
     monkeypatch.setattr(write_module, "write", _failing(RuntimeError("disk on fire")))
-    pending = PendingCheckpoint(snap, tmp_path, None, None)
+    pending = PendingCheckpoint(lambda: write_module.write(snap, tmp_path, None, None, None))
     with pytest.raises(CheckpointError, match="the background save failed: disk on fire") as e:
         pending.wait()
     assert isinstance(e.value.__cause__, RuntimeError)
     mine = CheckpointError("writing failed on rank 1")
     monkeypatch.setattr(write_module, "write", _failing(mine))
     with pytest.raises(CheckpointError) as e:
-        PendingCheckpoint(snap, tmp_path, None, None).wait()
+        PendingCheckpoint(lambda: write_module.write(snap, tmp_path, None, None, None)).wait()
     assert e.value is mine  # a CheckpointError as it was raised
 
 

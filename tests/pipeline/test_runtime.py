@@ -26,7 +26,8 @@ from partition.models import examples
 from partition.models.registry import BuiltModel, build_meta_model, unpack_model
 from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v", "dualpipev")
+VIRTUAL = {"interleaved": 2, "zb-v": 2, "dualpipev": 2}  # stages per rank
 
 
 # --- models (module level: the ranks import them) ----------------------------------------------
@@ -128,7 +129,7 @@ NUM_NODES = {"gpt": 117, "gpt-tied": 117, "skipnet": 29, "skipnet-sum": 29}
 def cases_for(world: int) -> list[Case]:
     m = 2 * world  # interleaved needs a multiple of the ranks
     cases = [
-        Case(model, schedule, world, m, virtual=2 if schedule == "interleaved" else 1)
+        Case(model, schedule, world, m, virtual=VIRTUAL.get(schedule, 1))
         for schedule in SCHEDULES
         for model in ("gpt", "gpt-tied", "skipnet")
     ]

@@ -14,10 +14,10 @@ def test_matmul_and_elementwise_rates_are_plausible_for_a_cpu() -> None:
     assert 1e7 < elementwise_rate(torch.device("cpu"), 2**16) < 1e13
 
 
-def test_fixed_costs_scale_with_nodes_not_size() -> None:
-    costs = dispatch_costs(torch.device("cpu"), length=50)
-    assert 1e-8 < costs.forward < 1e-3  # 10 ns to 1 ms per node
-    assert 1e-8 < costs.backward < 1e-3
+def test_fixed_costs_are_per_operation_of_a_transformer_s_mix() -> None:
+    costs = dispatch_costs(torch.device("cpu"), blocks=(1, 2))
+    assert 1e-7 < costs.forward < 1e-3  # 100 ns to 1 ms per operation
+    assert 1e-7 < costs.backward < 1e-3
     assert costs.action >= 0.0
 
 

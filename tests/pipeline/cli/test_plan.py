@@ -203,10 +203,16 @@ def test_plan_dp_prints_memory_per_device_under_ddp_and_fsdp(
     totals = [s["memory"]["total"] for s in out["stages"]]
     assert all(d > t for d, t in zip(replicas["ddp"], totals, strict=True))  # + the reduced copy
     assert replicas["ranks"] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # replica r's stage s: r * 2 + s
+    # the all-reduce of each stage's gradients, and what of it the backward does not hide
+    reduce = replicas["reduce"]
+    bytes_, (bw, lat) = [s["param_bytes"] for s in out["stages"]], (10e9, 50e-6)  # cpu preset
+    want = [2 * 3 / 4 * b / bw + 6 * lat if b else 0.0 for b in bytes_]  # one bucket each
+    assert reduce["stage_time"] == pytest.approx(want) and reduce["when"] == "stage"
+    assert reduce["step_time"] == pytest.approx(out["step_time"] + reduce["exposed"])
     assert main(["plan", "gpt", "--devices", "2", "--dp", "4"]) == 0
     text = capsys.readouterr().out
     assert "memory per device with 4 replicas of the pipeline (8 devices)" in text
-    assert "fsdp" in text and "ddp" in text
+    assert "fsdp" in text and "ddp" in text and "reduce" in text
 
 
 def test_a_spec_with_fixed_costs_predicts_a_toy_gpt_step_in_milliseconds(

@@ -58,6 +58,7 @@ class Case:
     virtual: int = 1
     max_grad_norm: float | None = None
     user_mesh: bool = False  # Pipeline(mesh=...) instead of PipelineOptions(dp=...)
+    dp_reduce: str = "ddp"  # or "fsdp": test_fsdp.py
 
     @property
     def pp(self) -> int:
@@ -88,6 +89,7 @@ class Case:
             loss_reduction=self.reduction,  # type: ignore[arg-type]
             max_grad_norm=self.max_grad_norm,
             dp=None if self.user_mesh else self.dp,
+            dp_reduce=self.dp_reduce,  # type: ignore[arg-type]
         )
 
     def optimizer(self) -> Any:

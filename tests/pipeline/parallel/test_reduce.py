@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.parallel.reduce import GradReducer, _buckets, broadcast_from_first
+from partition.errors import PeerError
+from pipeline.parallel.reduce import GradReducer, _buckets, broadcast_from_first, lost_replica
 
 pytestmark = pytest.mark.usefixtures("one_rank")
 
@@ -39,3 +40,14 @@ def test_the_first_replica_values_win() -> None:
     t = torch.ones(3)
     broadcast_from_first([t], None)
     assert t.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_lost_replica_is_named_with_why() -> None:
+    reset = lost_replica(
+        None, RuntimeError("Read error: Connection reset"), "all-reducing gradients"
+    )
+    assert isinstance(reset, PeerError) and isinstance(reset, ConnectionError)
+    assert str(reset).startswith("lost a replica while all-reducing gradients with global rank(s)")
+    assert "failed, was killed or lost its node" in str(reset) and "Connection reset" in str(reset)
+    late = lost_replica(None, RuntimeError("Timed out waiting 30000ms"), "summing the losses")
+    assert "did not answer within the process group's timeout" in str(late)

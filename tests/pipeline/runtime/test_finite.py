@@ -118,3 +118,16 @@ def test_a_pipeline_stops_skips_or_warns_at_the_step(one_rank: None) -> None:
 def test_skip_needs_an_optimizer(one_rank: None) -> None:
     with pytest.raises(PlanError, match="on_nonfinite='skip' drops the optimizer's update"):
         Pipeline(_chain, options=PipelineOptions(microbatches=2, on_nonfinite="skip"))
+
+
+def test_the_largest_magnitude_is_one_foreach_reduction_over_mixed_dtypes() -> None:
+    from pipeline.runtime.finite import _max_abs
+
+    cpu = torch.device("cpu")
+    grads = [torch.full((3,), -7.0), torch.ones(4, dtype=torch.float16), torch.zeros(0)]
+    grads.append(torch.tensor([1e30], dtype=torch.float64))  # huge, finite
+    found = _max_abs(grads, cpu)
+    assert found.dtype == torch.float32 and found.item() == pytest.approx(1e30, rel=1e-6)
+    grads[1][2] = float("nan")
+    assert math.isnan(_max_abs(grads, cpu).item())
+    assert _max_abs([torch.zeros(0)], cpu).item() == 0.0
