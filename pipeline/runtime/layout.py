@@ -44,6 +44,7 @@ __all__ = [
     "plan_modes",
     "plan_once",
     "planning_options",
+    "recompute_of",
 ]
 
 
@@ -203,7 +204,15 @@ def planning_options(built: BuiltModel, options: PipelineOptions) -> PlanOptions
         virtual=options.virtual or (base.virtual if options.schedule is None else 1),
         bounds=options.bounds if options.bounds is not None else base.bounds,
         modes=options.modes or base.modes,
+        memory=replace(base.memory, recompute=True) if options.recompute else base.memory,
     )
+
+
+def recompute_of(plan: Plan, options: PipelineOptions) -> bool:
+    """Whether stages recompute their forward in the backward: when the options ask, or when the
+    plan's memory was priced so (`MemoryModel.recompute`, what ``plan --auto`` may choose) —
+    without it the stages would keep more activations than the plan budgeted."""
+    return options.recompute or plan.memory_model.recompute
 
 
 def agree_on_layout(

@@ -63,7 +63,7 @@ from pipeline.runtime.batchnorm import defer_batchnorm
 from pipeline.runtime.device import stage_device
 from pipeline.runtime.executor import RankExecutor
 from pipeline.runtime.failure import RankLog
-from pipeline.runtime.layout import agree_on_layout, layout
+from pipeline.runtime.layout import agree_on_layout, layout, recompute_of
 from pipeline.runtime.optim import OptimizerFn, SchedulerFn, build_optimizer
 from pipeline.runtime.options import PipelineOptions
 from pipeline.runtime.stage import LossFn, StageExecutor
@@ -251,7 +251,7 @@ class Pipeline:
                 self.stages[s],
                 loss_fn=self.loss_fn,
                 loss_scale=scale,
-                recompute=options.recompute,
+                recompute=recompute_of(self.plan, options),
                 autocast=options.autocast,
                 device=self.device,
             )
