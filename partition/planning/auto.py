@@ -23,8 +23,8 @@ Cost, and what keeps it down (a 32-block GPT over up to 16 devices: `benchmarks/
   traced at its own size, so its numbers and tensors are the trace's. With ``profile``
   (measured times, not affine) and where the two traces' nodes differ, every count is traced.
 * *Screening.* On graphs of more than `AutoOptions.cuts` + 1 nodes each configuration is first
-  solved on the narrowest `AutoOptions.cuts` cuts only (`partition.planning.restricted`: the
-  optimum over those cuts, exactly), then the best `AutoOptions.refine` are solved on every cut
+  solved on `AutoOptions.cuts` cuts only, the narrowest of each of as many windows of equal
+  compute (`narrow_cuts`; `partition.planning.restricted`: the optimum over those cuts, exactly), then the best `AutoOptions.refine` are solved on every cut
   and ranked again; the runner-ups come from those. Smaller graphs are solved whole at once.
 * *Bounds.* A configuration cannot step faster than its busiest device computes: every rank
   runs its actions one after another, and the busiest holds at least the share ``P / sum f`` of

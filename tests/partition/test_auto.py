@@ -24,6 +24,7 @@ from partition.planning.assemble import stage_plans
 from partition.planning.auto import AutoOptions, devices_for, interpolated, search_configs
 from partition.planning.model import plan_auto
 from partition.planning.predict import predict_step
+from partition.planning.search_space import narrow_cuts
 from partition.schedules.names import SCHEDULE_NAMES, stages_per_rank
 from partition.solve import min_devices
 
@@ -106,6 +107,33 @@ def test_the_search_finds_the_best_of_every_configuration(base: dict[int, Analys
         assert p.candidate.step_time == pytest.approx(priced[p.candidate.config], rel=1e-12)
     assert result.searched < len(every) + 8 * 3  # the bounds skipped some
     assert any("interleaved" in why for why in result.skipped)  # 1 micro-batch on 2 ranks
+
+
+def test_screening_on_few_cuts_still_finds_the_best(base: dict[int, Analysis]) -> None:
+    """Screening solves on a few cuts spread over the compute, not the narrowest of the graph:
+    those crowd by the inputs, where a split leaves all the work on one stage and every
+    configuration looks alike (GPT-2 over A100s chose 1 micro-batch at 3x the best step)."""
+    pool = parse_devices(SLOW, 3)
+    options = PlanOptions(objective="step")
+    screened = AutoOptions(global_batch=BATCH, max_devices=3, cuts=6)
+    assert narrow_cuts(base[1].graph, 6) is not None  # the toy is screened at 6 cuts
+    result = search_configs(_analysis_for(base), pool, options, screened)
+    every = _enumerate(base, pool, options, range(1, 4))
+    assert result.ranked[0].candidate.step_time == pytest.approx(every[0][0], rel=1e-9)
+
+
+def test_screening_cuts_take_the_narrowest_of_each_share_of_the_compute(
+    base: dict[int, Analysis],
+) -> None:
+    graph = base[4].graph
+    cuts = narrow_cuts(graph, 6)
+    assert cuts is not None and 1 < len(cuts) <= 6
+    done = np.cumsum(graph.compute)
+    windows = [min(int(done[c - 1] / done[-1] * 6), 5) for c in cuts]
+    assert windows == sorted(set(windows))  # one per window, rising
+    for c, w in zip(cuts, windows, strict=True):
+        same = [k for k in range(1, len(graph)) if min(int(done[k - 1] / done[-1] * 6), 5) == w]
+        assert graph.cut_bytes[c] == min(graph.cut_bytes[k] for k in same)
 
 
 def test_throughput_per_device_prefers_fewer_devices_when_links_dominate(
