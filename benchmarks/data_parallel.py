@@ -26,6 +26,10 @@ How it is fair:
   measured in the same spawn (an all-reduce of 4 bytes and of 16 MiB between two ranks, fitted
   to the ring model). The optimizer step and the non-finite check are not priced. Memory: the
   plan's per-stage memory under DDP (`partition.memory.replicated_memory`), summed per rank.
+* FSDP rows (``dp_reduce="fsdp"``, [Note: FSDP under a pipeline]): the same work, stages
+  sharded over the replicas; predicted with the same ring cost, since a reduce-scatter and an
+  all-gather move the bytes of one all-reduce (the all-gather at the step's first forward is not
+  placed on the timeline), and their memory under FSDP's rule.
 
 The machine has 2 cores: 4 ranks oversubscribe it, so every row's compute is slower than on 4
 cores and the rows compare with each other, not with a real cluster's.
@@ -66,6 +70,7 @@ class Row:
     when: str = "stage"
     virtual: int = 1
     ddp: bool = False  # torch's DistributedDataParallel on the whole model
+    reduce: str = "ddp"  # pipepart's dp_reduce: "ddp" (replicated) or "fsdp" (sharded)
 
     @property
     def microbatches(self) -> int:
@@ -84,6 +89,8 @@ ROWS_ALL = [
     Row("pp=4 x dp=1", 4, 1),
     Row("pp=1 x dp=4 (pipepart)", 1, 4),
     Row("pp=1 x dp=4 (torch DDP, anchor)", 1, 4, ddp=True),
+    Row("pp=2 x dp=2 fsdp, as stages end", 2, 2, "stage", reduce="fsdp"),
+    Row("pp=1 x dp=4 fsdp", 1, 4, reduce="fsdp"),
 ]
 
 
@@ -108,6 +115,7 @@ def _build(row: Row, quick: bool, weights: str = "auto") -> Any:
         microbatches=row.microbatches,
         virtual=row.virtual,
         dp=row.dp,
+        dp_reduce=row.reduce,  # type: ignore[arg-type]
         weights=weights,  # type: ignore[arg-type]
     )
     pipe = Pipeline(work, options=options, optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-4))
@@ -220,6 +228,7 @@ def _timed(rows: list[Row], quick: bool, rounds: int, steps: int) -> dict[str, A
         out.append({
             "row": row.name, "pp": row.pp, "dp": row.dp, "when": row.when, "virtual": row.virtual,
             "runtime": "torch-ddp" if row.ddp else "pipepart", "microbatches": row.microbatches,
+            "dp_reduce": "torch-ddp" if row.ddp else row.reduce,
             "step_s": statistics.median(samples[k]),
             "steps_timed": len(samples[k]),
             "vs_ddp": statistics.median(samples[k]) / statistics.median(samples[anchor]),
@@ -230,7 +239,7 @@ def _timed(rows: list[Row], quick: bool, rounds: int, steps: int) -> dict[str, A
         same = [
             j
             for j, r in enumerate(rows)
-            if (r.pp, r.dp, r.virtual) == (row.pp, row.dp, row.virtual)
+            if (r.pp, r.dp, r.virtual, r.reduce) == (row.pp, row.dp, row.virtual, row.reduce)
         ]
         twin = next((j for j in same if rows[j].when == "end" and not rows[j].ddp), None)
         if row.when == "stage" and not row.ddp and twin is not None:
@@ -255,7 +264,7 @@ def _memory(row: Row, quick: bool) -> dict[str, float]:
     if not row.ddp:
         for s in built.my_stages:
             stage = built.plan.stages[s]
-            predicted += replicated_memory(stage.memory, stage.param_bytes, row.dp, "ddp")
+            predicted += replicated_memory(stage.memory, stage.param_bytes, row.dp, row.reduce)
     mine = torch.tensor([peak - before, predicted / 2**20])
     gathered = [torch.zeros(2) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
@@ -302,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory: dict[str, dict[str, float]] = {}
     for row in ROWS_ALL:  # "end" differs from "stage" in time only
         twin = next((r for r in ROWS_ALL if r.pp == row.pp and r.virtual == row.virtual
-                     and r.ddp == row.ddp and r.name in memory), None)  # fmt: skip
+                     and r.ddp == row.ddp and r.reduce == row.reduce
+                     and r.name in memory), None)  # fmt: skip
         memory[row.name] = memory[twin.name] if twin else _spawn(_memory, row, args.quick)
     rows = [{**r, **memory[r["row"]]} for r in timed["rows"]]
     plain = next(r for r in rows if r["pp"] == 1 and r["runtime"] == "pipepart")

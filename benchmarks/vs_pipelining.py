@@ -200,6 +200,9 @@ class _Pipelining:
             self.schedule: Any = runtime
         elif schedule == "interleaved":
             self.schedule = ScheduleInterleaved1F1B(self.stages, m, loss_fn=loss_fn)
+        elif schedule in ("zb-v", "dualpipev"):  # V placement: stages r and 2p-1-r
+            v_cls = {"zb-v": pl.ScheduleZBVZeroBubble, "dualpipev": pl.ScheduleDualPipeV}
+            self.schedule = v_cls[schedule](self.stages, m, loss_fn=loss_fn, scale_grads=True)
         else:
             cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
             (stage,) = self.stages
@@ -248,7 +251,12 @@ def _own_stages(
     rank, world = dist.get_rank(), dist.get_world_size()
     hook = getattr(built.model, "_init_weights", None)
     mine: dict[int, torch.nn.Module] = {}
-    for s in range(rank, len(stages), world):
+    mine_ids = (
+        (rank, len(stages) - 1 - rank)
+        if schedule in ("zb-v", "dualpipev")
+        else range(rank, len(stages), world)
+    )
+    for s in mine_ids:
         materialize(stages[s].module, torch.device("cpu"), seed=0, init_hook=hook)
         mine[s] = stages[s].module
     return mine

@@ -57,6 +57,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("question", "command", "quick", "device", "spec", "rows"),
         ("model", "stage", "predicted_s", "measured_s", "time_error", "predicted_bytes"),
     ),
+    "split_backward": (
+        ("question", "command", "quick", "workload", "machine", "grad_max_abs_diff", "rows"),
+        ("variant", "wall_ms", "cpu_ms", "wall_ratio", "cpu_ratio"),
+    ),
     "trace_cost": (("target_seconds_96_blocks", "rows"), ("blocks", "nodes", "trace_s", "cost_s")),
     "partition_speed": (("meta", "quick", "rows"), ()),
     "simulate_speed": (("quick", "machine", "verdict", "rows"), ("schedule", "ranks", "seconds")),

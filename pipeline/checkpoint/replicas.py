@@ -22,6 +22,10 @@ part, so that a save is one decision of the whole mesh:
 Loading needs none of this: every replica reads the same stage tensors (by the model's names),
 so a checkpoint loads under another ``dp`` as under another split or ``pp``; the RNG states are
 restored only where that rank of that replica was saved (`pipeline.checkpoint.state.rng_label`).
+
+Sharded replicas (``dp_reduce="fsdp"``) hold disjoint shards rather than copies, so the save
+gathers each one whole for replica 0 first, and the load gives each rank its shard (see [Note:
+checkpoints of sharded replicas] in `pipeline.checkpoint.sharded`); the files are the same.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from partition.errors import CheckpointError
 from pipeline.checkpoint.state import Checkpointable, rank_tensors, rng_label, rng_state
-from pipeline.parallel.fsdp import refuse_checkpoint
+from pipeline.parallel.fsdp import is_sharded, shard_of
 from pipeline.runtime.finite import nonfinite_names
 
 __all__ = ["FromReplicas", "Place", "agree", "gather_replicas", "place"]
@@ -52,6 +56,8 @@ class Place:
     """This rank's replica; replica 0 writes."""
     group: Any
     """The ranks holding this rank's stages in every replica (None when ``dp == 1``)."""
+    sharded: bool = False
+    """Whether the replicas hold shards of the stages (``dp_reduce="fsdp"``) rather than copies."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,9 @@ def place(pipe: Checkpointable) -> Place:
     found = getattr(pipe, "replicas", None)
     if found is None or found.dp == 1:
         return Place(1, 0, None)
-    refuse_checkpoint(pipe)  # sharded replicas (dp_reduce="fsdp"): not yet
-    return Place(found.dp, found.replica, found.dp_group)
+    options = getattr(pipe, "options", None)
+    sharded = options is not None and is_sharded(options, found)
+    return Place(found.dp, found.replica, found.dp_group, sharded)
 
 
 def gather_replicas(pipe: Checkpointable) -> FromReplicas | None:
@@ -84,7 +91,7 @@ def gather_replicas(pipe: Checkpointable) -> FromReplicas | None:
     mine: tuple[int, str, dict[str, Tensor]] = (0, "", {})
     if where.replica > 0:  # replica 0 checks its own weights as it writes
         local = rank_tensors(pipe)
-        bad = nonfinite_names((key, t) for key, (t, _) in local.items())
+        bad = nonfinite_names((key, shard_of(t)) for key, (t, _) in local.items())  # fsdp: own
         states = rng_state(rng_label(pipe.rank, where.replica))
         mine = (len(bad), bad[0] if bad else "", states)
     got: list[Any] = [None] * where.dp

@@ -25,7 +25,8 @@ used; what DCP cannot promise is in [Note: nothing from a file runs]). `save_che
 saves in a background thread (see [Note: asynchronous save] in `pipeline.checkpoint.write`).
 With replicas (``dp > 1``) replica 0 writes one copy and every replica joins the save and learns
 its outcome; any ``dp`` loads it (see [Note: one copy across replicas] in
-`pipeline.checkpoint.replicas`).
+`pipeline.checkpoint.replicas`); sharded replicas (``dp_reduce="fsdp"``) write and read the same
+files (see [Note: checkpoints of sharded replicas] in `pipeline.checkpoint.sharded`).
 `export_checkpoint` writes the whole model's ``state_dict`` as one safetensors file.
 """
 
@@ -70,6 +71,7 @@ from pipeline.checkpoint.write import (
     wait_pending,
     write_once,
 )
+from pipeline.parallel.fsdp import shard_of
 from pipeline.runtime.finite import nonfinite_names
 
 __all__ = [
@@ -177,9 +179,13 @@ def save_checkpoint_async(
 def _snapshot(pipe: Checkpointable, meta: dict[str, Any], *, copy_tensors: bool) -> Any:
     """What this rank writes (a `pipeline.checkpoint.write.Snapshot`), or None on a replica
     other than the first, which writes nothing; a collective over the dp group with replicas
-    (see [Note: one copy across replicas] in `pipeline.checkpoint.replicas`)."""
+    (see [Note: one copy across replicas] in `pipeline.checkpoint.replicas`, and [Note:
+    checkpoints of sharded replicas] in `pipeline.checkpoint.sharded`)."""
     others = gather_replicas(pipe)
-    if place(pipe).replica > 0:
+    where = place(pipe)
+    if where.replica > 0:
+        if where.sharded:  # joins the gathers: see pipeline.checkpoint.sharded
+            snapshot(pipe, meta, copy_tensors=False)
         return None
     return snapshot(pipe, meta, copy_tensors=copy_tensors, replicas=others)
 
@@ -213,7 +219,7 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
         found = next((f"model/{n}" for n in [key, *names] if f"model/{n}" in index), None)
         if found is None:
             raise CheckpointError(f"{path} lacks the tensor {key!r} (also named {names})")
-        state[found] = t.detach()  # read in place, into the parameter itself
+        state[found] = t.detach()  # read in place, into the parameter itself (fsdp: its shard)
     key_of = {id(t): key for key, (t, _) in local.items()}
     optim_tensors, build = optimizer_reads(path, pipe.optimizer, parts, pipe.rank, key_of, index)
     if pipe.optimizer is not None and build is None:
@@ -236,7 +242,7 @@ def load_checkpoint(pipe: Checkpointable, path_or_root: str | Path) -> Checkpoin
         restore_rng(state, label)
     pipe.steps_done = int(manifest["step"])
     log.info("loaded %s (step %d) on rank %d", path, pipe.steps_done, pipe.rank)
-    bad = nonfinite_names((key, t) for key, (t, _) in local.items())
+    bad = nonfinite_names((key, shard_of(t)) for key, (t, _) in local.items())  # fsdp: own
     if bad:
         log.warning(
             "rank %d: %s holds %d weight tensor(s) that are not finite, the first %r: training "

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from partition.errors import CheckpointError
+from pipeline.checkpoint.sharded import read_target
 
 if TYPE_CHECKING:
     from partition.plan import Plan
@@ -226,7 +227,7 @@ def optimizer_reads(
             if kind == "tensor":
                 if k not in index:
                     raise CheckpointError(f"{path} lacks the optimizer tensor {k!r}")
-                tensors[k] = torch.empty(tuple(index[k].size), dtype=index[k].properties.dtype)
+                tensors[k] = read_target(p, index[k].size, index[k].properties.dtype)  # fsdp
 
     def build(loaded: dict[str, Tensor]) -> dict[str, Any]:
         state = {}

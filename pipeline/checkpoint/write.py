@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from partition.errors import CheckpointError
 from pipeline.checkpoint.lock import hold_folder
 from pipeline.checkpoint.replicas import FromReplicas, agree, place
+from pipeline.checkpoint.sharded import gather_whole
 from pipeline.checkpoint.state import (
     Checkpointable,
     model_identity,
@@ -85,12 +86,15 @@ def snapshot(
 ) -> Snapshot:
     """This rank's state now; with ``copy_tensors``, copied to host memory (see
     [Note: asynchronous save]), else the live tensors (written before training goes on). With
-    replicas, what replica 0's rank learnt of its peers (`gather_replicas`) goes in too."""
+    replicas, what replica 0's rank learnt of its peers (`gather_replicas`) goes in too. With
+    sharded replicas every replica calls it (a collective of the dp group: [Note: checkpoints of
+    sharded replicas] in `pipeline.checkpoint.sharded`), and only replica 0's is written."""
     local = rank_tensors(pipe)
     key_of = {id(t): key for key, (t, _) in local.items()}
     tensors = {f"model/{key}": t.detach() for key, (t, _) in local.items()}
     optim_tensors, optim_json = optimizer_state(pipe.optimizer, key_of)
     tensors.update(optim_tensors)
+    tensors, fresh = gather_whole(tensors, keep=place(pipe).replica == 0)  # fsdp: whole
     tensors.update(rng_state(pipe.rank))
     tensors.update(replicas.rng if replicas is not None else {})
     scheduler = pipe.lr_scheduler.state_dict() if pipe.lr_scheduler is not None else None
@@ -102,7 +106,7 @@ def snapshot(
         "scheduler": scheduler,
     }
     if copy_tensors:
-        tensors = {k: t.to("cpu", copy=True) for k, t in tensors.items()}
+        tensors = {k: t if k in fresh else t.to("cpu", copy=True) for k, t in tensors.items()}
         part = copy.deepcopy(part)
     sizes = [len(s.nodes) for s in pipe.stages]
     manifest = {

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from partition.devices import parse_devices
-from partition.errors import InputError, PipepartError
+from partition.errors import PipepartError
 from partition.memory import MemoryModel
 from partition.microbatch import DEFAULT_MICROBATCHES
 from partition.plan import Plan
@@ -104,11 +104,6 @@ def run_options(args: argparse.Namespace) -> tuple[RunOptions, Plan | str | None
         plan = _marker_plan(args, schedule, microbatches)
         schedule = microbatches = planning = None  # the plan's
     pp, dp = _pp_dp(args)
-    if args.dp_reduce == "fsdp" and (dp or 1) > 1 and args.checkpoint_dir is not None:
-        raise InputError(
-            f"checkpoints of stages sharded over {dp} replicas (--dp-reduce fsdp) are not "
-            "supported yet; leave out --checkpoint-dir, or use --dp-reduce ddp"
-        )
     options = RunOptions(
         ranks=args.ranks,
         pp=pp,

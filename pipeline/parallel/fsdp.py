@@ -40,8 +40,9 @@ whole ones do (`pipeline.runtime.tied`).
 
 What cannot run sharded is refused when the pipeline is built: a stage traced in two modes (its
 other mode's graph would read the sharded weights outside FSDP; trace the training mode only), a
-parameter shared by two stages of one rank (one FSDP unit per stage); and checkpoints
-(`refuse_checkpoint`).
+parameter shared by two stages of one rank (one FSDP unit per stage). Checkpoints gather the
+shards whole and write what replicated replicas write (see [Note: checkpoints of sharded
+replicas] in `pipeline.checkpoint.sharded`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from partition.errors import CheckpointError, PlanError
+from partition.errors import PlanError
 from pipeline.parallel.mesh import Replicas
 from pipeline.parallel.reduce import broadcast_from_first
 
@@ -72,7 +73,6 @@ __all__ = [
     "full",
     "is_sharded",
     "norm_group",
-    "refuse_checkpoint",
     "shard_of",
     "shard_replicas",
 ]
@@ -250,18 +250,3 @@ def norm_group(
     """The ranks whose gradients make up the global norm: one replica's pipeline when every
     replica holds the same whole gradients, the whole mesh when each holds a shard."""
     return replicas.whole if is_sharded(options, replicas) else pp_group
-
-
-def refuse_checkpoint(pipe: Any) -> None:
-    """Checkpoints of sharded replicas are not written yet: called where a save or a load
-    starts (`pipeline.checkpoint.replicas.place`).
-
-    Raises:
-        CheckpointError: ``pipe``'s stages are sharded (``dp_reduce="fsdp"``, ``dp > 1``).
-    """
-    options, replicas = getattr(pipe, "options", None), getattr(pipe, "replicas", None)
-    if options is not None and replicas is not None and is_sharded(options, replicas):
-        raise CheckpointError(
-            f"checkpoints of stages sharded over {replicas.dp} replicas (dp_reduce='fsdp') are "
-            "not supported yet; train with dp_reduce='ddp' (--dp-reduce ddp) to save and resume"
-        )

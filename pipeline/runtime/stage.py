@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from partition.errors import PlanError
 from partition.split import Stage
 from pipeline.runtime.batchnorm import recompute_contexts
+from pipeline.runtime.weight_grads import weight_grads_from_saved
 
 __all__ = ["LossFn", "StageExecutor"]
 
@@ -124,6 +125,7 @@ class StageExecutor:
         self._out_dtypes = [s.torch_dtype for s in stage.outputs]
         self._saved: dict[int, _Saved] = {}
         self._params = [p for p in self.module.parameters() if p.requires_grad]
+        self._direct = not recompute  # recompute's saved tensors unpack only inside backward
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -260,7 +262,10 @@ class StageExecutor:
         saved = self._saved.pop(microbatch)
         pending = saved.pending
         assert pending is not None, f"W of micro-batch {microbatch} before its I"
+        retain = bool(pending.roots)
         for group in pending.groups:
+            if self._direct and weight_grads_from_saved(group.nodes, group.grads, group.params):
+                continue
             edges, grads = [], []
             for node, recorded in zip(group.nodes, group.grads, strict=True):
                 for i, g in enumerate(recorded or ()):
@@ -281,20 +286,10 @@ class StageExecutor:
                 else []
             )
             try:
-                weights = [GradientEdge(acc, 0) for acc in group.accumulators]
-                found = torch.autograd.grad(
-                    edges, weights, grads, retain_graph=True, allow_unused=True
-                )
+                torch.autograd.backward(edges, grads, retain_graph=retain, inputs=group.params)
             finally:
                 for h in pins:
                     h.remove()
-            for param, g in zip(group.params, found, strict=True):
-                if g is None:
-                    continue
-                if param.grad is None:
-                    param.grad = g  # a fresh tensor from autograd: ours to keep
-                else:
-                    param.grad.add_(g)  # in place: no second gradient-sized buffer
         if pending.roots:
             grads_or_none = None if any(g is None for g in pending.grads) else pending.grads
             torch.autograd.backward(pending.roots, grads_or_none)

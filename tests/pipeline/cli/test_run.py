@@ -172,10 +172,6 @@ def test_args_are_read_never_changed_and_the_options_are_frozen() -> None:
         ),
         (["--ranks", "4", "--dp", "3"], "--ranks 4 do not split into --dp 3 replicas"),
         (["--accumulate", "0"], "accumulate must be at least 1, got 0"),
-        (
-            ["--ranks", "4", "--dp", "2", "--dp-reduce", "fsdp", "--checkpoint-dir", "c"],
-            "checkpoints of stages sharded over 2 replicas (--dp-reduce fsdp) are not supported",
-        ),
     ],
 )
 def test_a_bad_flag_fails_in_one_line_before_any_process_starts(
