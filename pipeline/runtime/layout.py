@@ -208,11 +208,11 @@ def planning_options(built: BuiltModel, options: PipelineOptions) -> PlanOptions
     )
 
 
-def recompute_of(plan: Plan, options: PipelineOptions) -> bool:
+def recompute_of(plan: Plan | None, options: PipelineOptions) -> bool:
     """Whether stages recompute their forward in the backward: when the options ask, or when the
     plan's memory was priced so (`MemoryModel.recompute`, what ``plan --auto`` may choose) —
     without it the stages would keep more activations than the plan budgeted."""
-    return options.recompute or plan.memory_model.recompute
+    return options.recompute or (plan is not None and plan.memory_model.recompute)
 
 
 def agree_on_layout(

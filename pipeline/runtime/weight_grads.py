@@ -15,6 +15,7 @@ backward), goes through ``torch.autograd.backward(..., inputs=params)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +42,8 @@ def weight_grads_from_saved(
     """
     if len(nodes) != 1 or not recorded[0] or recorded[0][0] is None:
         return False
-    node, grad = nodes[0], recorded[0][0]
+    node: Any = nodes[0]  # its ``_saved_*`` attributes are per node type, unknown to typing
+    grad = recorded[0][0]
     kind = type(node).__name__
     edges = node.next_functions
     if kind == "AddmmBackward0":
@@ -73,10 +75,13 @@ def weight_grads_from_saved(
 
         weight, bias = _accumulator(edges[1][0]), _accumulator(edges[2][0])
         cache: list[tuple[Tensor, Tensor, Tensor]] = []
-        grads = [
-            (weight, lambda: (cache or cache.append(norm_grads()) or cache)[0][1]),
-            (bias, lambda: (cache or cache.append(norm_grads()) or cache)[0][2]),
-        ]
+
+        def norm_part(i: int) -> Tensor:
+            if not cache:  # one backward call gives both
+                cache.append(norm_grads())
+            return cache[0][i]
+
+        grads = [(weight, lambda: norm_part(1)), (bias, lambda: norm_part(2))]
     else:
         return False
     expected = [p for p, _ in grads if p is not None]

@@ -1,5 +1,5 @@
 """Replicas × pipeline against one process on the global batch (issue 19): loss, every gradient
-and the parameters after two optimizer steps, for GPipe, 1F1B, ZB-H1 and interleaved 1F1B, mean
+and the parameters after three optimizer steps, for GPipe, 1F1B, ZB-H1 and interleaved 1F1B, mean
 and sum losses, with and without accumulation over steps, tied weights and clipping, on 4 gloo
 ranks as pp=2 × dp=2 (and pp=1 × dp=4, pp=4 × dp=1). One spawn runs every case in turn, and
 first a step whose loss is not finite on one replica only: every replica drops the update.
@@ -28,7 +28,7 @@ from pipeline.parallel.data import global_loss, shard
 from pipeline.runtime.pipeline import Pipeline, PipelineOptions
 
 NUM_NODES = {"skipnet": 29, "gpt-tied": 117}
-STEPS = 2
+STEPS = 3
 TOL = 1e-10  # fp64
 
 

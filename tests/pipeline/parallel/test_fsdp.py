@@ -1,5 +1,5 @@
 """Sharded replicas (``dp_reduce="fsdp"``, issue 19) against one process on the global batch:
-loss, every gradient (gathered from its shards) and the parameters after two optimizer steps, for
+loss, every gradient (gathered from its shards) and the parameters after three optimizer steps, for
 GPipe, 1F1B and ZB-H1, mean and sum losses, with and without accumulation over steps, a weight
 tied across the pipeline and one tied within a stage, clipping, on 4 gloo ranks as pp=2 × dp=2
 and pp=1 × dp=4. The cases and the reference are `test_data_parallel`'s.
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from harness import run_ranks
-from test_data_parallel import Case, _compare
+from test_data_parallel import STEPS, Case, _compare
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -212,7 +212,7 @@ def test_each_stage_reduces_once_per_optimizer_step(schedule: str) -> None:
     case = Case("skipnet", schedule, accumulate=2, dp_reduce="fsdp")
     for rank in run_ranks(4, _counted, case, timeout=180):
         n = rank["stages"]
-        assert rank["per_step"] == [(0, n), (n, 0)] * 2, rank
+        assert rank["per_step"] == [(0, n), (n, 0)] * STEPS, rank
         assert rank["after_eval"] == n  # evaluate between steps leaves the next one whole
         assert rank["sharded"] and rank["state_sharded"] and rank["resharded"], rank
         assert rank["cleared"], "zero_grad left gathered gradients behind"
